@@ -50,10 +50,14 @@ class SampleSet:
                 f"{self.labels.dtype} {tuple(self.labels.shape)}."
             )
         if len(self.meta) != n:
-            raise DataError(f"SampleSet.meta must have {n} rows (one per image); got {len(self.meta)}.")
+            raise DataError(
+                f"SampleSet.meta must have {n} rows (one per image); got {len(self.meta)}."
+            )
         missing = [c for c in META_COLUMNS if c not in self.meta.columns]
         if missing:
-            raise DataError(f"SampleSet.meta is missing columns {missing}; expected {list(META_COLUMNS)}.")
+            raise DataError(
+                f"SampleSet.meta is missing columns {missing}; expected {list(META_COLUMNS)}."
+            )
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -120,8 +124,15 @@ class SampleSet:
         return {int(i): int(c) for i, c in zip(ids, counts, strict=True)}
 
 
-def make_meta(n: int, *, dataset: str, split: str, site: str = "", patient_id: Sequence[str] | None = None,
-              index: Sequence[int] | None = None) -> pd.DataFrame:
+def make_meta(
+    n: int,
+    *,
+    dataset: str,
+    split: str,
+    site: str = "",
+    patient_id: Sequence[str] | None = None,
+    index: Sequence[int] | None = None,
+) -> pd.DataFrame:
     """Metadata frame with the standard columns for ``n`` samples."""
     return pd.DataFrame(
         {

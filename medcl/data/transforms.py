@@ -91,8 +91,9 @@ class BatchRandAffine(RandomizableTransform):
     avoided by ``padding_mode="border"``.
     """
 
-    def __init__(self, prob: float = 0.8, rotate: float = 0.17, scale: float = 0.1,
-                 translate: float = 0.05) -> None:
+    def __init__(
+        self, prob: float = 0.8, rotate: float = 0.17, scale: float = 0.1, translate: float = 0.05
+    ) -> None:
         RandomizableTransform.__init__(self, prob)
         self.rotate, self.scale, self.translate = rotate, scale, translate
 
@@ -108,7 +109,9 @@ class BatchRandAffine(RandomizableTransform):
         if nd == 3:
             theta[:, 2, 2] = 1.0 / zoom
         theta[:, :, nd] = shift
-        grid = F.affine_grid(torch.as_tensor(theta, dtype=x.dtype), list(x.shape), align_corners=False)
+        grid = F.affine_grid(
+            torch.as_tensor(theta, dtype=x.dtype), list(x.shape), align_corners=False
+        )
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -133,11 +136,16 @@ class BatchRandIntensity(RandomizableTransform):
         c = 1.0 + self.R.uniform(-self.contrast, self.contrast, b) * on
         s = self.R.uniform(-self.brightness, self.brightness, b) * on
         view = (b,) + (1,) * (x.ndim - 1)
-        return x * torch.as_tensor(c, dtype=x.dtype).view(view) + torch.as_tensor(s, dtype=x.dtype).view(view)
+        return x * torch.as_tensor(c, dtype=x.dtype).view(view) + torch.as_tensor(
+            s, dtype=x.dtype
+        ).view(view)
 
 
 def build_batch_augment(
-    spatial_dims: int, level: Literal["none", "light", "standard"] = "light", *, seed: int = 0,
+    spatial_dims: int,
+    level: Literal["none", "light", "standard"] = "light",
+    *,
+    seed: int = 0,
     flip_axes: Sequence[int] = (1,),
 ) -> Compose:
     """The per-batch training pipeline: model-input scaling, then random augmentation.

@@ -1,0 +1,47 @@
+"""Shared helpers for benchmark scripts: data root, result writing, a markdown table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def data_root(arg: str | None) -> Path:
+    """--root, else $MEDCL_DATA_ROOT, else ../shared/data/medmnist beside the repository."""
+    return Path(arg or os.environ.get("MEDCL_DATA_ROOT") or REPO.parent / "shared/data/medmnist")
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, payload: dict[str, Any], markdown: str) -> Path:
+    """Write ``benchmarks/results/<name>.json`` and ``.md``; return the JSON path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine(), **payload}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1, default=float))
+    (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    return RESULTS / f"{name}.json"

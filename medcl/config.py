@@ -1,0 +1,180 @@
+"""Run configuration: YAML validated on load, with ``--set a.b=value`` overrides.
+
+Unknown keys, wrong types and unknown names are errors that name the key and the valid choices.
+Scenario and strategy sections are open (their options are checked against the chosen builder's
+or strategy's own signature when the run is built).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DataConfig",
+    "MemoryConfig",
+    "ModelConfig",
+    "RunConfig",
+    "ScenarioConfig",
+    "StrategyConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load_config",
+]
+
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medcl.errors import ConfigError
+from medcl.validation import format_validation_error
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Open(BaseModel):
+    """A section whose extra keys are options of the named component."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ScenarioConfig(_Open):
+    name: str = Field(description="registered scenario, see `medcl scenarios list`")
+
+
+class StrategyConfig(_Open):
+    name: str = Field(description="registered strategy, see `medcl strategies list`")
+
+
+class ModelConfig(_Strict):
+    backbone: str = "resnet18"
+    small_input: bool = True
+    pretrained: bool = False
+    checkpoint_path: Path | None = None
+    width: float = Field(1.0, gt=0, description="channel multiplier (MONAI 3D backbones)")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(64, ge=1)
+    max_updates: int | None = Field(None, ge=1, description="cap on updates per experience")
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    scheduler: Literal["none", "cosine"] = "cosine"
+    augment: Literal["none", "light", "standard"] = "light"
+    eval_every: int = Field(0, ge=0, description="evaluate old/new/all every k updates (0 = off)")
+    eval_max_samples: int = Field(200, ge=1)
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="bf16 autocast on CUDA (never on CPU: no fast bf16 there)")
+
+
+class MemoryConfig(_Strict):
+    size: int = Field(200, ge=0)
+    selection: Literal["random", "herding"] = "random"
+    replay_batch_size: int | None = Field(None, ge=1, description="default: train.batch_size")
+
+
+class DataConfig(_Strict):
+    root: Path | None = None
+    download: bool = False
+
+
+class RunConfig(_Strict):
+    name: str | None = None
+    seed: int = 0
+    output_dir: Path = Path("runs")
+    scenario: ScenarioConfig
+    strategy: StrategyConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    memory: MemoryConfig = MemoryConfig()
+    data: DataConfig = DataConfig()
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.scenario.name}-{self.strategy.name}-s{self.seed}"
+
+
+def _suggest_key(loc: Sequence[str | int]) -> str:
+    """For an extra key, name the valid keys of its section."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if (
+            field is None
+            or not isinstance(field.annotation, type)
+            or not issubclass(field.annotation, BaseModel)
+        ):
+            return ""
+        model = field.annotation
+    valid = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f" {hint}valid keys: {', '.join(valid)}"
+
+
+def validate_config(raw: Mapping[str, Any], *, source: str = "config") -> RunConfig:
+    """Validate a config mapping into a :class:`RunConfig`."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                lines.append(f"{source}: unknown key `{loc}`.{_suggest_key(err['loc'])}")
+            elif err["type"] == "missing":
+                lines.append(f"{source}: missing required key `{loc}`.")
+            else:
+                lines.append(
+                    format_validation_error(
+                        ValidationError.from_exception_data(e.title, [err]), prefix=source
+                    )
+                )
+        raise ConfigError("\n".join(lines)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML: ``3``, ``true``, ``[1, 2]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. train.epochs=2); got {item!r}.")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section.")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config, apply overrides, validate.
+
+    Raises:
+        ConfigError: missing/unreadable file, bad YAML, unknown key, wrong type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path} must be a YAML mapping at the top level; got {type(raw).__name__}."
+        )
+    return validate_config(apply_overrides(raw, overrides), source=str(path))

@@ -1,0 +1,512 @@
+"""Image files on disk (PNG/JPEG, DICOM, NIfTI) -> float32 :class:`SampleSet` splits.
+
+Pixels go through MONAI: ``LoadImaged`` (PILReader / PydicomReader / NibabelReader, picked by
+format), ``EnsureChannelFirstd``, channel conversion, ``ScaleIntensityd`` to [0, 1] and ``Resized``,
+composed with ``Compose`` and run once through ``CacheDataset``. Every row of a manifest is checked
+(columns, files, labels, formats, dimensionality) before any pixel is decoded, and all problems are
+reported together in one :class:`DataError`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "LabelledSplits",
+    "load_folder",
+    "load_image_files",
+    "load_manifest",
+    "split_by_patient",
+]
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import CacheDataset, NibabelReader, PILReader, PydicomReader
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    Lambdad,
+    LoadImaged,
+    MapTransform,
+    Resized,
+    ScaleIntensityd,
+)
+from torch import Tensor
+
+from medcl.data.samples import META_COLUMNS, SampleSet
+from medcl.errors import ConfigError, DataError
+
+SUPPORTED_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".nii", ".nii.gz")
+SPLITS = ("train", "val", "test")
+_KINDS = {".png": "pil", ".jpg": "pil", ".jpeg": "pil", ".dcm": "dicom", ".nii": "nifti"}
+_GRAY_MODES = ("L", "I", "F")
+
+
+class LabelledSplits(NamedTuple):
+    """What a file source yields: class names (local id -> name) and the three splits."""
+
+    class_names: tuple[str, ...]
+    splits: dict[str, SampleSet]
+
+
+class _FileInfo(NamedTuple):
+    spatial_dims: int = 0
+    channels: int = 0
+    shape: tuple[int, ...] = ()
+    problem: str | None = None
+
+
+def _kind(path: Path) -> str | None:
+    if path.is_dir():
+        return "dicom"  # a DICOM series folder
+    name = path.name.lower()
+    return "nifti" if name.endswith(".nii.gz") else _KINDS.get(Path(name).suffix)
+
+
+def _pil_mode(img):  # PIL image -> 1 channel (L/I/F) or 3 channels (RGB), as _inspect predicts
+    if img.mode in (*_GRAY_MODES, "RGB"):
+        return img
+    if img.mode.startswith("I;16"):
+        return img.convert("I")
+    return img.convert("L" if img.mode in ("1", "LA", "La") else "RGB")
+
+
+def _inspect(path: Path) -> _FileInfo:
+    """Format, dimensionality, channels and shape from headers; ``problem`` says what is wrong."""
+    if not path.exists():
+        return _FileInfo(problem="file not found")
+    kind = _kind(path)
+    if kind is None:
+        expected = ", ".join(SUPPORTED_SUFFIXES)
+        return _FileInfo(problem=f"unsupported extension; expected {expected} or a DICOM folder")
+    try:
+        if kind == "pil":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                mode, (w, h) = im.mode, im.size
+                im.verify()
+            gray = mode in ("1", "LA", "La") or mode.startswith(_GRAY_MODES)
+            return _FileInfo(2, 1 if gray else 3, (h, w))
+        if kind == "nifti":
+            import nibabel as nib
+
+            shape = tuple(int(s) for s in nib.load(path).shape)
+            if len(shape) not in (2, 3, 4):
+                return _FileInfo(problem=f"{len(shape)}-dimensional NIfTI {shape} is not supported")
+            return _FileInfo(min(len(shape), 3), shape[3] if len(shape) == 4 else 1, shape[:3])
+        import pydicom
+
+        files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+        if not files:
+            return _FileInfo(problem="empty folder; expected the files of one DICOM series")
+        for f in files:
+            ds = pydicom.dcmread(f)  # pixels included: a header-only read cannot see PixelData
+            if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+                return _FileInfo(problem=f"DICOM {f.name} has no pixel data (no PixelData element)")
+        frames = len(files) if path.is_dir() else int(ds.get("NumberOfFrames", 1) or 1)
+        shape = (int(ds.Rows), int(ds.Columns)) + ((frames,) if frames > 1 else ())
+        return _FileInfo(len(shape), int(ds.get("SamplesPerPixel", 1)), shape)
+    except Exception as e:  # any reader failure means the same thing here: unreadable file
+        what = {"pil": "PNG/JPEG", "dicom": "DICOM", "nifti": "NIfTI"}[kind]
+        return _FileInfo(problem=f"unreadable {what} file ({type(e).__name__}: {e})")
+
+
+def _to_channels(x: Tensor, *, channels: int | None) -> Tensor:
+    """``(C, *spatial)`` -> ``(channels, *spatial)``: mean for 3->1, repeat for 1->3."""
+    if channels is None or x.shape[0] == channels:
+        return x
+    return x.mean(0, keepdim=True) if channels == 1 else x[:1].repeat(3, *([1] * (x.ndim - 1)))
+
+
+class _LoadByFormat(MapTransform):
+    """``LoadImaged`` with its reader picked from the file format (not by trial and error)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+        self.load = LoadImaged(key, image_only=True)
+        self.readers = {
+            "pil": PILReader(reverse_indexing=False, converter=_pil_mode),  # keep (H, W) order
+            "dicom": PydicomReader(swap_ij=False),  # (Rows, Columns) like pydicom's pixel_array
+            "nifti": NibabelReader(),
+        }
+
+    def __call__(self, data: dict) -> dict:
+        return self.load(data, reader=self.readers[_kind(Path(data[self.key]))])
+
+
+def _pipeline(size: tuple[int, ...] | None, channels: int | None) -> Compose:
+    # MONAI 1.6 logs an nvImageCodec notice whenever a loader is built on a machine without it.
+    logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load = _LoadByFormat("image")
+    finally:
+        logger.setLevel(level)
+    ts = [
+        load,
+        EnsureChannelFirstd("image"),
+        Lambdad("image", partial(_to_channels, channels=channels)),
+        ScaleIntensityd("image", minv=0.0, maxv=1.0),
+    ]
+    if size is not None:
+        mode = "bilinear" if len(size) == 2 else "trilinear"
+        ts.append(Resized("image", spatial_size=size, mode=mode, anti_aliasing=True))
+    ts.append(EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False))
+    return Compose(ts)
+
+
+def _size(image_size: int | Sequence[int] | None, spatial_dims: int) -> tuple[int, ...] | None:
+    if image_size is None:
+        return None
+    size = (int(image_size),) * spatial_dims if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != spatial_dims or min(size) < 1:
+        raise ConfigError(
+            f"image_size must be a positive int or {spatial_dims} positive ints; got {image_size!r}."
+        )
+    return size
+
+
+def load_image_files(
+    paths: Sequence[str | Path],
+    *,
+    image_size: int | Sequence[int] | None,
+    channels: int | None = None,
+    spatial_dims: int = 2,
+    progress: bool = False,
+) -> Tensor:
+    """Load, scale to [0, 1], resize and stack image files in one cached MONAI pass.
+
+    Args:
+        paths: PNG/JPEG, DICOM or NIfTI files, or DICOM series folders (3D).
+        image_size: target spatial size (an int means square/cubic), or None to keep the native
+            size (then every file must already share it).
+        channels: output channels, 1 or 3, or None to keep each file's own.
+        spatial_dims: 2 or 3.
+        progress: show MONAI's caching progress bar.
+
+    Returns:
+        float32 ``(N, C, H, W)`` or ``(N, C, H, W, D)`` in [0, 1].
+
+    Raises:
+        DataError: a file could not be decoded.
+    """
+    pipeline = _pipeline(_size(image_size, spatial_dims), channels)
+    workers = min(4, os.cpu_count() or 1)
+    data = [{"image": str(p)} for p in paths]
+    try:
+        ds = CacheDataset(data, pipeline, num_workers=workers, progress=progress, copy_cache=False)
+        return torch.stack([ds[i]["image"] for i in range(len(ds))])
+    except Exception as e:
+        raise DataError(f"loading image files failed: {e}") from e
+
+
+def split_by_patient(
+    groups: Sequence[str],
+    labels: Sequence[int],
+    *,
+    fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    seed: int = 0,
+) -> np.ndarray:
+    """Seeded train/val/test assignment of whole groups (patients), stratified by label.
+
+    Each patient goes wholly to one split. Patients are stratified by their most frequent label
+    and each stratum is cut by ``fractions`` (largest remainder), so small classes reach test.
+
+    Returns:
+        ``(N,)`` array of ``"train"``, ``"val"`` or ``"test"``, one entry per sample.
+    """
+    f = np.asarray(fractions, dtype=float)
+    if f.shape != (3,) or (f < 0).any() or abs(f.sum() - 1) > 1e-6 or f[0] <= 0:
+        raise ConfigError(
+            "split fractions must be 3 non-negative numbers (train, val, test) summing to 1 "
+            f"with train > 0; got {list(fractions)}. Example: (0.7, 0.1, 0.2)."
+        )
+    df = pd.DataFrame({"g": list(groups), "y": list(labels)})
+    strata = df.groupby("g")["y"].agg(lambda y: y.value_counts().index[0])
+    rng = np.random.default_rng(seed)
+    assign: dict[str, str] = {}
+    for _, pats in sorted(strata.groupby(strata).groups.items()):
+        pats = rng.permutation(sorted(pats))
+        raw = f * len(pats)
+        n = np.floor(raw).astype(int)
+        n[np.argsort(-(raw - n), kind="stable")[: len(pats) - n.sum()]] += 1
+        for name, chunk in zip(SPLITS, np.split(pats, np.cumsum(n)[:2]), strict=True):
+            assign.update(dict.fromkeys(chunk, name))
+    return df["g"].map(assign).to_numpy()
+
+
+def _class_ids(raw: pd.Series, class_names: Sequence[str] | None) -> tuple[tuple[str, ...], dict]:
+    """Class names (given, sorted ints, or sorted strings) and a label -> local id map."""
+    values = sorted(set(raw) - {""})
+    numeric = bool(values) and all(v.lstrip("-").isdigit() for v in values)
+    if class_names is not None:
+        names = tuple(str(c) for c in class_names)
+    else:
+        names = (
+            tuple(str(v) for v in sorted({int(v) for v in values})) if numeric else tuple(values)
+        )
+    ids = {n: i for i, n in enumerate(names)}
+    if numeric:  # "01" and "1" are the same class
+        ids.update({v: ids[str(int(v))] for v in values if str(int(v)) in ids})
+    return names, ids
+
+
+def _row_problem(
+    info: _FileInfo, label: str, split: str | None, ids: dict, *, dims: int, channels: int | None
+) -> str | None:
+    if label == "":
+        return "empty label"
+    if label not in ids:
+        return f"unknown label {label!r}; expected one of {list(ids)[:20]}"
+    if split is not None and split not in SPLITS:
+        return f"split {split!r} is not one of {list(SPLITS)}"
+    if info.problem:
+        return info.problem
+    if info.spatial_dims != dims:
+        return (
+            f"{info.spatial_dims}D image of shape {info.shape} in a {dims}D source; "
+            f"set spatial_dims={info.spatial_dims} or remove the row"
+        )
+    if channels == 3 and info.channels not in (1, 3):
+        return f"{info.channels} channels cannot be converted to 3; use channels=1"
+    return None
+
+
+class _Options(NamedTuple):
+    """Validated options shared by :func:`load_manifest` and :func:`load_folder`."""
+
+    size: tuple[int, ...] | None
+    channels: int | None
+    dims: int
+    class_names: Sequence[str] | None
+    fractions: Sequence[float]
+    seed: int
+    progress: bool
+
+    @classmethod
+    def make(cls, image_size, channels, spatial_dims, class_names, fractions, seed, progress):
+        if spatial_dims not in (2, 3):
+            raise ConfigError(f"spatial_dims must be 2 or 3; got {spatial_dims!r}.")
+        if channels not in (None, 1, 3):
+            raise ConfigError(f"channels must be 1, 3 or None (keep); got {channels!r}.")
+        size = _size(image_size, spatial_dims)
+        return cls(size, channels, spatial_dims, class_names, fractions, seed, progress)
+
+
+def _validate(
+    df: pd.DataFrame, paths: list[Path], ids: dict, opt: _Options, where: str, first_line: int
+) -> None:
+    """Check every row from headers only; one DataError lists all bad rows."""
+    splits = df["split"] if "split" in df.columns else [None] * len(df)
+    infos, problems = [], []
+    rows = zip(df["path"], paths, df["label"], splits, strict=True)
+    for i, (p, path, label, split) in enumerate(rows):
+        info = _inspect(path) if p else _FileInfo(problem="empty path")
+        why = _row_problem(info, label, split, ids, dims=opt.dims, channels=opt.channels)
+        if why:
+            row = f"line {i + first_line}: " if first_line >= 0 else ""
+            problems.append(f"  {row}{p or '(empty path)'}: {why}")
+        infos.append(info)
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        listed = "\n".join(problems[:10]) + more
+        raise DataError(
+            f"{where}: {len(problems)} row(s) are invalid:\n{listed}\n"
+            "Fix or remove these rows and load again."
+        )
+    mixes = [
+        ("channel counts", "channels", opt.channels, "pass channels=1 or channels=3"),
+        ("image shapes", "shape", opt.size, "pass image_size"),
+    ]
+    for what, attr, chosen, fix in mixes:
+        seen = {getattr(info, attr): i for i, info in enumerate(infos)}
+        if chosen is None and len(seen) > 1:
+            ex = "; ".join(f"{k} (e.g. {df['path'][i]})" for k, i in seen.items())
+            raise DataError(f"{where} mixes {what}: {ex}. To stack them into one tensor, {fix}.")
+
+
+def _splits(
+    df: pd.DataFrame, labels: list[int], *, where: str, fractions: Sequence[float], seed: int
+) -> np.ndarray:
+    """The given split column (no patient in two splits) or a seeded patient-level split."""
+    patients = df["patient_id"]
+    if "split" not in df.columns:
+        groups = [p or f"\0row{i}" for i, p in enumerate(patients)]  # no id: each row its own
+        return split_by_patient(groups, labels, fractions=fractions, seed=seed)
+    known = patients != ""
+    per = df["split"][known].groupby(patients[known]).nunique()
+    bad = list(per[per > 1].index)
+    if bad:
+        raise DataError(
+            f"{where}: patient_id {bad[:10]}{' ...' if len(bad) > 10 else ''} appear in more "
+            "than one split, which leaks patients between training and testing. Put all rows of "
+            "a patient in one split, or drop the split column for a seeded patient-level split."
+        )
+    return df["split"].to_numpy()
+
+
+def _load_table(
+    df: pd.DataFrame, base: Path, opt: _Options, *, name: str, where: str, first_line: int
+) -> LabelledSplits:
+    """Validate a ``path,label[,...]`` table, split it, then load the pixels once.
+
+    ``first_line`` is the file line of row 0 in messages (-1: files have no line numbers).
+    """
+    missing = [c for c in ("path", "label") if c not in df.columns]
+    if missing or df.empty:
+        raise DataError(
+            f"{where} must have columns 'path' and 'label' and at least one row; got columns "
+            f"{list(df.columns)} and {len(df)} rows. Add the missing columns {missing}."
+        )
+    df = df.reset_index(drop=True).map(lambda v: v.strip() if isinstance(v, str) else v)
+    if "split" in df.columns:
+        df["split"] = df["split"].str.lower()
+    df["patient_id"] = df["patient_id"].astype(str) if "patient_id" in df.columns else ""
+    names, ids = _class_ids(df["label"], opt.class_names)
+    paths = [Path(p) if Path(p).is_absolute() else base / p for p in df["path"]]
+    _validate(df, paths, ids, opt, where, first_line)
+    labels = [ids[v] for v in df["label"]]
+    split = _splits(df, labels, where=where, fractions=opt.fractions, seed=opt.seed)
+    images = load_image_files(
+        paths,
+        image_size=opt.size,
+        channels=opt.channels,
+        spatial_dims=opt.dims,
+        progress=opt.progress,
+    )
+    meta = df.drop(columns=["label", "split"], errors="ignore").assign(
+        dataset=df["dataset"] if "dataset" in df.columns else name,
+        site=df["site"] if "site" in df.columns else "",
+        index=np.arange(len(df)),
+        split=split,
+        path=[str(p) for p in paths],
+    )
+    meta = meta[[*META_COLUMNS, *(c for c in meta.columns if c not in META_COLUMNS)]]
+    y = torch.tensor(labels, dtype=torch.int64)
+    out = {}
+    for s in SPLITS:
+        idx = torch.from_numpy(np.flatnonzero(split == s))
+        out[s] = SampleSet(images[idx], y[idx], meta.iloc[idx.numpy()].reset_index(drop=True))
+    return LabelledSplits(names, out)
+
+
+def load_manifest(
+    path: str | Path,
+    *,
+    image_size: int | Sequence[int] | None = None,
+    channels: int | None = None,
+    spatial_dims: int = 2,
+    class_names: Sequence[str] | None = None,
+    split_fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    seed: int = 0,
+    progress: bool = False,
+) -> LabelledSplits:
+    """Load the images listed in a CSV manifest.
+
+    Columns: ``path`` (relative to the CSV's folder, or absolute) and ``label`` (class name or
+    int), optional ``site``, ``patient_id``, ``split`` (train/val/test) and any others (carried
+    into ``meta``). Without ``split``, a seeded patient-level split by ``split_fractions`` is made
+    (each row is its own patient when ``patient_id`` is absent); with it, no patient may appear
+    in two splits. Every row is checked before pixels are read.
+
+    Args:
+        path: the CSV file.
+        image_size: resize spatial dims to this (int or per-axis); None keeps the native size.
+        channels: 1 or 3 (convert), or None (keep; then all files must agree).
+        spatial_dims: 2 (PNG/JPEG/DICOM/2D NIfTI) or 3 (NIfTI volumes, DICOM series folders).
+        class_names: fixed class order; labels outside it are errors. Default: sorted labels.
+        split_fractions: (train, val, test) fractions for the automatic split.
+        seed: seed of the automatic split.
+        progress: show a progress bar while loading.
+
+    Returns:
+        Class names and ``{"train", "val", "test"}`` float32 sample sets in [0, 1], images
+        ``(N, C, H, W)`` or ``(N, C, H, W, D)``, local labels ``0..K-1``.
+
+    Raises:
+        DataError: one error listing every invalid row (line number, path, reason).
+    """
+    opt = _Options.make(
+        image_size, channels, spatial_dims, class_names, split_fractions, seed, progress
+    )
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"manifest {path} does not exist; pass the path of a CSV with columns path,label."
+        )
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise DataError(
+            f"manifest {path} is not a readable CSV ({e}); expected columns path,label."
+        ) from e
+    return _load_table(df, path.parent, opt, name=path.stem, where=f"manifest {path}", first_line=2)
+
+
+def _entries(folder: Path, spatial_dims: int) -> list[Path]:
+    """Images under a class folder; with 3D, a sub-folder is one DICOM series."""
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.name.lower() in ("thumbs.db", "desktop.ini"):
+            continue
+        if p.is_dir() and spatial_dims == 2:
+            out += [f for f in sorted(p.rglob("*")) if f.is_file() and not f.name.startswith(".")]
+        else:
+            out.append(p)
+    return out
+
+
+def load_folder(
+    path: str | Path,
+    *,
+    image_size: int | Sequence[int] | None = None,
+    channels: int | None = None,
+    spatial_dims: int = 2,
+    class_names: Sequence[str] | None = None,
+    split_fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    seed: int = 0,
+    progress: bool = False,
+) -> LabelledSplits:
+    """Load a folder with one sub-folder per class (``root/<class>/<image>``).
+
+    A folder whose sub-folders are ``train``/``val``/``test`` (``root/<split>/<class>/<image>``)
+    keeps that split; otherwise a seeded stratified split by ``split_fractions`` is made. Class
+    names are the sorted class-folder names. Arguments and returns as :func:`load_manifest`.
+    """
+    opt = _Options.make(
+        image_size, channels, spatial_dims, class_names, split_fractions, seed, progress
+    )
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist; expected root/<class>/<image files>.")
+    subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    layout = [(s, root / s) for s in SPLITS if s in subdirs] if "train" in subdirs else []
+    if not layout or set(subdirs) - set(SPLITS):
+        layout = [("", root)]
+    rows = [
+        {"path": str(f), "label": c.name, **({"split": s} if s else {})}
+        for s, top in layout
+        for c in sorted(p for p in top.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for f in _entries(c, spatial_dims)
+    ]
+    if not rows:
+        raise DataError(
+            f"image folder {root} holds no class sub-folders with images; expected "
+            "root/<class>/<image> or root/<split>/<class>/<image>."
+        )
+    where = f"image folder {root}"
+    return _load_table(pd.DataFrame(rows), root, opt, name=root.name, where=where, first_line=-1)

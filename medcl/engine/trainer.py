@@ -1,0 +1,178 @@
+"""The one training loop: ``fit_experience`` trains a strategy on one experience.
+
+Read it top to bottom. Batches are slices of in-memory tensors (no DataLoader workers or per-sample
+collate: two CPU cores stay on the model), replay samples are concatenated when the strategy
+uses the memory, and the strategy's hooks are called by name (see ``medcl.strategies.base``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["FitStats", "fit_experience", "make_optimizer", "seed_everything"]
+
+import math
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from medcl.config import TrainConfig
+from medcl.data.experience import Experience
+from medcl.data.transforms import build_batch_augment, to_model_input
+from medcl.engine.evaluate import CurveMonitor
+from medcl.engine.memory import ReplayMemory
+from medcl.strategies.base import Batch, ExperienceInfo, Strategy
+
+
+@dataclass(frozen=True)
+class FitStats:
+    """What one ``fit_experience`` call did."""
+
+    updates: int
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (model init, dropout)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(cfg: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def experience_info(exp: Experience, num_seen_classes: int) -> ExperienceInfo:
+    return ExperienceInfo(exp.index, exp.name, exp.task_id, tuple(exp.classes), num_seen_classes)
+
+
+def fit_experience(
+    strategy: Strategy,
+    exp: Experience,
+    *,
+    past: Sequence[Experience],
+    num_seen_classes: int,
+    memory: ReplayMemory,
+    cfg: TrainConfig,
+    replay_batch_size: int | None = None,
+    monitor: CurveMonitor | None = None,
+    global_update: int = 0,
+    seed: int = 0,
+    quiet: bool = False,
+) -> FitStats:
+    """Train ``strategy`` on ``exp``: hooks, optimisation, curve points, memory update.
+
+    Args:
+        strategy: the method being trained (modified in place).
+        exp: the experience to learn.
+        past: experiences learned before, in order.
+        num_seen_classes: classes known after this experience (sizes the heads).
+        memory: the replay memory (sampled only if ``strategy.uses_memory``; always updated).
+        cfg: optimisation settings.
+        replay_batch_size: replay samples added to each batch (default ``cfg.batch_size``).
+        monitor: records old/new/all accuracy every ``monitor.every`` updates.
+        global_update: updates done before this experience (x-axis of the curves).
+        seed: seeds this experience's shuffling, replay sampling and augmentation, so that a run
+            resumed at this experience repeats it exactly.
+        quiet: no progress bar.
+    """
+    seed_everything(seed)
+    g = torch.Generator().manual_seed(seed)
+    augment = build_batch_augment(exp.train.spatial_dims, cfg.augment, seed=seed)
+
+    # 1. structure and data-dependent set-up
+    strategy.grow(experience_info(exp, num_seen_classes))
+    strategy.before_experience(exp, memory)
+    data = strategy.training_set(exp, past)
+    replay = strategy.uses_memory and len(memory) > 0
+    n_replay = replay_batch_size or cfg.batch_size
+
+    # 2. optimiser over what the strategy trains, one schedule for the whole experience
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_updates is not None:
+        total = min(total, cfg.max_updates)
+    params = list(strategy.trainable_parameters())
+    opt = make_optimizer(cfg, params) if params else None
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
+        if opt is not None and cfg.scheduler == "cosine"
+        else None
+    )
+
+    if monitor is not None and monitor.every:
+        monitor.record(strategy, exp.index, global_update, 0)  # the level before any update
+
+    # 3. the loop
+    device = next(strategy.parameters()).device
+    amp = cfg.amp and device.type == "cuda"
+    strategy.train()
+    start, step, seen = time.perf_counter(), 0, 0
+    bar = tqdm(
+        total=total,
+        desc=f"exp {exp.index} {exp.name}",
+        disable=quiet or not params,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    while step < total and params:
+        order = torch.randperm(len(data), generator=g)
+        for i in range(0, len(data), cfg.batch_size):
+            if step >= total:
+                break
+            idx = order[i : i + cfg.batch_size]
+            x, y = data.images[idx], data.labels[idx]  # (B, C, H, W[, D]), (B,)
+            e = torch.full_like(y, exp.index)
+            if replay:
+                mx, my, me = memory.sample(n_replay, g)
+                x, y, e = torch.cat([x, mx]), torch.cat([y, my]), torch.cat([e, me])
+            x, y, e = augment(x).to(device), y.to(device), e.to(device)
+            batch = Batch(x=x, y=y, exp=e, replay=e != exp.index)
+
+            # mixed precision only on accelerators: CPUs here have no fast bf16 (40x slower)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = strategy(batch.x)  # (B, num_seen_classes)
+                loss = strategy.loss(logits, batch) + strategy.penalty(batch, logits)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss became {loss.item()} at update {step} of experience {exp.index}; lower "
+                    "train.lr or check the strategy's hyper-parameters."
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            step += 1
+            seen += len(y)
+            strategy.after_update(step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if monitor is not None and monitor.due(step):
+                monitor.record(strategy, exp.index, global_update + step, step)
+                strategy.train()
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    # 4. consolidation, then the memory (herding uses the consolidated features)
+    strategy.after_experience(exp, memory)
+    strategy.eval()
+    with torch.no_grad():
+        memory.update(exp, feature_fn=lambda im: strategy.features(to_model_input(im).to(device)).cpu())
+    return FitStats(updates=step, images=seen, seconds=seconds)

@@ -1,0 +1,236 @@
+"""The strategy interface: a model plus what a continual-learning method adds to training.
+
+The trainer (:mod:`medcl.engine.trainer`) calls these hooks by name, in this order, for each
+experience (nothing else; a strategy never edits the trainer):
+
+    grow(info)                     structural, data-free: expand heads, add adapters/extractors
+    before_experience(exp, memory) data-dependent set-up: snapshots, initialisation from data
+    training_set(exp, past)        the samples to train on (default: the experience's train split)
+    trainable_parameters()         what the optimiser updates
+    per batch:  logits = forward(x);  loss = loss(logits, batch) + penalty(batch, logits)
+                after_update(step)
+    after_experience(exp, memory)  consolidation: Fisher, merging, re-tuning heads
+    (the trainer then updates the replay memory)
+
+Evaluation calls :meth:`predict`; export calls :meth:`deployable_model`. Checkpoints store
+:meth:`state_dict` tensors (safetensors) plus ``self.seen`` (JSON); :meth:`rebuild` replays
+:meth:`grow` so the tensors fit on load.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "STRATEGIES",
+    "Batch",
+    "Classifier",
+    "ExperienceInfo",
+    "Strategy",
+    "create_strategy",
+    "list_strategies",
+    "register_strategy",
+]
+
+import inspect
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medcl.errors import ConfigError
+from medcl.models.backbones import Backbone
+from medcl.models.heads import ExpandableHead
+from medcl.registry import Registry
+from medcl.validation import validated_kwargs
+
+if TYPE_CHECKING:
+    from medcl.data.experience import Experience
+    from medcl.data.samples import SampleSet
+    from medcl.engine.memory import ReplayMemory
+
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
+
+
+def register_strategy(name: str):
+    """Class decorator: register a :class:`Strategy` subclass under ``name`` (sets ``cls.name``)."""
+
+    def deco(cls: type[Strategy]) -> type[Strategy]:
+        cls.name = name
+        return STRATEGIES.register(name)(cls)
+
+    return deco
+
+
+def list_strategies(pattern: str = "*") -> list[str]:
+    return STRATEGIES.list(pattern)
+
+
+@dataclass(frozen=True)
+class ExperienceInfo:
+    """What a strategy remembers of an experience (JSON-serialisable, enough to rebuild)."""
+
+    index: int
+    name: str
+    task_id: int
+    classes: tuple[int, ...]
+    num_seen_classes: int
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExperienceInfo:
+        return cls(**{**d, "classes": tuple(d["classes"])})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "classes": list(self.classes)}
+
+
+@dataclass
+class Batch:
+    """One training batch.
+
+    Attributes:
+        x: ``(B, C, H, W[, D])`` model input (augmented, scaled).
+        y: ``(B,)`` global labels.
+        exp: ``(B,)`` index of the experience each sample came from.
+        replay: ``(B,)`` bool, True for samples drawn from the replay memory.
+    """
+
+    x: Tensor
+    y: Tensor
+    exp: Tensor
+    replay: Tensor
+
+
+class Classifier(nn.Module):
+    """Backbone + linear head: the plain deployable model (timm's interface names)."""
+
+    def __init__(self, backbone: Backbone, head: ExpandableHead) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    @property
+    def num_features(self) -> int:
+        return self.backbone.num_features
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def forward_head(self, f: Tensor) -> Tensor:
+        return self.head(f)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W[, D])`` -> logits ``(B, num_classes)``."""
+        return self.head(self.backbone(x))
+
+
+class Strategy(nn.Module):
+    """Base strategy: plain fine-tuning of backbone + expandable head with cross-entropy.
+
+    Subclasses override only the hooks their method changes. Hyper-parameters are keyword-only
+    constructor arguments with defaults (validated from the config by :func:`create_strategy`).
+
+    Args:
+        backbone: the feature extractor.
+    """
+
+    name: ClassVar[str] = "base"
+    #: scenario kinds the method is defined for (checked before training starts)
+    scenario_kinds: ClassVar[frozenset[str]] = frozenset(
+        {"class", "domain", "task", "cross-dataset"}
+    )
+    #: whether the trainer mixes replay-memory samples into each batch
+    uses_memory: ClassVar[bool] = False
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = ExpandableHead(backbone.num_features)
+        self.seen: list[ExperienceInfo] = []
+
+    # -- structure -------------------------------------------------------------------------
+    def grow(self, info: ExperienceInfo) -> None:
+        """Structural change for a new experience (no data): default expands the head."""
+        self.seen.append(info)
+        self.head.expand(info.num_seen_classes)
+
+    def rebuild(self, infos: Sequence[ExperienceInfo]) -> None:
+        """Replay :meth:`grow` for each completed experience so a checkpoint's tensors fit."""
+        for info in infos:
+            self.grow(info)
+
+    @property
+    def num_seen_classes(self) -> int:
+        return self.seen[-1].num_seen_classes if self.seen else 0
+
+    # -- training hooks --------------------------------------------------------------------
+    def before_experience(self, exp: Experience, memory: ReplayMemory) -> None:
+        """Data-dependent set-up before training on ``exp``."""
+
+    def training_set(self, exp: Experience, past: Sequence[Experience]) -> SampleSet:
+        """The samples to train on for ``exp`` (``past``: earlier experiences, in order)."""
+        return exp.train
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate features ``(B, F)`` (used by herding and data-driven initialisation)."""
+        return self.backbone(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Training-time logits ``(B, num_seen_classes)``."""
+        return self.head(self.backbone(x))
+
+    def loss(self, logits: Tensor, batch: Batch) -> Tensor:
+        """The method's base objective for a batch (default: cross-entropy on hard labels)."""
+        return F.cross_entropy(logits, batch.y)
+
+    def penalty(self, batch: Batch, logits: Tensor) -> Tensor:
+        """A regulariser the trainer adds to :meth:`loss` (default: none)."""
+        return logits.new_zeros(())
+
+    def after_update(self, step: int) -> None:
+        """Called after every optimiser step (``step`` counts updates in this experience)."""
+
+    def after_experience(self, exp: Experience, memory: ReplayMemory) -> None:
+        """Consolidation after training on ``exp`` (before the memory is updated)."""
+
+    # -- inference ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Evaluation scores ``(B, num_seen_classes)``: logits or log-probabilities."""
+        return self.deployable_model()(x)
+
+    def deployable_model(self) -> nn.Module:
+        """The single module to export: ``forward(x) -> (B, num_seen_classes)`` scores."""
+        return Classifier(self.backbone, self.head)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, experiences={len(self.seen)}"
+
+
+def create_strategy(
+    name: str, backbone: Backbone, *, scenario_kind: str | None = None, **params: Any
+) -> Strategy:
+    """Build a registered strategy, validating ``params`` against its keyword-only signature.
+
+    Raises:
+        ConfigError: unknown strategy or parameter, wrong type, unsupported scenario kind.
+    """
+    cls = STRATEGIES.get(name)
+    if scenario_kind is not None and scenario_kind not in cls.scenario_kinds:
+        raise ConfigError(
+            f"strategy {name!r} supports scenario kinds {sorted(cls.scenario_kinds)}; the scenario "
+            f"is {scenario_kind!r}. Choose another strategy (`medcl strategies list`) or scenario."
+        )
+    kwargs = validated_kwargs(
+        cls.__init__, params, component=f"strategy {name!r}", skip=("self", "backbone")
+    )
+    return cls(backbone, **kwargs)
+
+
+def strategy_params(name: str) -> dict[str, Any]:
+    """Hyper-parameters of a strategy and their defaults (for ``medcl strategies list``)."""
+    sig = inspect.signature(STRATEGIES.get(name).__init__)
+    return {p.name: p.default for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY}

@@ -1,0 +1,306 @@
+"""Engine: registry, config validation, heads, backbones, memory, trainer, runs, resume, update."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from medcl.cli import main
+from medcl.config import load_config, validate_config
+from medcl.engine.memory import ReplayMemory, herding_order
+from medcl.engine.run import run, update
+from medcl.errors import ConfigError
+from medcl.models.backbones import create_backbone
+from medcl.models.heads import ExpandableHead
+from medcl.registry import Registry
+from medcl.strategies import create_strategy, list_strategies
+
+TINY = {
+    "seed": 0,
+    "scenario": {
+        "name": "synthetic-ci",
+        "num_classes": 4,
+        "classes_per_experience": 2,
+        "n_train": 64,
+        "n_test": 24,
+        "image_size": 16,
+    },
+    "strategy": {"name": "finetune"},
+    "model": {"backbone": "test_resnet", "small_input": True},
+    "train": {
+        "epochs": 15,
+        "batch_size": 32,
+        "lr": 0.05,
+        "augment": "none",
+        "eval_every": 10,
+        "eval_max_samples": 32,
+    },
+    "memory": {"size": 40, "selection": "random"},
+}
+
+
+def tiny_config(tmp_path: Path, **changes: dict) -> dict:
+    raw = json.loads(json.dumps(TINY))
+    for section, values in changes.items():
+        if isinstance(values, dict):
+            raw[section].update(values)
+        else:
+            raw[section] = values
+    raw["output_dir"] = str(tmp_path / "runs")
+    return raw
+
+
+# -- registry and config ----------------------------------------------------------------------
+
+
+def test_registry_suggests_and_rejects_duplicates():
+    reg: Registry[int] = Registry("widget")
+    reg.register("replay")(1)
+    reg.register("ewc")(2)
+    with pytest.raises(ConfigError, match="already registered"):
+        reg.register("ewc")(3)
+    with pytest.raises(ConfigError, match="did you mean 'replay'"):
+        reg.get("replya")
+    assert reg.list("*e*") == ["ewc", "replay"]
+
+
+def test_strategies_registered():
+    assert {"finetune", "replay", "joint"} <= set(list_strategies())
+
+
+def test_config_unknown_key_names_key_and_choices(tmp_path):
+    raw = tiny_config(tmp_path)
+    raw["train"]["epoch"] = 3
+    with pytest.raises(ConfigError, match=r"unknown key `train.epoch`.*did you mean 'epochs'"):
+        validate_config(raw)
+
+
+def test_config_wrong_type_and_overrides(tmp_path):
+    raw = tiny_config(tmp_path)
+    raw["train"]["lr"] = "fast"
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        validate_config(raw)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    cfg = load_config(path, ["train.epochs=7", "strategy.name=replay"])
+    assert cfg.train.epochs == 7 and cfg.strategy.name == "replay"
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(path, ["train.epochs"])
+
+
+def test_unknown_strategy_and_option():
+    bb = create_backbone("test_resnet", in_chans=1, small_input=True)
+    with pytest.raises(ConfigError, match="did you mean 'replay'"):
+        create_strategy("replai", bb)
+    with pytest.raises(ConfigError, match=r"has no option 'from_scratc'.*from_scratch"):
+        create_strategy("joint", bb, from_scratc=True)
+
+
+def test_cli_bad_config_exits_2(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("scenario: {name: synthetic-ci}\nstrategy: {name: finetune}\ntrian: {}\n")
+    assert main(["run", str(path), "--quiet"]) == 2
+    assert "unknown key `trian`" in capsys.readouterr().err
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+def test_expandable_head_keeps_old_rows():
+    head = ExpandableHead(8, 2)
+    w, b = head.weight.detach().clone(), head.bias.detach().clone()
+    head.expand(5)
+    assert head.weight.shape == (5, 8)
+    assert torch.equal(head.weight[:2], w) and torch.equal(head.bias[:2], b)
+    assert head(torch.randn(3, 8)).shape == (3, 5)
+
+
+def test_backbones_2d_small_input_and_3d():
+    bb = create_backbone("resnet18", in_chans=1, small_input=True)
+    assert bb.net.conv1.stride == (1, 1) and bb.net.conv1.kernel_size == (3, 3)
+    assert bb(torch.randn(2, 1, 28, 28)).shape == (2, 512)
+    assert [s.name for s in bb.stages()] == ["layer1", "layer2", "layer3", "layer4"]
+    bb3 = create_backbone("resnet10_3d", in_chans=1, spatial_dims=3, small_input=True, width=0.25)
+    assert bb3(torch.randn(2, 1, 16, 16, 16)).shape == (2, bb3.num_features)
+    with pytest.raises(ConfigError, match="3D network but the data is 2D"):
+        create_backbone("resnet10_3d", in_chans=1, spatial_dims=2)
+
+
+def test_backbone_local_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    src = create_backbone("test_resnet", in_chans=1, small_input=True)
+    save_file(
+        {k: v.contiguous() for k, v in src.net.state_dict().items()},
+        str(tmp_path / "w.safetensors"),
+    )
+    dst = create_backbone(
+        "test_resnet", in_chans=1, small_input=True, checkpoint_path=tmp_path / "w.safetensors"
+    )
+    x = torch.randn(2, 1, 16, 16)
+    src.eval(), dst.eval()
+    assert torch.allclose(src(x), dst(x))
+    with pytest.raises(ConfigError, match="does not exist"):
+        create_backbone("test_resnet", in_chans=1, checkpoint_path=tmp_path / "nope.pth")
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+
+def test_herding_picks_samples_tracking_the_mean():
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [1.0, 0.1]])
+    order = herding_order(feats, 2)
+    assert order[0] == 2  # the sample closest to the normalised mean comes first
+
+
+def _synthetic_scenario(**kw):
+    from medcl.data.scenarios import build_scenario
+
+    params = {k: v for k, v in TINY["scenario"].items() if k != "name"}
+    return build_scenario("synthetic-ci", **{**params, **kw})
+
+
+def test_memory_is_balanced_indices_and_round_trips():
+    scen = _synthetic_scenario()
+    mem = ReplayMemory(10, selection="random", seed=0)
+    for exp in scen:
+        mem.update(exp)
+    assert len(mem) == 10
+    counts = torch.bincount(mem.label_, minlength=4)
+    assert sorted(counts.tolist()) == [2, 2, 3, 3]  # 10 slots over 4 classes
+    images, labels, _ = mem.gather(torch.arange(len(mem)))
+    assert torch.equal(labels, mem.label_)
+    for img, e, i in zip(images, mem.exp_, mem.index_, strict=True):
+        assert torch.equal(img, scen[int(e)].train.images[int(i)])  # indices into the sources
+    clone = ReplayMemory(10)
+    clone.attach(scen.experiences)
+    clone.load_state_dict(mem.state_dict())
+    assert torch.equal(clone.gather(torch.arange(10))[0], images)
+
+
+# -- training -------------------------------------------------------------------------------------
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_finetune_learns_and_forgets_more_than_replay(tmp_path):
+    ft = _metrics(
+        run(validate_config(tiny_config(tmp_path, strategy={"name": "finetune"})), quiet=True)
+    )
+    rp = _metrics(
+        run(validate_config(tiny_config(tmp_path, strategy={"name": "replay"})), quiet=True)
+    )
+    R_ft, R_rp = np.array(ft["accuracy_matrix"]), np.array(rp["accuracy_matrix"])
+    # learns: accuracy on the experience just learned is well above chance (1/4 over 4 classes)
+    assert R_ft[0, 0] > 0.8 and R_ft[1, 1] > 0.8
+    # forgets: fine-tuning drops experience 0; replay keeps much more of it
+    assert R_ft[1, 0] < 0.3
+    assert R_rp[1, 0] > R_ft[1, 0] + 0.3
+    assert ft["summary"]["forgetting"] > rp["summary"]["forgetting"]
+
+
+def test_run_directory_contents(tmp_path):
+    run_dir = run(validate_config(tiny_config(tmp_path)), quiet=True)
+    for name in (
+        "config.yaml",
+        "environment.json",
+        "scenario.json",
+        "metrics.json",
+        "curves.csv",
+        "predictions/after-001.npz",
+        "checkpoints/latest.json",
+        "checkpoints/exp-001/strategy.safetensors",
+    ):
+        assert (run_dir / name).exists(), name
+    m = _metrics(run_dir)
+    assert np.array(m["accuracy_matrix"]).shape == (2, 2)
+    assert m["compute"]["parameters"] > 0 and m["compute"]["macs"] > 0
+    curves = __import__("pandas").read_csv(run_dir / "curves.csv")
+    assert set(curves.experience) == {0, 1} and (curves.offset == 0).sum() == 2
+    with pytest.raises(ConfigError, match="already exists"):
+        run(validate_config(tiny_config(tmp_path)), quiet=True)
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path):
+    full = _metrics(
+        run(validate_config(tiny_config(tmp_path / "a", strategy={"name": "replay"})), quiet=True)
+    )
+    cfg = validate_config(tiny_config(tmp_path / "b", strategy={"name": "replay"}))
+    run(cfg, quiet=True, stop_after=0)
+    resumed = _metrics(run(cfg, resume=True, quiet=True))
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+
+
+def test_resume_after_kill_9_mid_experience(tmp_path):
+    """A real ``kill -9`` while experience 1 trains; --resume gives the uninterrupted result."""
+    raw = tiny_config(tmp_path, strategy={"name": "replay"}, train={"epochs": 200})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "medcl.cli", "run", str(path), "--quiet", "--no-report"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = tmp_path / "runs" / "synthetic-ci-replay-s0" / "checkpoints" / "latest.json"
+    while not latest.exists() and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)  # now inside experience 1
+    assert proc.poll() is None, proc.stderr.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads(latest.read_text())["completed"] == 0
+    done = subprocess.run(
+        [*cmd[:-2], "--resume", "--quiet", "--no-report"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    run_dir = latest.parent.parent
+    resumed = _metrics(run_dir)
+    fresh = _metrics(
+        run(
+            validate_config(
+                tiny_config(tmp_path / "c", strategy={"name": "replay"}, train={"epochs": 200})
+            ),
+            quiet=True,
+        )
+    )
+    assert resumed["accuracy_matrix"] == fresh["accuracy_matrix"]
+
+
+def test_update_adds_a_cohort(tmp_path):
+    run_dir = run(validate_config(tiny_config(tmp_path, strategy={"name": "replay"})), quiet=True)
+    scen = json.loads((run_dir / "scenario.json").read_text())
+    # a new site with the same four synthetic classes (matched by name) arrives after deployment
+    assert (
+        main(
+            [
+                "update",
+                str(run_dir),
+                "--data",
+                "synthetic",
+                "--site",
+                "new-site",
+                "--quiet",
+                "--no-report",
+            ]
+        )
+        == 0
+    )
+    m = _metrics(run_dir)
+    R = np.array(m["accuracy_matrix"], dtype=float)
+    assert R.shape == (3, 3)
+    assert not np.isnan(R[2]).any()  # every earlier experience was re-evaluated
+    after = json.loads((run_dir / "scenario.json").read_text())
+    assert after["class_names"] == scen["class_names"]  # same classes: no new outputs
+    assert after["experiences"][2]["site"] == "new-site"
+    assert R[2, 2] > 0.5
+    with pytest.raises(ConfigError, match="not a medcl run"):
+        update(tmp_path, "synthetic")
