@@ -231,10 +231,8 @@ def _finish(run_dir: Path, *, report: bool, quiet: bool) -> None:
     if not quiet and summary:
         typer.echo("  " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items() if isinstance(v, float)))
     if report:
-        try:
-            from medcl.reports import write_report
-        except ImportError:  # the report module is optional until it lands
-            return
+        from medcl.reports import write_report
+
         typer.echo(f"report: {write_report(run_dir)}")
 
 

@@ -245,7 +245,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
 
 def test_resume_after_kill_9_mid_experience(tmp_path):
     """A real ``kill -9`` while experience 1 trains; --resume gives the uninterrupted result."""
-    raw = tiny_config(tmp_path, strategy={"name": "replay"}, train={"epochs": 200})
+    raw = tiny_config(tmp_path, strategy={"name": "replay"}, train={"epochs": 60})
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, "-m", "medcl.cli", "run", str(path), "--quiet", "--no-report"]
@@ -253,7 +253,7 @@ def test_resume_after_kill_9_mid_experience(tmp_path):
     latest = tmp_path / "runs" / "synthetic-ci-replay-s0" / "checkpoints" / "latest.json"
     while not latest.exists() and proc.poll() is None:
         time.sleep(0.2)
-    time.sleep(1.0)  # now inside experience 1
+    time.sleep(0.3)  # experience 0 is checkpointed; experience 1 is starting
     assert proc.poll() is None, proc.stderr.read().decode()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -267,7 +267,7 @@ def test_resume_after_kill_9_mid_experience(tmp_path):
     fresh = _metrics(
         run(
             validate_config(
-                tiny_config(tmp_path / "c", strategy={"name": "replay"}, train={"epochs": 200})
+                tiny_config(tmp_path / "c", strategy={"name": "replay"}, train={"epochs": 60})
             ),
             quiet=True,
         )
@@ -275,32 +275,52 @@ def test_resume_after_kill_9_mid_experience(tmp_path):
     assert resumed["accuracy_matrix"] == fresh["accuracy_matrix"]
 
 
+def _write_cohort_manifest(folder: Path, class_names: list[str]) -> Path:
+    """A CSV manifest of PNGs: a new site with the run's classes, plus one new class."""
+    from PIL import Image
+
+    from medcl.data.synthetic import make_synthetic
+
+    splits = make_synthetic(num_classes=5, image_size=16, n_train=12, n_val=2, n_test=8, seed=7)
+    names = [*class_names, "new finding"]  # synthetic class k looks like class k of the run
+    rows = []
+    for split, data in splits.items():
+        for i, (img, y) in enumerate(zip(data.images, data.labels, strict=True)):
+            path = folder / f"{split}-{i}.png"
+            Image.fromarray(img[0].numpy()).save(path)
+            rows.append(f"{path.name},{names[int(y)]},{split}")
+    manifest = folder / "cohort.csv"
+    manifest.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    return manifest
+
+
 def test_update_adds_a_cohort(tmp_path):
     run_dir = run(validate_config(tiny_config(tmp_path, strategy={"name": "replay"})), quiet=True)
-    scen = json.loads((run_dir / "scenario.json").read_text())
-    # a new site with the same four synthetic classes (matched by name) arrives after deployment
-    assert (
-        main(
-            [
-                "update",
-                str(run_dir),
-                "--data",
-                "synthetic",
-                "--site",
-                "new-site",
-                "--quiet",
-                "--no-report",
-            ]
-        )
-        == 0
+    before = json.loads((run_dir / "scenario.json").read_text())
+    (tmp_path / "cohort").mkdir()
+    from medcl.data.synthetic import synthetic_class_names
+
+    manifest = _write_cohort_manifest(tmp_path / "cohort", list(synthetic_class_names(4)))
+    code = main(
+        [
+            "update",
+            str(run_dir),
+            "--data",
+            str(manifest),
+            "--site",
+            "hospital-b",
+            "--quiet",
+            "--no-report",
+        ]
     )
-    m = _metrics(run_dir)
-    R = np.array(m["accuracy_matrix"], dtype=float)
+    assert code == 0
+    R = np.array(_metrics(run_dir)["accuracy_matrix"], dtype=float)
     assert R.shape == (3, 3)
     assert not np.isnan(R[2]).any()  # every earlier experience was re-evaluated
     after = json.loads((run_dir / "scenario.json").read_text())
-    assert after["class_names"] == scen["class_names"]  # same classes: no new outputs
-    assert after["experiences"][2]["site"] == "new-site"
-    assert R[2, 2] > 0.5
+    # known classes matched by name; the unseen one became global class 4
+    assert after["class_names"] == [*before["class_names"], "new finding"]
+    new = after["experiences"][2]
+    assert new["site"] == "hospital-b" and sorted(new["classes"]) == [0, 1, 2, 3, 4]
     with pytest.raises(ConfigError, match="not a medcl run"):
         update(tmp_path, "synthetic")

@@ -47,7 +47,8 @@ def test_known_dip_and_recovery() -> None:
     assert list(table.experience) == [1, 2]
     e1 = table.iloc[0]
     assert e1.n_evals == 5 and e1.start_update == 30
-    assert e1.pre_old_acc == pytest.approx(0.90)
+    assert e1.pre_old_acc == pytest.approx(0.90)  # experience 0's last all_acc
+    assert e1.start_old_acc == pytest.approx(0.90) and e1.init_drop == pytest.approx(0.0)
     assert e1.min_old_acc == pytest.approx(0.50)
     assert e1.updates_to_min == 10
     assert e1.max_drop == pytest.approx(0.40)
@@ -65,10 +66,12 @@ def test_known_dip_and_recovery() -> None:
 
 def test_never_recovers() -> None:
     e2 = stability_metrics(make_curves(), upper_bound=UPPER).iloc[1]
-    assert e2.pre_old_acc == pytest.approx(0.85) and e2.min_old_acc == pytest.approx(0.30)
-    assert e2.max_drop == pytest.approx(0.55)
+    # deployed level = experience 1's last all_acc (0.90); offset 0 already lost 0.05
+    assert e2.pre_old_acc == pytest.approx(0.90) and e2.start_old_acc == pytest.approx(0.85)
+    assert e2.init_drop == pytest.approx(0.05) and e2.min_old_acc == pytest.approx(0.30)
+    assert e2.max_drop == pytest.approx(0.60)
     assert not bool(e2.recovered) and np.isnan(e2.updates_to_recover)
-    assert e2.gap_area == pytest.approx(10 * (0.55 + 0.25))
+    assert e2.gap_area == pytest.approx(10 * (0.60 + 0.30))
     assert e2.stability_gap == pytest.approx(1 - (0.30 + 0.60) / 2)
 
 
@@ -76,8 +79,9 @@ def test_summary_means() -> None:
     out = summarize_stability(make_curves(), upper_bound=UPPER)
     e1_gap = 1 - (0.5 + 0.7 + 0.895 + 0.9) / 4 / 0.95
     assert out["stability_gap"] == pytest.approx((e1_gap + (1 - 0.9 / 2)) / 2)
-    assert out["max_drop"] == pytest.approx((0.40 + 0.55) / 2)
-    assert out["gap_area"] == pytest.approx((6.05 + 8.0) / 2)
+    assert out["max_drop"] == pytest.approx((0.40 + 0.60) / 2)
+    assert out["init_drop"] == pytest.approx((0.0 + 0.05) / 2)
+    assert out["gap_area"] == pytest.approx((6.05 + 9.0) / 2)
     assert out["updates_to_recover"] == 30  # over the experiences that recovered
     assert out["n_not_recovered"] == 1 and out["n_experiences"] == 2
 
@@ -89,13 +93,35 @@ def test_no_dip_recovers_at_zero_and_default_upper_bound() -> None:
             "update": [0, 5, 5, 10, 15],
             "old_acc": [NAN, NAN, 0.8, 0.795, 0.81],
             "new_acc": [0.5, 0.7, 0.0, 0.4, 0.6],
-            "all_acc": [0.5, 0.7, 0.4, 0.6, 0.7],
+            "all_acc": [0.5, 0.8, 0.4, 0.6, 0.7],
         }
     )
     row = stability_metrics(curves, tol=0.01).iloc[0]
+    assert row.pre_old_acc == pytest.approx(0.8) and row.init_drop == pytest.approx(0.0)
     assert bool(row.recovered) and row.updates_to_recover == 0
     assert row.gap_area == pytest.approx(0.005 * 5)
     assert row.stability_gap == pytest.approx(1 - (0.795 + 0.81) / 2)  # upper bound 1.0
+
+
+def test_drop_counts_set_up_before_the_first_update() -> None:
+    """A head initialisation that costs old accuracy at offset 0 is part of the drop."""
+    curves = pd.DataFrame(
+        {
+            "experience": [0, 1, 1, 1],
+            "update": [10, 10, 15, 20],
+            "old_acc": [NAN, 0.6, 0.85, 0.9],
+            "new_acc": [0.9, 0.2, 0.5, 0.7],
+            "all_acc": [0.9, 0.4, 0.7, 0.8],
+        }
+    )
+    row = stability_metrics(curves).iloc[0]
+    assert row.pre_old_acc == pytest.approx(0.9) and row.start_old_acc == pytest.approx(0.6)
+    assert row.init_drop == pytest.approx(0.3) and row.max_drop == pytest.approx(0.3)
+    assert row.updates_to_min == 0 and row.updates_to_recover == 10
+    # without the previous experience's curve, offset 0 is the reference (and init_drop NaN)
+    gap = stability_metrics(curves.assign(experience=[0, 2, 2, 2])).iloc[0]
+    assert gap.pre_old_acc == pytest.approx(0.6) and np.isnan(gap.init_drop)
+    assert gap.max_drop == 0 and gap.updates_to_recover == 0
 
 
 def test_single_experience_is_empty_and_summary_warns() -> None:

@@ -18,6 +18,7 @@ __all__ = ["RunState", "build_components", "run", "update"]
 
 import json
 import platform
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,21 +139,27 @@ def _save_predictions(run_dir: Path, after: int, scenario_exps: list[Experience]
     np.savez_compressed(
         pred_dir / f"after-{after:03d}.npz", probs=probs, labels=labels, experience=experience
     )
+    # only non-identifying columns: manifest paths and extra columns may carry patient names
+    keep = ["dataset", "site", "index", "split"]
     meta = pd.concat(
-        [x.test.meta.assign(experience=x.index) for x in scenario_exps], ignore_index=True
+        [x.test.meta[keep].assign(experience=x.index) for x in scenario_exps], ignore_index=True
     )
-    meta.drop(columns=[c for c in ("patient_id",) if c in meta], errors="ignore").to_csv(
-        pred_dir / f"after-{after:03d}.csv", index=False
-    )
+    meta.to_csv(pred_dir / f"after-{after:03d}.csv", index=False)
 
 
 def _write_metrics(
     run_dir: Path, cfg: RunConfig, scenario: Scenario, state: RunState, strategy: Strategy
 ) -> None:
+    """metrics.json (matrices, summaries, timing, compute) and curves.csv, after each experience."""
     T = len(state.accuracy)
-    R = np.array(state.accuracy)[:, :T] if T else np.zeros((0, 0))
-    Rt = np.array(state.task_accuracy)[:, :T] if T else np.zeros((0, 0))
-    b = np.array(state.baseline[:T]) if state.baseline else None
+    R = np.array(state.accuracy, dtype=float)[:, :T]  # evaluated on every experience: keep T×T
+    Rt = np.array(state.task_accuracy, dtype=float)[:, :T]
+    b = np.array(state.baseline[:T], dtype=float)
+    with warnings.catch_warnings():  # T=1 leaves forgetting/BWT/FWT undefined: NaN, no warning
+        warnings.simplefilter("ignore")
+        summary = summarize(R, b)
+        task_summary = summarize(Rt) if not np.isnan(Rt).all() else {}
+    finished = state.completed == len(scenario) - 1
     metrics = {
         "run": cfg.run_name,
         "strategy": cfg.strategy.name,
@@ -162,10 +169,12 @@ def _write_metrics(
         "accuracy_matrix": state.accuracy,
         "task_accuracy_matrix": state.task_accuracy,
         "baseline_accuracy": state.baseline,
-        "summary": summarize(R, b) if T else {},
-        "task_aware_summary": summarize(Rt) if T and not np.isnan(Rt).all() else {},
+        "summary": summary,
+        "task_aware_summary": task_summary,
         "fit": state.fit,
-        "compute": compute_profile(strategy.deployable_model(), scenario.input_shape) if T else {},
+        "compute": compute_profile(
+            strategy.deployable_model(), scenario.input_shape, latency=finished
+        ),
     }
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1, default=float))
     if state.curves:
@@ -187,7 +196,6 @@ def run(
         The run directory.
     """
     run_dir = Path(cfg.output_dir) / cfg.run_name
-    latest = run_dir / "checkpoints" / "latest.json"
     resolved = yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
     if run_dir.exists() and (run_dir / "config.yaml").exists():
         if not resume:
@@ -200,9 +208,18 @@ def run(
                 f"--resume: the config differs from the one {run_dir} was started with "
                 f"({run_dir / 'config.yaml'}); resume with the same config."
             )
+    threads = torch.get_num_threads()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    try:
+        return _run(cfg, run_dir, resolved, resume=resume, quiet=quiet, stop_after=stop_after)
+    finally:
+        torch.set_num_threads(threads)  # a library call must not change the caller's setting
 
+
+def _run(cfg: RunConfig, run_dir: Path, resolved: str, *, resume: bool, quiet: bool,
+         stop_after: int | None) -> Path:
+    latest = run_dir / "checkpoints" / "latest.json"
     scenario, strategy, memory = build_components(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", resolved)

@@ -272,6 +272,7 @@ def _point(
     values = _assemble(_from_counts(cm, auc), rows, names, extra)[0]
     table = pd.DataFrame(rows, columns=["metric", "class"])
     table["value"] = values
+    table["why"] = pd.Series(np.nan, index=table.index, dtype=object)
     auroc_rows = table["metric"].eq("auroc") & table["value"].isna()
     if auroc_rows.any():  # say which side is missing
         for i in np.flatnonzero(auroc_rows.to_numpy()):

@@ -22,11 +22,17 @@ With the default upper bound 1.0 a gap is simply the mean error over the experie
 
 On top of those, per experience:
 
-- ``pre_old_acc``: old-class accuracy of the model before its first update on the experience.
-  It is read from the experience's **first evaluation, which must be taken at update offset 0**
-  (before any update of that experience; the trainer logs it). The experience starts at that
-  row's ``update``.
-- ``min_old_acc`` and ``max_drop = pre_old_acc - min_old_acc``.
+- ``start_old_acc``: old-class accuracy at the experience's **first evaluation, which must be
+  taken at update offset 0** (the trainer logs it after the strategy's set-up, e.g. head growth
+  or data-driven initialisation, and before any update). The experience starts at that row's
+  ``update``.
+- ``pre_old_acc``: old-class accuracy of the model as deployed before the update: the previous
+  experience's last ``all_acc`` (:class:`~medcl.engine.evaluate.CurveMonitor` measures "all" of
+  ``t - 1`` on exactly the images that are "old" for ``t``; exact when that evaluation was at
+  its final update, i.e. a budget that is a multiple of ``k``). Falls back to ``start_old_acc``
+  when the previous experience has no evaluation. Measuring from here, not from offset 0, counts
+  what the set-up itself costs: ``init_drop = pre_old_acc - start_old_acc`` (NaN on fallback).
+- ``min_old_acc`` (offset 0 included) and ``max_drop = pre_old_acc - min_old_acc``.
 - ``updates_to_recover``: updates from the experience start to the first evaluation, at or after
   the minimum, with ``old_acc >= pre_old_acc - tol``. 0 when old accuracy never falls below
   ``pre_old_acc - tol``; NaN with ``recovered = False`` when it never comes back.
@@ -58,6 +64,8 @@ _METRIC_COLUMNS = (
     "n_evals",
     "start_update",
     "pre_old_acc",
+    "start_old_acc",
+    "init_drop",
     "min_old_acc",
     "updates_to_min",
     "max_drop",
@@ -144,7 +152,9 @@ def _gap(acc: np.ndarray, bound: float) -> float:
     return float(1.0 - np.mean(acc / bound)) if acc.size else float("nan")
 
 
-def _one_experience(exp: int, g: pd.DataFrame, bounds: dict[str, dict[int, float]], tol: float):
+def _one_experience(
+    exp: int, g: pd.DataFrame, bounds: dict[str, dict[int, float]], tol: float, prev_end: float
+):
     upd = g["update"].to_numpy()
     old = g["old_acc"].to_numpy()
     start = upd[0]
@@ -157,7 +167,9 @@ def _one_experience(exp: int, g: pd.DataFrame, bounds: dict[str, dict[int, float
         "plasticity_gap": _gap(g["new_acc"].to_numpy()[1:], bounds["new"][exp]),
         "continual_knowledge_gap": _gap(g["all_acc"].to_numpy()[1:], bounds["all"][exp]),
     }
-    pre = old[0]
+    start_old = float(old[0])
+    pre = prev_end if np.isfinite(prev_end) else start_old
+    row |= {"start_old_acc": start_old, "init_drop": prev_end - start_old}
     if np.isnan(pre) or np.isnan(old).all():
         warnings.warn(
             f"experience {exp}: old-class accuracy at its first evaluation (update {start:g}, "
@@ -216,7 +228,8 @@ def stability_metrics(
 
     Returns:
         One row per experience ``t >= 1`` with columns ``experience, n_evals, start_update,
-        pre_old_acc, min_old_acc, updates_to_min, max_drop, recovered, updates_to_recover, gap_area,
+        pre_old_acc, start_old_acc, init_drop, min_old_acc, updates_to_min, max_drop, recovered,
+        updates_to_recover, gap_area,
         stability_gap, plasticity_gap, continual_knowledge_gap`` (empty for a single experience).
 
     Raises:
@@ -225,12 +238,13 @@ def stability_metrics(
     if not (np.isfinite(tol) and tol >= 0):
         raise DataError(f"tol must be a non-negative accuracy difference; got {tol!r}.")
     frame = _check_curves(curves)
+    last_all = frame.groupby("experience", sort=True)["all_acc"].last()  # deployed levels
     experiences = [
         e.item() if isinstance(e, np.generic) else e for e in pd.unique(frame["experience"])
     ][1:]
     bounds = _upper_bounds(upper_bound, experiences)
     rows = [
-        _one_experience(exp, g, bounds, tol)
+        _one_experience(exp, g, bounds, tol, float(last_all.get(exp - 1, np.nan)))
         for exp, g in frame.groupby("experience", sort=True)
         if exp in experiences
     ]
@@ -245,7 +259,7 @@ def summarize_stability(
 
     Returns:
         ``stability_gap``, ``plasticity_gap``, ``continual_knowledge_gap``, ``min_old_acc``,
-        ``max_drop``, ``gap_area`` (means), ``updates_to_recover`` (mean over the experiences that
+        ``max_drop``, ``init_drop``, ``gap_area`` (means), ``updates_to_recover`` (mean over the experiences that
         recovered), ``n_not_recovered`` and ``n_experiences`` (experiences scored). All NaN, with
         a warning, when the stream has a single experience.
     """
@@ -256,6 +270,7 @@ def summarize_stability(
         "continual_knowledge_gap",
         "min_old_acc",
         "max_drop",
+        "init_drop",
         "gap_area",
     )
     if table.empty:
