@@ -296,6 +296,59 @@ def report(
     typer.echo(str(path) if quiet else f"report: {path}\ndata:   {path.with_suffix('.json')}")
 
 
+# --- export / predict (Deployment) ---------------------------------------------------------
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="torchscript | onnx | safetensors | bundle")
+    ] = "bundle",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Output file (folder for bundle); default RUN_DIR/export/."),
+    ] = None,
+) -> None:
+    """Export the run's deployable model (outputs checked against PyTorch to 1e-4)."""
+    from medcl.export import export_run
+
+    typer.echo(str(export_run(run_dir, fmt, out)))
+
+
+@app.command("predict")
+def predict_cmd(
+    model: Annotated[
+        Path, typer.Argument(help="Run dir, bundle folder, or .ts/.onnx/.safetensors.")
+    ],
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Image files/folders, DICOM series, NIfTI, CSV manifests.")
+    ],
+    out: Annotated[Path | None, typer.Option("--out", help="Write the rows as CSV here.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
+    backend: Annotated[
+        str, typer.Option("--backend", help="For bundles: torchscript | onnx.")
+    ] = "torchscript",
+    quiet: Quiet = False,
+) -> None:
+    """Class probabilities per input file; exit code 1 when any file failed (its row says why)."""
+    from medcl.export import load_predictor, predict_files
+
+    df = predict_files(
+        load_predictor(model, backend=backend), inputs, batch_size=batch_size, progress=not quiet
+    )
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out, index=False)
+    if out is None or not quiet:
+        typer.echo(df.to_csv(index=False) if out is None else f"predictions: {out}")
+    bad = df[df["status"] == "error"]
+    for row in bad.itertuples():
+        typer.secho(f"error: {row.input}: {row.error}", fg=typer.colors.RED, err=True)
+    if len(bad):
+        raise typer.Exit(code=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turning medcl errors into a message and exit code 2."""
     try:

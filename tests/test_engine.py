@@ -324,3 +324,24 @@ def test_update_adds_a_cohort(tmp_path):
     assert new["site"] == "hospital-b" and sorted(new["classes"]) == [0, 1, 2, 3, 4]
     with pytest.raises(ConfigError, match="not a medcl run"):
         update(tmp_path, "synthetic")
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).parents[1].glob("configs/*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_configs_are_valid(path):
+    """Every config in configs/ validates, names a real scenario and strategy, with valid options."""
+    from medcl.data.scenarios import list_scenarios, scenario_params
+    from medcl.strategies import STRATEGIES
+    from medcl.validation import validated_kwargs
+
+    cfg = load_config(path)
+    assert cfg.scenario.name in list_scenarios()
+    assert set(cfg.scenario.options) <= set(scenario_params(cfg.scenario.name))
+    validated_kwargs(
+        STRATEGIES.get(cfg.strategy.name).__init__,
+        cfg.strategy.options,
+        component=cfg.strategy.name,
+        section="strategy",
+        skip=("self", "backbone"),
+    )

@@ -107,7 +107,7 @@ def test_unknown_scenario_suggests_closest():
         (
             "synthetic-ci",
             {"n_trian": 4},
-            r"has no parameter 'n_trian'; did you mean 'n_train'\? available: ",
+            r"has no option 'n_trian'; did you mean 'n_train'\? available: ",
         ),
         (
             "synthetic-ci",
@@ -115,7 +115,7 @@ def test_unknown_scenario_suggests_closest():
             r"`scenario.order` must be list\[int\] \| None; got 'abc'",
         ),
         ("synthetic-ci", {"n_train": "many"}, r"`scenario.n_train` must be int; got 'many'"),
-        ("class-incremental", {}, r"needs parameter\(s\) \['dataset'\]"),
+        ("class-incremental", {}, r"needs option\(s\) \['dataset'\]"),
         (
             "synthetic-ci",
             {"num_classes": 5, "order": [0, 1, 1, 3, 4]},

@@ -92,6 +92,19 @@ class SampleSet:
             raise DataError(f"labels {bad} have no entry in the label map {mapping}.")
         return SampleSet(self.images, new, self.meta)
 
+    def to_dtype(self, dtype: torch.dtype) -> SampleSet:
+        """Convert images between the two conventions: uint8 in [0, 255] and float in [0, 1]."""
+        x = self.images
+        if x.dtype == dtype:
+            return self
+        if dtype == torch.uint8:
+            x = x.float().mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+        elif x.dtype == torch.uint8:
+            x = x.to(dtype).div_(255.0)
+        else:
+            x = x.to(dtype)
+        return SampleSet(x, self.labels, self.meta)
+
     def with_meta(self, **columns: object) -> SampleSet:
         """A copy whose metadata has ``columns`` set (scalars broadcast), e.g. ``site="A"``."""
         meta = self.meta.copy()

@@ -247,12 +247,9 @@ def task_incremental(
 
 def _harmonise(s: SampleSet, channels: int, dtype: torch.dtype) -> SampleSet:
     """Grayscale ``(N, 1, ...)`` -> ``(N, channels, ...)`` by repetition; uint8 -> float in [0, 1]."""
-    x = s.images
     if s.channels != channels:
-        x = x.repeat(1, channels, *([1] * s.spatial_dims))
-    if x.dtype != dtype:
-        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.to(dtype)
-    return s if x is s.images else SampleSet(x, s.labels, s.meta)
+        s = SampleSet(s.images.repeat(1, channels, *([1] * s.spatial_dims)), s.labels, s.meta)
+    return s.to_dtype(dtype)
 
 
 def cross_dataset(

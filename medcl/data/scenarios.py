@@ -29,20 +29,17 @@ __all__ = [
 
 import dataclasses
 import inspect
-import re
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from medcl.data import scenario_builders as _builders
 from medcl.data import scenario_presets as _presets
 from medcl.data import scenario_sites as _sites
 from medcl.data.experience import Scenario
-from medcl.errors import ConfigError, did_you_mean
+from medcl.errors import ConfigError
 from medcl.registry import Registry
+from medcl.validation import validated_kwargs
 
 ScenarioBuilder = Callable[..., Scenario]
 
@@ -52,7 +49,6 @@ register_scenario = SCENARIOS.register
 #: Keyword arguments every builder receives from :func:`build_scenario` itself.
 CONTEXT_PARAMS = ("root", "download", "seed")
 
-_ADAPTER_CONFIG = ConfigDict(arbitrary_types_allowed=True)
 
 
 def list_scenarios(pattern: str = "*") -> list[str]:
@@ -72,26 +68,8 @@ def scenario_params(name: str) -> dict[str, inspect.Parameter]:
     return {k: p for k, p in sig.parameters.items() if k not in CONTEXT_PARAMS}
 
 
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or re.sub(r"\b(?:[a-z_]\w*\.)+", "", str(hint))
-
-
 def _validate_params(name: str, builder: ScenarioBuilder, params: dict[str, Any]) -> dict[str, Any]:
     """Check names, required parameters and types of ``params`` against ``builder``'s signature."""
-    valid = scenario_params(name)
-    for key in params:
-        if key not in valid:
-            raise ConfigError(
-                f"scenario {name!r} has no parameter {key!r}; {did_you_mean(key, valid)}"
-            )
-    missing = [
-        k for k, p in valid.items() if p.default is inspect.Parameter.empty and k not in params
-    ]
-    if missing:
-        raise ConfigError(
-            f"scenario {name!r} needs parameter(s) {missing}; give them as keyword arguments "
-            f"(e.g. build_scenario({name!r}, {missing[0]}=...)) or under `scenario:` in the config."
-        )
     sig = inspect.signature(builder)
     lacking = [k for k in CONTEXT_PARAMS if k not in sig.parameters]
     if lacking and not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
@@ -99,26 +77,8 @@ def _validate_params(name: str, builder: ScenarioBuilder, params: dict[str, Any]
             f"scenario builder {builder.__qualname__} (registered as {name!r}) must accept the "
             f"keyword arguments {list(CONTEXT_PARAMS)}; it lacks {lacking}. Add them to its signature."
         )
-    try:
-        hints = typing.get_type_hints(builder)
-    except (NameError, TypeError):  # unresolvable annotation: check what can be checked
-        hints = {k: p.annotation for k, p in valid.items() if not isinstance(p.annotation, str)}
-    out = {}
-    for key, value in params.items():
-        hint = hints.get(key, Any)
-        if hint is inspect.Parameter.empty:
-            hint = Any
-        try:
-            out[key] = TypeAdapter(hint, config=_ADAPTER_CONFIG).validate_python(value)
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = "".join(f"[{p!r}]" for p in first["loc"] if not isinstance(p, str))
-            raise ConfigError(
-                f"`scenario.{key}` must be {_type_name(hint)}; got {value!r} "
-                f"({first['msg'].lower()}{' at ' + where if where else ''}). Fix the value of "
-                f"{key!r} for scenario {name!r}."
-            ) from None
-    return out
+    return validated_kwargs(builder, params, component=f"scenario {name!r}", section="scenario",
+                            skip=CONTEXT_PARAMS)
 
 
 def build_scenario(

@@ -364,8 +364,9 @@ def _extend(scenario: Scenario, spec: str, site: str | None, *, cfg: RunConfig) 
         mapping[local] = hits[0]
     index = len(scenario)
     site_name = site or src.name
+    dtype = scenario[0].train.images.dtype  # e.g. PNG files (float) joining a MedMNIST run (uint8)
     splits = {
-        k: src.splits[k].relabel(mapping).with_meta(site=site_name)
+        k: src.splits[k].relabel(mapping).with_meta(site=site_name).to_dtype(dtype)
         for k in ("train", "val", "test")
     }
     exp = Experience(

@@ -156,6 +156,8 @@ def fit_experience(
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
             opt.step()
             if sched is not None:
                 sched.step()

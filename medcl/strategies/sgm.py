@@ -83,7 +83,7 @@ def dynamic_soft_targets(probs: Tensor, labels: Tensor, class_means: Tensor, n_o
         ``(B, C)`` targets: rows sum to 1 and the true class has the largest value.
     """
     C = probs.shape[1]
-    rows = torch.arange(len(labels))
+    rows = torch.arange(len(labels), device=labels.device)
     old = (labels < n_old)[:, None]
     target = torch.where(old, class_means[labels], probs).clone()
     target[rows, probs.argmax(1)] = 1.0 / C  # damp the (wrongly) predicted class
@@ -255,10 +255,13 @@ class SGM(Strategy):
     def _init_new_units(self, exp: Experience, classes: list[int]) -> None:
         keep = torch.isin(exp.train.labels, torch.tensor(classes))
         images, labels = exp.train.images[keep], exp.train.labels[keep]
-        was_training = self.training
+        was_training, device = self.training, self.head.weight.device
         self.eval()
         feats = torch.cat(
-            [self.features(to_model_input(images[i : i + 256])) for i in range(0, len(images), 256)]
+            [
+                self.features(to_model_input(images[i : i + 256]).to(device)).cpu()
+                for i in range(0, len(images), 256)
+            ]
         )  # (N, F)
         self.train(was_training)
         rows = class_mean_init(feats, labels, classes, center=self.init_centering)

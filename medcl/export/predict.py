@@ -1,0 +1,221 @@
+"""``medcl predict``: class probabilities for image files with the training preprocessing.
+
+A model is a run directory, a bundle folder, or an exported ``.ts`` / ``.onnx`` /
+``.safetensors`` file; the metadata inside it fixes channels, spatial size and intensity scaling,
+and files go through the same MONAI pipeline as training (:func:`medcl.data.files.load_image_files`).
+Inputs are PNG/JPEG, DICOM files, DICOM series folders (3D models), NIfTI volumes, folders of
+images and CSV manifests (a ``path`` column, relative to the CSV). Every input gets one row:
+probabilities, predicted class and routed experience, or an ``error`` saying what is wrong with
+that file; a bad file never costs the other files their results.
+
+Deviation: file-based runs (manifests, class folders) were trained through exactly this
+pipeline. MedMNIST runs were trained on the stored uint8 arrays divided by 255, while a file is
+min-max scaled per image; a PNG written from a MedMNIST array therefore matches training only
+when the array spans 0..255 (otherwise its contrast is stretched).
+"""
+
+from __future__ import annotations
+
+__all__ = ["Predictor", "expand_inputs", "input_problem", "load_predictor", "predict_files"]
+
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medcl.data.files import _inspect, load_image_files
+from medcl.errors import ConfigError
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".nii", ".nii.gz", ".dcm")
+
+
+@dataclass
+class Predictor:
+    """A loaded model: ``fn`` maps ``(B, *input_shape)`` [0, 1] floats -> (probs, route)."""
+
+    fn: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
+    meta: dict[str, Any]
+    source: str
+
+
+def _torch_fn(module) -> Callable:
+    def fn(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            p, r = module(x)
+        return p.numpy(), r.numpy()
+
+    return fn
+
+
+def _ts(path: Path) -> Predictor:
+    extra = {"metadata.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    if not extra["metadata.json"]:
+        raise ConfigError(f"{path}: TorchScript file without medcl metadata; export it again.")
+    return Predictor(_torch_fn(module.eval()), json.loads(extra["metadata.json"]), "torchscript")
+
+
+def _onnx(path: Path) -> Predictor:
+    import onnx
+
+    from medcl.export.exporters import _onnx_session
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if "medcl_metadata" not in props:
+        raise ConfigError(f"{path}: ONNX file without medcl metadata; export it again.")
+    sess = _onnx_session(path)
+    return Predictor(
+        lambda x: tuple(sess.run(None, {"image": x.numpy()})),
+        json.loads(props["medcl_metadata"]),
+        "onnxruntime",
+    )
+
+
+def load_predictor(model: str | Path, *, backend: str = "torchscript") -> Predictor:
+    """Load a run directory, bundle folder or ``.ts`` / ``.onnx`` / ``.safetensors`` file.
+
+    ``backend`` (``torchscript`` or ``onnx``) picks the file used from a bundle.
+    """
+    path = Path(model)
+    if path.is_dir() and (path / "configs" / "metadata.json").is_file():
+        return (
+            _onnx(path / "models" / "model.onnx")
+            if backend == "onnx"
+            else _ts(path / "models" / "model.ts")
+        )
+    if path.is_dir() and (path / "config.yaml").is_file():
+        from medcl.export.loading import ExportModule, load_run_strategy, run_metadata
+
+        scenario, strategy = load_run_strategy(path)
+        module = ExportModule(strategy.deployable_model()).eval()
+        return Predictor(_torch_fn(module), run_metadata(path, scenario, strategy), "pytorch")
+    suffix = path.suffix.lower()
+    if path.is_file() and suffix in (".ts", ".pt"):
+        return _ts(path)
+    if path.is_file() and suffix == ".onnx":
+        return _onnx(path)
+    if path.is_file() and suffix == ".safetensors":
+        from medcl.export.exporters import load_safetensors_model
+
+        module, meta = load_safetensors_model(path)
+        return Predictor(_torch_fn(module), meta, "pytorch (safetensors)")
+    raise ConfigError(
+        f"model {model}: expected a run directory, a bundle folder (configs/metadata.json) or a "
+        ".ts/.onnx/.safetensors file from `medcl export`."
+    )
+
+
+def _is_image(p: Path) -> bool:
+    name = p.name.lower()
+    return p.is_file() and name.endswith(_IMAGE_SUFFIXES)
+
+
+def expand_inputs(inputs: Sequence[str | Path], *, spatial_dims: int) -> list[str]:
+    """Files to predict, in order: folders expand to their images (a folder of DICOM files is
+    one series for a 3D model), CSV manifests to their ``path`` column; other paths stay as they
+    are (checked later, so a missing file gets its own error row)."""
+    out: list[str] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files = sorted(p for p in item.rglob("*") if p.is_file())
+            dicom = [p for p in files if p.suffix.lower() in (".dcm", "")]
+            if spatial_dims == 3 and dicom and len(dicom) == len(files):
+                out.append(str(item))  # a DICOM series
+            else:
+                out.extend(str(p) for p in files if _is_image(p))
+        elif item.suffix.lower() == ".csv" and item.is_file():
+            df = pd.read_csv(item, dtype=str, keep_default_na=False)
+            if "path" not in df.columns:
+                raise ConfigError(f"manifest {item}: no 'path' column; found {list(df.columns)}.")
+            out.extend(str(p if Path(p).is_absolute() else item.parent / p) for p in df["path"])
+        else:
+            out.append(str(item))
+    return out
+
+
+def input_problem(path: str | Path, meta: dict[str, Any]) -> str | None:
+    """Why ``path`` cannot go into a model with ``meta``, or None when it can."""
+    info = _inspect(Path(path))
+    if info.problem:
+        return info.problem
+    dims, channels = meta["spatial_dims"], meta["channels"]
+    if info.spatial_dims != dims:
+        return (
+            f"{info.spatial_dims}D image of shape {info.shape}, but the model takes {dims}D "
+            f"images of shape {tuple(meta['input_shape'])}; give {dims}D files"
+        )
+    if info.channels != channels and info.channels not in (1, 3):
+        return (
+            f"{info.channels} channels cannot be converted to the model's {channels} "
+            "(only grey <-> RGB is supported)"
+        )
+    return None
+
+
+def _load(paths: list[str], meta: dict[str, Any]) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI reader notices (e.g. missing nvImageCodec)
+        return load_image_files(
+            paths,
+            image_size=meta["image_size"],
+            channels=meta["channels"],
+            spatial_dims=meta["spatial_dims"],
+        )
+
+
+def predict_files(
+    predictor: Predictor,
+    inputs: Sequence[str | Path],
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """One row per input file: ``input``, ``status`` (ok/error), ``error``, ``predicted_class``,
+    ``p_<class>`` per class and ``route`` (routed experience, empty when the model does not
+    route). Files are checked one by one, then loaded and predicted in batches."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1; got {batch_size}.")
+    meta = predictor.meta
+    names, routes = meta["class_names"], meta.get("routes", [])
+    files = expand_inputs(inputs, spatial_dims=meta["spatial_dims"])
+    if not files:
+        raise ConfigError(f"no input files found in {list(map(str, inputs))}.")
+    rows: list[dict[str, Any]] = [{"input": f, "status": "ok", "error": ""} for f in files]
+    for row in rows:
+        if why := input_problem(row["input"], meta):
+            row.update(status="error", error=why)
+    good = [i for i, r in enumerate(rows) if r["status"] == "ok"]
+    chunks = [good[i : i + batch_size] for i in range(0, len(good), batch_size)]
+    if progress:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, desc="predict", unit="batch")
+    for chunk in chunks:
+        try:
+            x = _load([files[i] for i in chunk], meta)
+        except Exception:  # isolate the file(s) that fail to decode; keep the rest
+            ok, parts = [], []
+            for i in chunk:
+                try:
+                    parts.append(_load([files[i]], meta))
+                    ok.append(i)
+                except Exception as e:
+                    rows[i].update(status="error", error=f"could not decode: {e}")
+            chunk, x = ok, (torch.cat(parts) if parts else None)
+        if x is None:
+            continue
+        probs, route = predictor.fn(x.float())
+        for i, p, r in zip(chunk, probs, route, strict=True):
+            rows[i].update({f"p_{n}": float(v) for n, v in zip(names, p, strict=True)})
+            rows[i]["predicted_class"] = names[int(np.argmax(p))]
+            rows[i]["route"] = routes[int(r)] if 0 <= int(r) < len(routes) else ""
+    cols = ["input", "status", "error", "predicted_class", *(f"p_{n}" for n in names), "route"]
+    return pd.DataFrame(rows).reindex(columns=cols).fillna({"predicted_class": "", "route": ""})

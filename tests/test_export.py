@@ -1,0 +1,264 @@
+"""Export (TorchScript, ONNX, safetensors, MONAI bundle) and `medcl predict` on real files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import nibabel.testing
+import numpy as np
+import onnx
+import pandas as pd
+import pydicom
+import pydicom.data
+import pytest
+import torch
+from PIL import Image
+
+from medcl.cli import main
+from medcl.config import validate_config
+from medcl.data.files import load_image_files
+from medcl.engine.evaluate import predict_proba
+from medcl.engine.run import run
+from medcl.errors import ConfigError
+from medcl.export import (
+    ExportModule,
+    export_run,
+    input_problem,
+    load_predictor,
+    load_run_strategy,
+    load_safetensors_model,
+    predict_files,
+    run_metadata,
+)
+from medcl.export.bundle import read_bundle_metadata
+
+CT_SMALL = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
+ANATOMICAL = Path(nibabel.testing.data_path) / "anatomical.nii"  # (33, 41, 25) volume
+STRATEGIES = ("finetune", "dynammo")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_root) -> dict[str, dict]:
+    """Tiny real runs on BreastMNIST over 2 simulated sites, each exported as a bundle."""
+    out = tmp_path_factory.mktemp("export")
+    result = {}
+    for name in STRATEGIES:
+        strategy = {"name": name} | ({"retune_epochs": 2} if name == "dynammo" else {})
+        cfg = validate_config(
+            {
+                "name": name,
+                "output_dir": str(out / "runs"),
+                "scenario": {"name": "breast-sites", "dataset": "breastmnist", "n_sites": 2},
+                "strategy": strategy,
+                "model": {"backbone": "test_resnet", "small_input": True},
+                "train": {
+                    "max_updates": 3,
+                    "epochs": 1,
+                    "batch_size": 16,
+                    "augment": "none",
+                    "eval_every": 0,
+                    "num_threads": 1,
+                },
+                "memory": {"size": 20},
+                "data": {"root": str(data_root)},
+            }
+        )
+        run_dir = run(cfg, quiet=True)
+        scenario, strat = load_run_strategy(run_dir)
+        result[name] = {
+            "dir": run_dir,
+            "scenario": scenario,
+            "strategy": strat,
+            "module": ExportModule(strat.deployable_model()).eval(),
+            "bundle": export_run(run_dir, "bundle"),
+        }
+    return result
+
+
+def _real_images(r: dict, n: int = 12) -> torch.Tensor:
+    """Real MedMNIST test images of both sites as float [0, 1]."""
+    exps = r["scenario"].experiences
+    x = torch.cat([e.test.images[: n // 2] for e in exps])
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_exported_models_match_pytorch_on_medmnist(runs, name):
+    r = runs[name]
+    x = _real_images(r)
+    with torch.no_grad():
+        want, route = r["module"](x)
+    # the wrapper is exactly the evaluated model: softmax of the strategy's scores
+    assert (want - predict_proba(r["strategy"], x)).abs().max() <= 1e-5
+    for backend in ("torchscript", "onnx"):
+        pred = load_predictor(r["bundle"], backend=backend)
+        for batch in (x[:1], x):  # dynamic batch axis
+            probs, got_route = pred.fn(batch)
+            assert np.abs(probs - want[: len(batch)].numpy()).max() <= 1e-4, backend
+            assert (got_route == route[: len(batch)].numpy()).all()
+    if name == "dynammo":  # routes to one of the two sites' heads
+        assert set(route.tolist()) <= {0, 1}
+    else:
+        assert (route == -1).all()
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_safetensors_rebuilds_without_unpickling(runs, name, tmp_path, monkeypatch):
+    r = runs[name]
+    path = export_run(r["dir"], "safetensors", tmp_path / "m.safetensors")
+
+    def forbidden(*a, **k):
+        raise AssertionError("safetensors loading must not unpickle")
+
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    module, meta = load_safetensors_model(path)
+    x = _real_images(r)
+    with torch.no_grad():
+        assert (module(x)[0] - r["module"](x)[0]).abs().max() <= 1e-6
+    assert meta == json.loads(json.dumps(run_metadata(r["dir"], r["scenario"], r["strategy"])))
+
+
+def test_bundle_layout_and_metadata_round_trip(runs):
+    r = runs["dynammo"]
+    b = r["bundle"]
+    for rel in (
+        "configs/metadata.json",
+        "configs/inference.json",
+        "models/model.ts",
+        "models/model.onnx",
+        "docs/README.md",
+    ):
+        assert (b / rel).is_file(), rel
+    want = json.loads(json.dumps(run_metadata(r["dir"], r["scenario"], r["strategy"])))
+    meta = read_bundle_metadata(b)
+    assert meta == want
+    assert meta["class_names"] == list(r["scenario"].class_names)
+    assert meta["input_shape"] == [1, 28, 28] and meta["channels"] == 1
+    assert meta["intensity"]["normalise"] == {"mean": 0.5, "std": 0.5, "inside_model": True}
+    assert meta["run"]["name"] == "dynammo" and meta["routes"] == ["site-0", "site-1"]
+    # the same metadata travels inside the TorchScript and ONNX files
+    with zipfile.ZipFile(b / "models" / "model.ts") as z:
+        name = next(n for n in z.namelist() if n.endswith("extra/metadata.json"))
+        assert json.loads(z.read(name)) == want
+    props = {p.key: p.value for p in onnx.load(str(b / "models" / "model.onnx")).metadata_props}
+    assert json.loads(props["medcl_metadata"]) == want
+    monai_meta = json.loads((b / "configs" / "metadata.json").read_text())
+    inputs = monai_meta["network_data_format"]["inputs"]["image"]
+    assert inputs["num_channels"] == 1 and inputs["spatial_shape"] == [28, 28]
+
+
+def _write_inputs(r: dict, folder: Path) -> dict[str, Path]:
+    """PNGs from MedMNIST arrays + the bad cases of the issue, next to pydicom's CT_small."""
+    folder.mkdir()
+    pngs = []
+    for i, img in enumerate(r["scenario"].experiences[0].test.images[:3]):
+        path = folder / f"breast-{i}.png"
+        Image.fromarray(img[0].numpy().astype(np.uint8)).save(path)
+        pngs.append(path)
+    bad = folder / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    ds = pydicom.dcmread(CT_SMALL)
+    del ds.PixelData
+    nopix = folder / "no-pixels.dcm"
+    ds.save_as(nopix)
+    ct = folder / "ct.dcm"
+    shutil.copy(CT_SMALL, ct)
+    return {
+        "pngs": pngs,
+        "ct": ct,
+        "volume": ANATOMICAL,
+        "broken": bad,
+        "nopix": nopix,
+        "missing": folder / "missing.png",
+    }
+
+
+def test_predict_good_and_bad_files_each_get_a_row(runs, tmp_path):
+    r = runs["dynammo"]
+    files = _write_inputs(r, tmp_path / "in")
+    pred = load_predictor(r["bundle"])
+    items = [*files["pngs"], files["ct"], files["volume"], files["broken"], files["nopix"]]
+    df = predict_files(pred, [*items, files["missing"]], batch_size=2)
+    assert len(df) == len(items) + 1
+    ok = df[df["status"] == "ok"]
+    assert list(ok["input"]) == [str(p) for p in [*files["pngs"], files["ct"]]]
+    probs = ok[[f"p_{c}" for c in pred.meta["class_names"]]].to_numpy()
+    # same preprocessing as training (MONAI pipeline from the metadata), same model outputs
+    x = load_image_files([*files["pngs"], files["ct"]], image_size=28, channels=1)
+    with torch.no_grad():
+        want, route = r["module"](x)
+    assert np.abs(probs - want.numpy()).max() <= 1e-4
+    assert list(ok["route"]) == [pred.meta["routes"][i] for i in route.tolist()]
+    assert list(ok["predicted_class"]) == [pred.meta["class_names"][i] for i in want.argmax(1)]
+    err = df.set_index("input")["error"]
+    assert "3D image" in err[str(files["volume"])] and "2D" in err[str(files["volume"])]
+    assert "unreadable PNG/JPEG" in err[str(files["broken"])]
+    assert "no pixel data" in err[str(files["nopix"])]
+    assert "not found" in err[str(files["missing"])]
+    assert (df.loc[df["status"] == "error", "predicted_class"] == "").all()
+
+
+def test_predict_backends_agree_and_manifest_and_folder_inputs(runs, tmp_path):
+    r = runs["finetune"]
+    files = _write_inputs(r, tmp_path / "in")
+    ts = export_run(r["dir"], "torchscript", tmp_path / "m.ts")
+    onnx_path = export_run(r["dir"], "onnx", tmp_path / "m.onnx")
+    st = export_run(r["dir"], "safetensors", tmp_path / "m.safetensors")
+    manifest = tmp_path / "in" / "list.csv"
+    pd.DataFrame({"path": [p.name for p in files["pngs"]]}).to_csv(manifest, index=False)
+    cols = [f"p_{c}" for c in r["scenario"].class_names]
+    ref = predict_files(load_predictor(r["dir"]), [manifest])
+    assert list(ref["input"]) == [str(p) for p in files["pngs"]]
+    for model in (ts, onnx_path, st):
+        df = predict_files(load_predictor(model), files["pngs"], batch_size=64)
+        assert np.abs(df[cols].to_numpy() - ref[cols].to_numpy()).max() <= 1e-4, model
+    folder = predict_files(load_predictor(ts), [tmp_path / "in"])  # every image in the folder
+    assert set(folder["input"]) >= {str(p) for p in files["pngs"]} | {str(files["broken"])}
+    assert (folder["route"] == "").all()  # fine-tuning does not route
+
+
+def test_wrong_channels_and_dimensions_are_explained(tmp_path):
+    path = tmp_path / "two-channel.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.float32), np.eye(4)), path)
+    meta3d = {"spatial_dims": 3, "channels": 1, "input_shape": [1, 16, 16, 16]}
+    assert "2 channels cannot be converted" in input_problem(path, meta3d)
+    meta2d = {"spatial_dims": 2, "channels": 3, "input_shape": [3, 28, 28]}
+    assert "3D image" in input_problem(path, meta2d)
+    assert input_problem(CT_SMALL, meta2d) is None  # grey -> 3 channels is preprocessing
+
+
+def test_cli_export_and_predict_exit_codes(runs, tmp_path):
+    r = runs["finetune"]
+    files = _write_inputs(r, tmp_path / "in")
+    onnx_path = tmp_path / "cli.onnx"
+    assert main(["export", str(r["dir"]), "--format", "onnx", "--out", str(onnx_path)]) == 0
+    out = tmp_path / "preds.csv"
+    good = [str(p) for p in files["pngs"]]
+    assert main(["predict", str(onnx_path), *good, "--out", str(out), "-q"]) == 0
+    assert (pd.read_csv(out)["status"] == "ok").all()
+    rc = main(["predict", str(onnx_path), *good, str(files["broken"]), "--out", str(out), "-q"])
+    assert rc == 1  # a file failed; the others' rows are still written
+    df = pd.read_csv(out, keep_default_na=False)
+    assert list(df["status"]) == ["ok"] * 3 + ["error"]
+    assert main(["export", str(r["dir"]), "--format", "pickle"]) == 2
+
+
+def test_export_rejects_what_is_not_a_run(tmp_path):
+    with pytest.raises(ConfigError, match="not a finished run directory"):
+        export_run(tmp_path, "onnx")
+    with pytest.raises(ConfigError, match="expected a run directory"):
+        load_predictor(tmp_path / "model.bin")
