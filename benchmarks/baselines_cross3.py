@@ -42,15 +42,23 @@ def main() -> None:
     rows = []
     for scenario in args.scenarios:
         for strategy in args.strategies:
-            cfg = validate_config({
-                "seed": args.seed, "output_dir": str(out), "scenario": {"name": scenario},
-                "strategy": {"name": strategy},
-                "model": {"backbone": args.backbone, "small_input": True},
-                "train": {"epochs": args.epochs, "batch_size": 64, "lr": 0.05,
-                          "grad_clip_norm": args.grad_clip},
-                "memory": {"size": args.memory, "selection": "herding"},
-                "data": {"root": str(data_root(args.root))},
-            })
+            cfg = validate_config(
+                {
+                    "seed": args.seed,
+                    "output_dir": str(out),
+                    "scenario": {"name": scenario},
+                    "strategy": {"name": strategy},
+                    "model": {"backbone": args.backbone, "small_input": True},
+                    "train": {
+                        "epochs": args.epochs,
+                        "batch_size": 64,
+                        "lr": 0.05,
+                        "grad_clip_norm": args.grad_clip,
+                    },
+                    "memory": {"size": args.memory, "selection": "herding"},
+                    "data": {"root": str(data_root(args.root))},
+                }
+            )
             t0 = time.perf_counter()
             try:
                 run_dir = run(cfg, quiet=args.quiet)
@@ -59,21 +67,42 @@ def main() -> None:
                 continue
             m = json.loads((run_dir / "metrics.json").read_text())
             s = m["summary"]
-            rows.append({"scenario": scenario, "strategy": strategy,
-                         "average_accuracy": s["average_accuracy"],
-                         "average_incremental_accuracy": s["average_incremental_accuracy"],
-                         "final_accuracy": s["final_accuracy"], "forgetting": s["forgetting"],
-                         "bwt": s["bwt"], "wall_s": time.perf_counter() - t0,
-                         "parameters": m["compute"]["parameters"], "macs": m["compute"]["macs"]})
+            rows.append(
+                {
+                    "scenario": scenario,
+                    "strategy": strategy,
+                    "average_accuracy": s["average_accuracy"],
+                    "average_incremental_accuracy": s["average_incremental_accuracy"],
+                    "final_accuracy": s["final_accuracy"],
+                    "forgetting": s["forgetting"],
+                    "bwt": s["bwt"],
+                    "wall_s": time.perf_counter() - t0,
+                    "parameters": m["compute"]["parameters"],
+                    "macs": m["compute"]["macs"],
+                }
+            )
             if not args.quiet:
                 print(rows[-1])
     shutil.rmtree(out, ignore_errors=True)
-    md = (f"# Baselines on medmnist-cross3 and pneumonia-sites\n\nBackbone {args.backbone} "
-          f"(small input), {args.epochs} epoch(s) per experience, batch 64, SGD lr 0.05 cosine, "
-          f"replay memory {args.memory} (herding) for replay/DER, gradient-norm clip {args.grad_clip}, "
-          f"seed {args.seed}; each method's default hyper-parameters. Accuracy is task-agnostic.\n\n"
-          + markdown_table(rows, ["scenario", "strategy", "average_accuracy", "final_accuracy",
-                                  "forgetting", "bwt", "wall_s", "error"]))
+    md = (
+        f"# Baselines on medmnist-cross3 and pneumonia-sites\n\nBackbone {args.backbone} "
+        f"(small input), {args.epochs} epoch(s) per experience, batch 64, SGD lr 0.05 cosine, "
+        f"replay memory {args.memory} (herding) for replay/DER, gradient-norm clip {args.grad_clip}, "
+        f"seed {args.seed}; each method's default hyper-parameters. Accuracy is task-agnostic.\n\n"
+        + markdown_table(
+            rows,
+            [
+                "scenario",
+                "strategy",
+                "average_accuracy",
+                "final_accuracy",
+                "forgetting",
+                "bwt",
+                "wall_s",
+                "error",
+            ],
+        )
+    )
     write_results("baselines_cross3", {"args": vars(args), "rows": rows}, md)
     if not args.quiet:
         print(md)

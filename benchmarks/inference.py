@@ -126,6 +126,8 @@ def main() -> None:
         "DynaMMo merged (backbone once) vs ACL unmerged (backbone once per experience); "
         "untrained weights, exported models verified to 1e-4 against PyTorch.\n\n"
         + markdown_table(rows, columns)
+        + "\n\nShared, loaded CPU machine: single timed runs vary by about +-20 %; compare "
+        "DynaMMo with ACL (3x and 10x the backbone passes), not runtimes within 20 %.\n"
     )
     path = write_results("inference", {"args": vars(args), "rows": rows}, md)
     if not args.quiet:

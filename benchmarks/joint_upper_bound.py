@@ -22,7 +22,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import data_root, markdown_table, write_results  # noqa: E402
+from _common import data_root, markdown_table, write_results
 
 from medcl.config import TrainConfig
 from medcl.data.experience import Experience
@@ -34,7 +34,11 @@ from medcl.engine.trainer import fit_experience, seed_everything
 from medcl.models.backbones import create_backbone
 from medcl.strategies import create_strategy
 
-PUBLISHED = {"pneumoniamnist": (0.854, 0.944), "breastmnist": (0.863, 0.901), "retinamnist": (0.524, 0.717)}
+PUBLISHED = {
+    "pneumoniamnist": (0.854, 0.944),
+    "breastmnist": (0.863, 0.901),
+    "retinamnist": (0.524, 0.717),
+}
 
 
 def main() -> None:
@@ -47,14 +51,28 @@ def main() -> None:
     args = ap.parse_args()
 
     scen = build_scenario("medmnist-cross3", root=data_root(args.root), seed=args.seed)
-    union = Experience(0, "joint", 0, tuple(range(scen.num_classes)), "all",
-                       *(SampleSet.concat([getattr(e, s) for e in scen]) for s in ("train", "val", "test")))
+    union = Experience(
+        0,
+        "joint",
+        0,
+        tuple(range(scen.num_classes)),
+        "all",
+        *(SampleSet.concat([getattr(e, s) for e in scen]) for s in ("train", "val", "test")),
+    )
     seed_everything(args.seed)
     strategy = create_strategy("joint", create_backbone("resnet18", in_chans=3, small_input=True))
     cfg = TrainConfig(epochs=args.epochs, batch_size=64, lr=args.lr, augment="light")
     t0 = time.perf_counter()
-    stats = fit_experience(strategy, union, past=[], num_seen_classes=scen.num_classes,
-                           memory=ReplayMemory(0), cfg=cfg, seed=args.seed, quiet=args.quiet)
+    stats = fit_experience(
+        strategy,
+        union,
+        past=[],
+        num_seen_classes=scen.num_classes,
+        memory=ReplayMemory(0),
+        cfg=cfg,
+        seed=args.seed,
+        quiet=args.quiet,
+    )
     rows = []
     for exp in scen:
         probs = predict_proba(strategy, exp.test.images).numpy()
@@ -62,21 +80,47 @@ def main() -> None:
         cls = np.array(exp.classes)
         within = probs[:, cls] / probs[:, cls].sum(1, keepdims=True)
         y_local = np.searchsorted(cls, y)
-        auc = (roc_auc_score(y_local, within[:, 1]) if len(cls) == 2
-               else roc_auc_score(y_local, within, multi_class="ovr"))
+        auc = (
+            roc_auc_score(y_local, within[:, 1])
+            if len(cls) == 2
+            else roc_auc_score(y_local, within, multi_class="ovr")
+        )
         pub_acc, pub_auc = PUBLISHED[exp.name]
-        rows.append({"dataset": exp.name, "acc_task_aware": float((within.argmax(1) == y_local).mean()),
-                     "acc_all_9": float((probs.argmax(1) == y).mean()), "auc": float(auc),
-                     "published_acc": pub_acc, "published_auc": pub_auc, "n_test": len(y)})
+        rows.append(
+            {
+                "dataset": exp.name,
+                "acc_task_aware": float((within.argmax(1) == y_local).mean()),
+                "acc_all_9": float((probs.argmax(1) == y).mean()),
+                "auc": float(auc),
+                "published_acc": pub_acc,
+                "published_auc": pub_auc,
+                "n_test": len(y),
+            }
+        )
     seconds = time.perf_counter() - t0
-    md = (f"# Joint upper bound on medmnist-cross3\n\nSmall-input ResNet-18 from scratch, "
-          f"{args.epochs} epochs on the union of the three training sets ({len(union.train)} images), "
-          f"{stats.updates} updates, {seconds:.0f} s on this machine. Published: MedMNIST v2 "
-          "ResNet-18 (28), 100 epochs, one model per dataset.\n\n"
-          + markdown_table(rows, ["dataset", "acc_task_aware", "acc_all_9", "auc", "published_acc",
-                                  "published_auc", "n_test"]))
-    write_results("joint_upper_bound", {"epochs": args.epochs, "updates": stats.updates,
-                                        "seconds": seconds, "rows": rows}, md)
+    md = (
+        f"# Joint upper bound on medmnist-cross3\n\nSmall-input ResNet-18 from scratch, "
+        f"{args.epochs} epochs on the union of the three training sets ({len(union.train)} images), "
+        f"{stats.updates} updates, {seconds:.0f} s on this machine. Published: MedMNIST v2 "
+        "ResNet-18 (28), 100 epochs, one model per dataset.\n\n"
+        + markdown_table(
+            rows,
+            [
+                "dataset",
+                "acc_task_aware",
+                "acc_all_9",
+                "auc",
+                "published_acc",
+                "published_auc",
+                "n_test",
+            ],
+        )
+    )
+    write_results(
+        "joint_upper_bound",
+        {"epochs": args.epochs, "updates": stats.updates, "seconds": seconds, "rows": rows},
+        md,
+    )
     if not args.quiet:
         print(md)
 

@@ -14,7 +14,9 @@ import typer
 
 from medcl.errors import MedclError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continual learning for medical images.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Continual learning for medical images."
+)
 datasets_app = typer.Typer(no_args_is_help=True, help="Inspect and verify data sources.")
 scenarios_app = typer.Typer(no_args_is_help=True, help="List and describe built-in scenarios.")
 strategies_app = typer.Typer(no_args_is_help=True, help="List continual-learning strategies.")
@@ -23,7 +25,10 @@ app.add_typer(scenarios_app, name="scenarios")
 app.add_typer(strategies_app, name="strategies")
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or chatter.")]
-Root = Annotated[Path | None, typer.Option("--root", help="MedMNIST data root (else $MEDCL_DATA_ROOT, else ~/.medmnist).")]
+Root = Annotated[
+    Path | None,
+    typer.Option("--root", help="MedMNIST data root (else $MEDCL_DATA_ROOT, else ~/.medmnist)."),
+]
 
 
 # --- datasets / scenarios (Foundation) -------------------------------------------------------
@@ -176,7 +181,9 @@ def scenarios_show(
 
 
 @strategies_app.command("list")
-def strategies_list(pattern: Annotated[str, typer.Argument(help="glob, e.g. '*replay*'")] = "*") -> None:
+def strategies_list(
+    pattern: Annotated[str, typer.Argument(help="glob, e.g. '*replay*'")] = "*",
+) -> None:
     """List registered strategies with their hyper-parameters and defaults."""
     from medcl.strategies import STRATEGIES
     from medcl.strategies.base import strategy_params
@@ -193,8 +200,12 @@ def strategies_list(pattern: Annotated[str, typer.Argument(help="glob, e.g. '*re
 @app.command("run")
 def run_cmd(
     config: Annotated[Path, typer.Argument(help="YAML experiment config (see configs/).")],
-    resume: Annotated[bool, typer.Option("--resume", help="Continue after the last completed experience.")] = False,
-    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a key: train.epochs=2")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue after the last completed experience.")
+    ] = False,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key: train.epochs=2")
+    ] = None,
     report: Annotated[bool, typer.Option(help="Write the clinical report at the end.")] = True,
     quiet: Quiet = False,
 ) -> None:
@@ -210,8 +221,13 @@ def run_cmd(
 @app.command("update")
 def update_cmd(
     run_dir: Annotated[Path, typer.Argument(help="An existing run directory.")],
-    data: Annotated[str, typer.Option("--data", help="New cohort: MedMNIST flag, CSV manifest or class folders.")],
-    site: Annotated[str | None, typer.Option("--site", help="Site/cohort name of the new data.")] = None,
+    data: Annotated[
+        str,
+        typer.Option("--data", help="New cohort: MedMNIST flag, CSV manifest or class folders."),
+    ],
+    site: Annotated[
+        str | None, typer.Option("--site", help="Site/cohort name of the new data.")
+    ] = None,
     report: Annotated[bool, typer.Option(help="Rewrite the clinical report.")] = True,
     quiet: Quiet = False,
 ) -> None:
@@ -229,7 +245,9 @@ def _finish(run_dir: Path, *, report: bool, quiet: bool) -> None:
     summary = metrics.get("summary", {})
     typer.echo(f"results: {run_dir}")
     if not quiet and summary:
-        typer.echo("  " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items() if isinstance(v, float)))
+        typer.echo(
+            "  " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items() if isinstance(v, float))
+        )
     if report:
         from medcl.reports import write_report
 

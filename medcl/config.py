@@ -70,7 +70,9 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     scheduler: Literal["none", "cosine"] = "cosine"
-    grad_clip_norm: float | None = Field(None, gt=0, description="clip the gradient norm (None = off)")
+    grad_clip_norm: float | None = Field(
+        None, gt=0, description="clip the gradient norm (None = off)"
+    )
     augment: Literal["none", "light", "standard"] = "light"
     eval_every: int = Field(0, ge=0, description="evaluate old/new/all every k updates (0 = off)")
     eval_max_samples: int = Field(200, ge=1)

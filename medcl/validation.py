@@ -45,15 +45,19 @@ def validated_kwargs(
     """
     sig = inspect.signature(fn)
     skip = set(skip)
-    valid = {n: p for n, p in sig.parameters.items()
-             if n not in skip and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    valid = {
+        n: p
+        for n, p in sig.parameters.items()
+        if n not in skip and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
     for key in params:
         if key not in valid:
             raise ConfigError(f"{component} has no option {key!r}; {did_you_mean(key, valid)}")
     missing = [k for k, p in valid.items() if p.default is p.empty and k not in params]
     if missing:
-        raise ConfigError(f"{component} needs option(s) {missing}; add them under `{section}:` "
-                          "in the config.")
+        raise ConfigError(
+            f"{component} needs option(s) {missing}; add them under `{section}:` in the config."
+        )
     try:
         hints = typing.get_type_hints(fn)
     except (NameError, TypeError):  # unresolvable annotation: check what can be checked

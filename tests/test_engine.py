@@ -245,7 +245,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
 
 def test_resume_after_kill_9_mid_experience(tmp_path):
     """A real ``kill -9`` while experience 1 trains; --resume gives the uninterrupted result."""
-    raw = tiny_config(tmp_path, strategy={"name": "replay"}, train={"epochs": 60})
+    raw = tiny_config(tmp_path, strategy={"name": "replay"}, train={"epochs": 30, "eval_every": 0})
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, "-m", "medcl.cli", "run", str(path), "--quiet", "--no-report"]
@@ -267,7 +267,11 @@ def test_resume_after_kill_9_mid_experience(tmp_path):
     fresh = _metrics(
         run(
             validate_config(
-                tiny_config(tmp_path / "c", strategy={"name": "replay"}, train={"epochs": 60})
+                tiny_config(
+                    tmp_path / "c",
+                    strategy={"name": "replay"},
+                    train={"epochs": 30, "eval_every": 0},
+                )
             ),
             quiet=True,
         )

@@ -27,6 +27,7 @@ from medcl.engine.run import run
 from medcl.errors import ConfigError
 from medcl.export import (
     ExportModule,
+    Predictor,
     export_run,
     input_problem,
     load_predictor,
@@ -198,7 +199,10 @@ def test_predict_good_and_bad_files_each_get_a_row(runs, tmp_path):
     assert list(ok["input"]) == [str(p) for p in [*files["pngs"], files["ct"]]]
     probs = ok[[f"p_{c}" for c in pred.meta["class_names"]]].to_numpy()
     # same preprocessing as training (MONAI pipeline from the metadata), same model outputs
-    x = load_image_files([*files["pngs"], files["ct"]], image_size=28, channels=1)
+    # a MedMNIST-trained model: files are mapped 0..255 -> [0, 1] as its uint8 arrays were
+    x = load_image_files(
+        [*files["pngs"], files["ct"]], image_size=28, channels=1, intensity="uint8"
+    )
     with torch.no_grad():
         want, route = r["module"](x)
     assert np.abs(probs - want.numpy()).max() <= 1e-4
@@ -262,3 +266,25 @@ def test_export_rejects_what_is_not_a_run(tmp_path):
         export_run(tmp_path, "onnx")
     with pytest.raises(ConfigError, match="expected a run directory"):
         load_predictor(tmp_path / "model.bin")
+
+
+def test_grey_dicom_becomes_three_channels_for_an_rgb_model():
+    seen = []
+
+    def fn(x: torch.Tensor):
+        seen.append(x)
+        return np.full((len(x), 2), 0.5, np.float32), np.full(len(x), -1)
+
+    meta = {
+        "class_names": ["a", "b"],
+        "input_shape": [3, 32, 32],
+        "channels": 3,
+        "spatial_dims": 2,
+        "image_size": [32, 32],
+    }
+    df = predict_files(Predictor(fn, meta, "test"), [CT_SMALL])
+    assert list(df["status"]) == ["ok"] and seen[0].shape == (1, 3, 32, 32)
+    x = seen[0][0]
+    assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])  # grey repeated, as in training
+    want = load_image_files([CT_SMALL], image_size=32, channels=3)  # the training pipeline
+    assert torch.equal(seen[0], want) and 0.0 <= float(x.min()) < float(x.max()) <= 1.0

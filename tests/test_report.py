@@ -398,7 +398,9 @@ def dicom_run(tmp_path_factory) -> tuple[Path, list[str]]:
 def test_dicom_sourced_report_shows_no_patient_identifiers(dicom_run, tmp_path):
     run_dir, phi = dicom_run
     predictions_csv = (run_dir / "predictions" / "after-001.csv").read_text()
-    assert "CompressedSamples^CT1" in phi and "CompressedSamples_CT1" in predictions_csv
+    assert "CompressedSamples^CT1" in phi
+    # the run directory itself keeps no identifiers (file paths, extra manifest columns)
+    assert not any(value in predictions_csv for value in phi if len(value) > 3)
     out = write_report(run_dir, n_resamples=50, out_dir=tmp_path, safe_id_columns=["study"])
     html = out.read_text()
     text = _without_images(html) + (tmp_path / "report.json").read_text()

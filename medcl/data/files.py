@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -39,6 +39,7 @@ from monai.transforms import (
     MapTransform,
     Resized,
     ScaleIntensityd,
+    ScaleIntensityRanged,
 )
 from torch import Tensor
 
@@ -145,7 +146,11 @@ class _LoadByFormat(MapTransform):
         return self.load(data, reader=self.readers[_kind(Path(data[self.key]))])
 
 
-def _pipeline(size: tuple[int, ...] | None, channels: int | None) -> Compose:
+def _pipeline(
+    size: tuple[int, ...] | None,
+    channels: int | None,
+    intensity: Literal["minmax", "uint8"] = "minmax",
+) -> Compose:
     # MONAI 1.6 logs an nvImageCodec notice whenever a loader is built on a machine without it.
     logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
     level = logger.level
@@ -160,7 +165,10 @@ def _pipeline(size: tuple[int, ...] | None, channels: int | None) -> Compose:
         load,
         EnsureChannelFirstd("image"),
         Lambdad("image", partial(_to_channels, channels=channels)),
-        ScaleIntensityd("image", minv=0.0, maxv=1.0),
+        # "uint8": the fixed 0-255 range of 8-bit sources (what a MedMNIST-trained model saw)
+        ScaleIntensityd("image", minv=0.0, maxv=1.0)
+        if intensity == "minmax"
+        else ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True),
     ]
     if size is not None:
         mode = "bilinear" if len(size) == 2 else "trilinear"
@@ -187,6 +195,7 @@ def load_image_files(
     channels: int | None = None,
     spatial_dims: int = 2,
     progress: bool = False,
+    intensity: Literal["minmax", "uint8"] = "minmax",
 ) -> Tensor:
     """Load, scale to [0, 1], resize and stack image files in one cached MONAI pass.
 
@@ -197,6 +206,8 @@ def load_image_files(
         channels: output channels, 1 or 3, or None to keep each file's own.
         spatial_dims: 2 or 3.
         progress: show MONAI's caching progress bar.
+        intensity: ``"minmax"`` rescales each image to [0, 1] (how file sources are trained);
+            ``"uint8"`` maps the fixed range 0..255 to [0, 1] (how MedMNIST arrays are trained).
 
     Returns:
         float32 ``(N, C, H, W)`` or ``(N, C, H, W, D)`` in [0, 1].
@@ -204,7 +215,7 @@ def load_image_files(
     Raises:
         DataError: a file could not be decoded.
     """
-    pipeline = _pipeline(_size(image_size, spatial_dims), channels)
+    pipeline = _pipeline(_size(image_size, spatial_dims), channels, intensity)
     workers = min(4, os.cpu_count() or 1)
     data = [{"image": str(p)} for p in paths]
     try:

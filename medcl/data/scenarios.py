@@ -50,7 +50,6 @@ register_scenario = SCENARIOS.register
 CONTEXT_PARAMS = ("root", "download", "seed")
 
 
-
 def list_scenarios(pattern: str = "*") -> list[str]:
     """Sorted names of registered scenarios matching a glob ``pattern`` (``"*sites*"``)."""
     return SCENARIOS.list(pattern)
@@ -77,8 +76,9 @@ def _validate_params(name: str, builder: ScenarioBuilder, params: dict[str, Any]
             f"scenario builder {builder.__qualname__} (registered as {name!r}) must accept the "
             f"keyword arguments {list(CONTEXT_PARAMS)}; it lacks {lacking}. Add them to its signature."
         )
-    return validated_kwargs(builder, params, component=f"scenario {name!r}", section="scenario",
-                            skip=CONTEXT_PARAMS)
+    return validated_kwargs(
+        builder, params, component=f"scenario {name!r}", section="scenario", skip=CONTEXT_PARAMS
+    )
 
 
 def build_scenario(

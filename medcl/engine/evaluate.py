@@ -38,7 +38,9 @@ def predict_proba(model: Strategy | nn.Module, images: Tensor, *, batch_size: in
     model.eval()
     with torch.no_grad():
         out = [
-            torch.softmax(fn(to_model_input(images[i : i + batch_size]).to(device)).float(), 1).cpu()
+            torch.softmax(
+                fn(to_model_input(images[i : i + batch_size]).to(device)).float(), 1
+            ).cpu()
             for i in range(0, len(images), batch_size)
         ]
     model.train(was_training)

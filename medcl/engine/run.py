@@ -18,6 +18,7 @@ __all__ = ["RunState", "build_components", "run", "update"]
 
 import json
 import platform
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +91,9 @@ def build_components(cfg: RunConfig) -> tuple[Scenario, Strategy, ReplayMemory]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'.")
+        raise ConfigError(
+            "train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'."
+        )
     strategy.to(device)
     memory = ReplayMemory(cfg.memory.size, selection=cfg.memory.selection, seed=cfg.seed)
     memory.attach(scenario.experiences)
@@ -128,6 +131,9 @@ def _untrained_baseline(strategy: Strategy, scenario: Scenario) -> list[float]:
     return out
 
 
+_IDENTIFYING = re.compile(r"patient|name|birth|mrn|accession|path|file", re.IGNORECASE)
+
+
 def _save_predictions(run_dir: Path, after: int, scenario_exps: list[Experience], evals) -> None:
     pred_dir = run_dir / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
@@ -139,11 +145,12 @@ def _save_predictions(run_dir: Path, after: int, scenario_exps: list[Experience]
     np.savez_compressed(
         pred_dir / f"after-{after:03d}.npz", probs=probs, labels=labels, experience=experience
     )
-    # only non-identifying columns: manifest paths and extra columns may carry patient names
-    keep = ["dataset", "site", "index", "split"]
+    # no identifiers in the run directory: file paths and identifier-like manifest columns
+    # (patient, name, birth, MRN, accession) are dropped; other extra columns are kept
     meta = pd.concat(
-        [x.test.meta[keep].assign(experience=x.index) for x in scenario_exps], ignore_index=True
+        [x.test.meta.assign(experience=x.index) for x in scenario_exps], ignore_index=True
     )
+    meta = meta[[c for c in meta.columns if not _IDENTIFYING.search(c)]]
     meta.to_csv(pred_dir / f"after-{after:03d}.csv", index=False)
 
 
@@ -217,8 +224,15 @@ def run(
         torch.set_num_threads(threads)  # a library call must not change the caller's setting
 
 
-def _run(cfg: RunConfig, run_dir: Path, resolved: str, *, resume: bool, quiet: bool,
-         stop_after: int | None) -> Path:
+def _run(
+    cfg: RunConfig,
+    run_dir: Path,
+    resolved: str,
+    *,
+    resume: bool,
+    quiet: bool,
+    stop_after: int | None,
+) -> Path:
     latest = run_dir / "checkpoints" / "latest.json"
     scenario, strategy, memory = build_components(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)

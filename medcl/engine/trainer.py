@@ -176,5 +176,7 @@ def fit_experience(
     strategy.after_experience(exp, memory)
     strategy.eval()
     with torch.no_grad():
-        memory.update(exp, feature_fn=lambda im: strategy.features(to_model_input(im).to(device)).cpu())
+        memory.update(
+            exp, feature_fn=lambda im: strategy.features(to_model_input(im).to(device)).cpu()
+        )
     return FitStats(updates=step, images=seen, seconds=seconds)

@@ -80,6 +80,7 @@ def run_metadata(run_dir: str | Path, scenario: Scenario, strategy: Strategy) ->
     """What inference needs to reproduce training preprocessing, and where the model came from."""
     run_dir = Path(run_dir).resolve()
     shape = list(scenario.input_shape)
+    mode = "uint8" if scenario[0].train.images.dtype == torch.uint8 else "minmax"
     model = strategy.deployable_model()
     routes = [i.to_dict() for i in strategy.seen] if isinstance(model, RoutedAdapterModel) else []
     metrics = run_dir / "metrics.json"
@@ -93,7 +94,12 @@ def run_metadata(run_dir: str | Path, scenario: Scenario, strategy: Strategy) ->
         "spatial_dims": len(shape) - 1,
         "image_size": shape[1:],
         "intensity": {
-            "scale": "per-image min-max to [0, 1] (MONAI ScaleIntensity)",
+            # how the training images reached [0, 1]: 8-bit arrays (MedMNIST) were divided by 255,
+            # file sources were rescaled per image; predict must do the same
+            "mode": mode,
+            "scale": "0..255 -> [0, 1] (MONAI ScaleIntensityRange)"
+            if mode == "uint8"
+            else "per-image min-max to [0, 1] (MONAI ScaleIntensity)",
             "resize": "bilinear/trilinear with anti-aliasing (MONAI Resize)",
             "channels": "mean for 3->1, repeat for 1->3",
             "normalise": {"mean": INPUT_MEAN, "std": INPUT_STD, "inside_model": True},

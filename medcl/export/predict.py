@@ -8,10 +8,10 @@ images and CSV manifests (a ``path`` column, relative to the CSV). Every input g
 probabilities, predicted class and routed experience, or an ``error`` saying what is wrong with
 that file; a bad file never costs the other files their results.
 
-Deviation: file-based runs (manifests, class folders) were trained through exactly this
-pipeline. MedMNIST runs were trained on the stored uint8 arrays divided by 255, while a file is
-min-max scaled per image; a PNG written from a MedMNIST array therefore matches training only
-when the array spans 0..255 (otherwise its contrast is stretched).
+Intensity follows the metadata's ``intensity.mode``: runs trained on files (manifests, class
+folders) rescale each image to [0, 1] exactly as training did ("minmax"); runs trained on 8-bit
+arrays (MedMNIST) map 0..255 to [0, 1] ("uint8"), so a PNG written from a MedMNIST array gets
+the very input the model was evaluated on.
 """
 
 from __future__ import annotations
@@ -168,6 +168,7 @@ def _load(paths: list[str], meta: dict[str, Any]) -> torch.Tensor:
             image_size=meta["image_size"],
             channels=meta["channels"],
             spatial_dims=meta["spatial_dims"],
+            intensity=meta.get("intensity", {}).get("mode", "minmax"),
         )
 
 

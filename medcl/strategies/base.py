@@ -224,8 +224,13 @@ def create_strategy(
             f"strategy {name!r} supports scenario kinds {sorted(cls.scenario_kinds)}; the scenario "
             f"is {scenario_kind!r}. Choose another strategy (`medcl strategies list`) or scenario."
         )
-    kwargs = validated_kwargs(cls.__init__, params, component=f"strategy {name!r}",
-                              section="strategy", skip=("self", "backbone"))
+    kwargs = validated_kwargs(
+        cls.__init__,
+        params,
+        component=f"strategy {name!r}",
+        section="strategy",
+        skip=("self", "backbone"),
+    )
     return cls(backbone, **kwargs)
 
 
