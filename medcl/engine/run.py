@@ -5,8 +5,8 @@ A run directory holds::
     config.yaml, environment.json, scenario.json   what was run
     metrics.json                                   accuracy matrices, summary, timing, compute
     curves.csv                                     old/new/all accuracy every k updates
-    predictions/after-XXX.npz + .csv               test probabilities after each experience
-    checkpoints/exp-XXX/ + latest.json             resumable state (atomic, safetensors)
+    predictions/after-NNN.npz + .csv               test probabilities after each experience
+    checkpoints/exp-NNN/ + latest.json             resumable state (atomic, safetensors)
 
 Each experience is seeded from (seed, experience index), so ``--resume`` after a crash repeats
 exactly what the uninterrupted run would have done.

@@ -1,7 +1,7 @@
 """A finished run directory as tidy pandas DataFrames: the notebook API behind ``medcl report``.
 
 :class:`RunResults` reads what :func:`medcl.engine.run.run` wrote (``config.yaml``,
-``scenario.json``, ``metrics.json``, ``curves.csv``, ``predictions/after-XXX.npz + .csv``) and
+``scenario.json``, ``metrics.json``, ``curves.csv``, ``predictions/after-NNN.npz + .csv``) and
 answers with tidy frames, one row per experience x site x metric, computed by the metric
 functions of :mod:`medcl.metrics` (scikit-learn underneath, vectorised NumPy bootstrap)::
 
@@ -157,7 +157,7 @@ class RunResults:
         self._cache: dict[int, Predictions] = {}
         if not self.snapshots:
             raise DataError(
-                f"{self.run_dir / 'predictions'} holds no after-XXX.npz files; the run "
+                f"{self.run_dir / 'predictions'} holds no after-NNN.npz files; the run "
                 "has not finished an experience yet."
             )
 
