@@ -1,14 +1,17 @@
 """The ``medcl`` command line. Each command is a thin shell over the library API.
 
-Errors raised on purpose (:class:`medcl.errors.MedclError`) are printed as one clear message and
-exit with code 2; nothing here reads ``sys.argv`` except :func:`main`.
+Errors raised on purpose (:class:`medcl.errors.MedclError`) and usage errors (unknown command
+or option, missing argument, bad value) are printed as one clear line and exit with code 2;
+a file-system refusal (permission, read-only disk) too. No user mistake shows a traceback.
+Nothing here reads ``sys.argv`` except :func:`main`. See docs/errors.md.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -25,6 +28,51 @@ app.add_typer(scenarios_app, name="scenarios")
 app.add_typer(strategies_app, name="strategies")
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or chatter.")]
+Experience = Annotated[
+    int | None,
+    typer.Option(
+        "--experience", help="Use the model after experience K (default: the run's final model)."
+    ),
+]
+AllowPartial = Annotated[
+    bool,
+    typer.Option(
+        "--allow-partial",
+        help="Accept an unfinished run: use its last completed experience.",
+    ),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        import medcl
+
+        typer.echo(f"medcl {medcl.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Continual learning for medical images."""
+
+
+def _verbosity(quiet: bool) -> None:
+    """Library messages (``logging``, e.g. the class list inferred from a manifest) on stderr."""
+    log = logging.getLogger("medcl")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
 Root = Annotated[
     Path | None,
     typer.Option("--root", help="MedMNIST data root (else $MEDCL_DATA_ROOT, else ~/.medmnist)."),
@@ -203,6 +251,13 @@ def run_cmd(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue after the last completed experience.")
     ] = False,
+    resume_from: Annotated[
+        int | None,
+        typer.Option(
+            "--resume-from",
+            help="Continue after experience K (e.g. when the latest checkpoint is damaged).",
+        ),
+    ] = None,
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a key: train.epochs=2")
     ] = None,
@@ -213,8 +268,9 @@ def run_cmd(
     from medcl.config import load_config
     from medcl.engine.run import run
 
+    _verbosity(quiet)
     cfg = load_config(config, overrides or [])
-    run_dir = run(cfg, resume=resume, quiet=quiet)
+    run_dir = run(cfg, resume=resume, resume_from=resume_from, quiet=quiet)
     _finish(run_dir, report=report, quiet=quiet)
 
 
@@ -228,13 +284,63 @@ def update_cmd(
     site: Annotated[
         str | None, typer.Option("--site", help="Site/cohort name of the new data.")
     ] = None,
+    new_classes: Annotated[
+        bool,
+        typer.Option(
+            "--new-classes",
+            help="Accept classes the run has not seen (the output layer grows).",
+        ),
+    ] = False,
     report: Annotated[bool, typer.Option(help="Rewrite the clinical report.")] = True,
+    gate: Annotated[
+        Path | None,
+        typer.Option(
+            "--gate",
+            help="Acceptance criteria YAML: check the updated model against the deployed one; "
+            "exit 1 on FAIL (the deployed pointer moves only on PASS).",
+        ),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Add one experience (a new cohort) to a run, keeping what it learned; re-evaluate all."""
     from medcl.engine.run import update
 
-    _finish(update(run_dir, data, site=site, quiet=quiet), report=report, quiet=quiet)
+    _verbosity(quiet)
+    criteria = None
+    if gate is not None:  # a bad criteria file is refused before any training
+        from medcl.gate import load_criteria
+
+        criteria = load_criteria(gate)
+    run_dir = update(run_dir, data, site=site, new_classes=new_classes, quiet=quiet)
+    _finish(run_dir, report=report, quiet=quiet)
+    if criteria is not None:
+        _gate(run_dir, criteria, None)
+
+
+def _gate(run_dir: Path, criteria, against: Path | None) -> None:
+    """Run the gate, print PASS/FAIL per criterion; exit 1 on FAIL."""
+    from medcl.gate import run_gate
+
+    def num(v) -> str:
+        return "n/a" if v is None or v != v else f"{v:.3f}"
+
+    result = run_gate(run_dir, criteria, against=against)
+    for r in result.table.itertuples():
+        color = typer.colors.GREEN if r.decision == "PASS" else typer.colors.RED
+        typer.secho(
+            f"{r.decision}  {r.criterion} @ {r.group}: {num(r.estimate)} "
+            f"[{num(r.ci_low)}, {num(r.ci_high)}] limit {r.limit:g}"
+            + (f" ({r.note})" if r.note else ""),
+            fg=color,
+        )
+    rec = result.record
+    typer.echo(
+        f"gate {result.decision}: {rec['n_pass']}/{rec['n_criteria']} criteria met against "
+        f"{rec['deployed']}; "
+        + ("deployed pointer moved" if result.decision == "PASS" else "deployed model unchanged")
+    )
+    if result.decision != "PASS":
+        raise typer.Exit(code=1)
 
 
 def _finish(run_dir: Path, *, report: bool, quiet: bool) -> None:
@@ -293,6 +399,8 @@ def report(
     out: Annotated[
         Path | None, typer.Option("--out", help="Output folder (default: RUN_DIR).")
     ] = None,
+    experience: Experience = None,
+    allow_partial: AllowPartial = False,
     quiet: Quiet = False,
 ) -> None:
     """Write the clinical evaluation report (report.html + report.json) of a run."""
@@ -310,28 +418,34 @@ def report(
         errors_per_class=errors,
         safe_id_columns=safe_id_column or (),
         thumbnails=thumbnails,
+        experience=experience,
+        allow_partial=allow_partial,
     )
     typer.echo(str(path) if quiet else f"report: {path}\ndata:   {path.with_suffix('.json')}")
 
 
-# --- export / predict (Deployment) ---------------------------------------------------------
+# --- export / predict / gate / card (Deployment) ---------------------------------------------
+
+ExportFormat = Literal["torchscript", "onnx", "safetensors", "bundle"]  # = export.FORMATS
+Backend = Literal["torchscript", "onnx"]  # = export.predict.BACKENDS
 
 
 @app.command("export")
 def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
-    fmt: Annotated[
-        str, typer.Option("--format", "-f", help="torchscript | onnx | safetensors | bundle")
-    ] = "bundle",
+    fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="Export format.")] = "bundle",
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Output file (folder for bundle); default RUN_DIR/export/."),
     ] = None,
+    experience: Experience = None,
+    allow_partial: AllowPartial = False,
 ) -> None:
     """Export the run's deployable model (outputs checked against PyTorch to 1e-4)."""
     from medcl.export import export_run
 
-    typer.echo(str(export_run(run_dir, fmt, out)))
+    path = export_run(run_dir, fmt, out, experience=experience, allow_partial=allow_partial)
+    typer.echo(str(path))
 
 
 @app.command("predict")
@@ -345,15 +459,27 @@ def predict_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="Write the rows as CSV here.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
     backend: Annotated[
-        str, typer.Option("--backend", help="For bundles: torchscript | onnx.")
+        Backend, typer.Option("--backend", help="Which file of a bundle runs.")
     ] = "torchscript",
+    reject_ood: Annotated[
+        bool,
+        typer.Option(
+            "--reject-ood", help="Leave inputs flagged out-of-distribution without a class."
+        ),
+    ] = False,
+    experience: Experience = None,
+    allow_partial: AllowPartial = False,
     quiet: Quiet = False,
 ) -> None:
-    """Class probabilities per input file; exit code 1 when any file failed (its row says why)."""
+    """Class probabilities per input file, with an `ood` flag and its reason per row; exit code
+    1 when any file failed (its row says why)."""
     from medcl.export import load_predictor, predict_files
 
+    predictor = load_predictor(
+        model, backend=backend, experience=experience, allow_partial=allow_partial
+    )
     df = predict_files(
-        load_predictor(model, backend=backend), inputs, batch_size=batch_size, progress=not quiet
+        predictor, inputs, batch_size=batch_size, progress=not quiet, reject_ood=reject_ood
     )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -367,24 +493,108 @@ def predict_cmd(
         raise typer.Exit(code=1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point: run the app, turning medcl errors into a message and exit code 2."""
+@app.command("gate")
+def gate_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run holding the candidate (its final model).")],
+    criteria: Annotated[Path, typer.Option("--criteria", help="Acceptance criteria YAML.")],
+    against: Annotated[
+        Path | None,
+        typer.Option(
+            "--against",
+            help="Run holding the deployed model (default: RUN_DIR's deployed.json, else its "
+            "previous model).",
+        ),
+    ] = None,
+) -> None:
+    """Check a candidate model against the deployed one (paired bootstrap); PASS moves the
+    run's deployed pointer, FAIL exits 1 and leaves it."""
+    from medcl.gate import load_criteria
+
+    _gate(run_dir, load_criteria(criteria), against)
+
+
+@app.command("card")
+def card_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory with report.json.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Default RUN_DIR/model_card.md.")
+    ] = None,
+) -> None:
+    """Write the model card (Markdown) generated from the run's report.json."""
+    from medcl.card import write_card
+
+    typer.echo(str(write_card(run_dir, out)))
+
+
+def _usage_error_types() -> tuple[type[Exception], ...]:
+    """Usage-error classes: typer >= 0.2x bundles its own click (``typer._click``), whose
+    exceptions derive from ``typer.TyperException`` and not from an installed ``click``."""
+    types: list[type[Exception]] = [typer.TyperException]
     try:
-        rc = app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
+        import click
+
+        types.append(click.ClickException)
+    except ImportError:  # pragma: no cover - typer without a separate click
+        pass
+    return tuple(types)
+
+
+def _show_usage_error(e: Exception) -> int:
+    """One line on stderr for a usage error (the full help only for a bare ``medcl``)."""
+    ctx = getattr(e, "ctx", None)
+    command = getattr(ctx, "command_path", None) or "medcl"
+    if type(e).__name__ == "NoArgsIsHelpError":  # `medcl` / `medcl datasets` alone: the help
+        if e.format_message().strip():  # (typer's rich help is printed already)
+            typer.echo(e.format_message(), err=True)
+        return 2
+    message = e.format_message() if hasattr(e, "format_message") else str(e)
+    message = " ".join(message.split())
+    typer.secho(f"error: {message} (see `{command} --help`)", fg=typer.colors.RED, err=True)
+    return int(getattr(e, "exit_code", 2) or 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the app; user errors become one message and exit code 2.
+
+    * :class:`~medcl.errors.MedclError` (bad config, data, run directory): its message.
+    * usage errors (unknown command/option, missing argument, bad value): one line naming the
+      problem and ``--help``.
+    * a file system that refuses a write or read (permission, read-only, not a folder): the
+      path and the reason.
+    """
+    try:
+        args = argv if argv is not None else sys.argv[1:]
+        rc = app(args=args, prog_name="medcl", standalone_mode=False)
     except MedclError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         return 2
     except typer.Exit as e:
         return e.exit_code
-    except typer.Abort:
-        return 1
-    except Exception as e:  # click usage errors
-        import click
+    except (typer.Abort, KeyboardInterrupt):
+        typer.secho("aborted.", fg=typer.colors.RED, err=True)
+        return 130
+    except _usage_error_types() as e:
+        return _show_usage_error(e)
+    except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as e:
+        where = f" {e.filename}" if e.filename else ""
+        typer.secho(
+            f"error: cannot use{where}: {e.strerror or e}. Check the path and its permissions.",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        return 2
+    except OSError as e:
+        import errno
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        raise
+        if e.errno not in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise
+        typer.secho(
+            f"error: cannot write {e.filename or ''}: {e.strerror}. Free space or choose "
+            "another folder; the run can be continued with --resume.",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        return 2
     return rc if isinstance(rc, int) else 0  # click returns typer.Exit's code here
 
 

@@ -56,8 +56,14 @@ class StrategyConfig(_Open):
 class ModelConfig(_Strict):
     backbone: str = "resnet18"
     small_input: bool = True
-    pretrained: bool = False
-    checkpoint_path: Path | None = None
+    pretrained: bool | str = Field(
+        False,
+        description="false; 'hub' (timm's weights, online); or an offline weight source such as "
+        "'efficientnet_lite0' (medcl.models.weights.list_weight_sources())",
+    )
+    checkpoint_path: Path | None = Field(
+        None, description="local weights: .safetensors or a torch.save state dict"
+    )
     width: float = Field(1.0, gt=0, description="channel multiplier (MONAI 3D backbones)")
 
 
@@ -163,19 +169,52 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return raw
 
 
+def _duplicate_keys(node: yaml.Node, path: tuple[str, ...] = ()):
+    """Yield ``(dotted key, first line, repeated line)`` for every key given twice in a mapping.
+
+    YAML itself keeps the last value silently; a config must never do that.
+    """
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+            line = key_node.start_mark.line + 1
+            if key != "<<" and key in seen:  # "<<" is a merge key, not a setting
+                yield ".".join((*path, key)), seen[key], line
+            seen.setdefault(key, line)
+            yield from _duplicate_keys(value, (*path, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            yield from _duplicate_keys(value, (*path, str(i)))
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML config, apply overrides, validate.
 
     Raises:
-        ConfigError: missing/unreadable file, bad YAML, unknown key, wrong type.
+        ConfigError: missing/unreadable file, bad YAML, a key given twice, unknown key, wrong
+            type.
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples.")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {str(path)!r} {what}; see configs/ for examples.")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+        dups = list(_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader)))
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} could not be read ({e}).") from None
+    if dups:
+        raise ConfigError(
+            "\n".join(
+                f"{path}: key `{key}` is given twice (lines {first} and {again}); YAML would "
+                "silently keep the last one. Remove one of them."
+                for key, first, again in dups
+            )
+        )
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{path} must be a YAML mapping at the top level; got {type(raw).__name__}."

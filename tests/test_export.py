@@ -24,7 +24,7 @@ from medcl.config import validate_config
 from medcl.data.files import load_image_files
 from medcl.engine.evaluate import predict_proba
 from medcl.engine.run import run
-from medcl.errors import ConfigError
+from medcl.errors import ConfigError, MedclError
 from medcl.export import (
     ExportModule,
     Predictor,
@@ -101,13 +101,13 @@ def test_exported_models_match_pytorch_on_medmnist(runs, name):
     r = runs[name]
     x = _real_images(r)
     with torch.no_grad():
-        want, route = r["module"](x)
+        want, route, _ = r["module"](x)
     # the wrapper is exactly the evaluated model: softmax of the strategy's scores
     assert (want - predict_proba(r["strategy"], x)).abs().max() <= 1e-5
     for backend in ("torchscript", "onnx"):
         pred = load_predictor(r["bundle"], backend=backend)
         for batch in (x[:1], x):  # dynamic batch axis
-            probs, got_route = pred.fn(batch)
+            probs, got_route, _ = pred.fn(batch)
             assert np.abs(probs - want[: len(batch)].numpy()).max() <= 1e-4, backend
             assert (got_route == route[: len(batch)].numpy()).all()
     if name == "dynammo":  # routes to one of the two sites' heads
@@ -130,7 +130,8 @@ def test_safetensors_rebuilds_without_unpickling(runs, name, tmp_path, monkeypat
     x = _real_images(r)
     with torch.no_grad():
         assert (module(x)[0] - r["module"](x)[0]).abs().max() <= 1e-6
-    assert meta == json.loads(json.dumps(run_metadata(r["dir"], r["scenario"], r["strategy"])))
+    want = json.loads(json.dumps(run_metadata(r["dir"], r["scenario"], r["strategy"])))
+    assert {k: meta[k] for k in want} == want and meta["ood"]["threshold"] > 0
 
 
 def test_bundle_layout_and_metadata_round_trip(runs):
@@ -139,14 +140,17 @@ def test_bundle_layout_and_metadata_round_trip(runs):
     for rel in (
         "configs/metadata.json",
         "configs/inference.json",
+        "models/model.pt",
         "models/model.ts",
         "models/model.onnx",
         "docs/README.md",
+        "LICENSE",
     ):
         assert (b / rel).is_file(), rel
-    want = json.loads(json.dumps(run_metadata(r["dir"], r["scenario"], r["strategy"])))
+    run_meta = json.loads(json.dumps(run_metadata(r["dir"], r["scenario"], r["strategy"])))
     meta = read_bundle_metadata(b)
-    assert meta == want
+    assert {k: meta[k] for k in run_meta} == run_meta  # plus the guard and the architecture
+    want = {k: v for k, v in meta.items() if k != "rebuild"}
     assert meta["class_names"] == list(r["scenario"].class_names)
     assert meta["input_shape"] == [1, 28, 28] and meta["channels"] == 1
     assert meta["intensity"]["normalise"] == {"mean": 0.5, "std": 0.5, "inside_model": True}
@@ -204,7 +208,7 @@ def test_predict_good_and_bad_files_each_get_a_row(runs, tmp_path):
         [*files["pngs"], files["ct"]], image_size=28, channels=1, intensity="uint8"
     )
     with torch.no_grad():
-        want, route = r["module"](x)
+        want, route, _ = r["module"](x)
     assert np.abs(probs - want.numpy()).max() <= 1e-4
     assert list(ok["route"]) == [pred.meta["routes"][i] for i in route.tolist()]
     assert list(ok["predicted_class"]) == [pred.meta["class_names"][i] for i in want.argmax(1)]
@@ -262,7 +266,7 @@ def test_cli_export_and_predict_exit_codes(runs, tmp_path):
 
 
 def test_export_rejects_what_is_not_a_run(tmp_path):
-    with pytest.raises(ConfigError, match="not a finished run directory"):
+    with pytest.raises(MedclError, match=r"not a (finished|medcl) run directory"):
         export_run(tmp_path, "onnx")
     with pytest.raises(ConfigError, match="expected a run directory"):
         load_predictor(tmp_path / "model.bin")

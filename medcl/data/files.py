@@ -20,36 +20,27 @@ __all__ = [
 
 import logging
 import os
-import warnings
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
-from monai.data import CacheDataset, NibabelReader, PILReader, PydicomReader
-from monai.transforms import (
-    Compose,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    Lambdad,
-    LoadImaged,
-    MapTransform,
-    Resized,
-    ScaleIntensityd,
-    ScaleIntensityRanged,
-)
+from monai.data import CacheDataset
+from monai.transforms import Compose
 from torch import Tensor
 
+from medcl.data.labels import label_problems, normalise_label
+from medcl.data.preprocessing import Preprocessing
 from medcl.data.samples import META_COLUMNS, SampleSet
-from medcl.errors import ConfigError, DataError
+from medcl.errors import ConfigError, DataError, did_you_mean
 
 SUPPORTED_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".nii", ".nii.gz")
 SPLITS = ("train", "val", "test")
 _KINDS = {".png": "pil", ".jpg": "pil", ".jpeg": "pil", ".dcm": "dicom", ".nii": "nifti"}
 _GRAY_MODES = ("L", "I", "F")
+log = logging.getLogger(__name__)
 
 
 class LabelledSplits(NamedTuple):
@@ -71,14 +62,6 @@ def _kind(path: Path) -> str | None:
         return "dicom"  # a DICOM series folder
     name = path.name.lower()
     return "nifti" if name.endswith(".nii.gz") else _KINDS.get(Path(name).suffix)
-
-
-def _pil_mode(img):  # PIL image -> 1 channel (L/I/F) or 3 channels (RGB), as _inspect predicts
-    if img.mode in (*_GRAY_MODES, "RGB"):
-        return img
-    if img.mode.startswith("I;16"):
-        return img.convert("I")
-    return img.convert("L" if img.mode in ("1", "LA", "La") else "RGB")
 
 
 def _inspect(path: Path) -> _FileInfo:
@@ -122,59 +105,14 @@ def _inspect(path: Path) -> _FileInfo:
         return _FileInfo(problem=f"unreadable {what} file ({type(e).__name__}: {e})")
 
 
-def _to_channels(x: Tensor, *, channels: int | None) -> Tensor:
-    """``(C, *spatial)`` -> ``(channels, *spatial)``: mean for 3->1, repeat for 1->3."""
-    if channels is None or x.shape[0] == channels:
-        return x
-    return x.mean(0, keepdim=True) if channels == 1 else x[:1].repeat(3, *([1] * (x.ndim - 1)))
-
-
-class _LoadByFormat(MapTransform):
-    """``LoadImaged`` with its reader picked from the file format (not by trial and error)."""
-
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-        self.load = LoadImaged(key, image_only=True)
-        self.readers = {
-            "pil": PILReader(reverse_indexing=False, converter=_pil_mode),  # keep (H, W) order
-            "dicom": PydicomReader(swap_ij=False),  # (Rows, Columns) like pydicom's pixel_array
-            "nifti": NibabelReader(),
-        }
-
-    def __call__(self, data: dict) -> dict:
-        return self.load(data, reader=self.readers[_kind(Path(data[self.key]))])
-
-
 def _pipeline(
     size: tuple[int, ...] | None,
     channels: int | None,
     intensity: Literal["minmax", "uint8"] = "minmax",
 ) -> Compose:
-    # MONAI 1.6 logs an nvImageCodec notice whenever a loader is built on a machine without it.
-    logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            load = _LoadByFormat("image")
-    finally:
-        logger.setLevel(level)
-    ts = [
-        load,
-        EnsureChannelFirstd("image"),
-        Lambdad("image", partial(_to_channels, channels=channels)),
-        # "uint8": the fixed 0-255 range of 8-bit sources (what a MedMNIST-trained model saw)
-        ScaleIntensityd("image", minv=0.0, maxv=1.0)
-        if intensity == "minmax"
-        else ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True),
-    ]
-    if size is not None:
-        mode = "bilinear" if len(size) == 2 else "trilinear"
-        ts.append(Resized("image", spatial_size=size, mode=mode, anti_aliasing=True))
-    ts.append(EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False))
-    return Compose(ts)
+    """The one MONAI pipeline shared with ``medcl predict`` and the bundle (see
+    :mod:`medcl.data.preprocessing`)."""
+    return Preprocessing(image_size=size, channels=channels, intensity=intensity).compose()
 
 
 def _size(image_size: int | Sequence[int] | None, spatial_dims: int) -> tuple[int, ...] | None:
@@ -213,16 +151,27 @@ def load_image_files(
         float32 ``(N, C, H, W)`` or ``(N, C, H, W, D)`` in [0, 1].
 
     Raises:
-        DataError: a file could not be decoded.
+        DataError: a file could not be decoded, or holds NaN/Inf pixels (the files are named).
     """
     pipeline = _pipeline(_size(image_size, spatial_dims), channels, intensity)
     workers = min(4, os.cpu_count() or 1)
     data = [{"image": str(p)} for p in paths]
     try:
         ds = CacheDataset(data, pipeline, num_workers=workers, progress=progress, copy_cache=False)
-        return torch.stack([ds[i]["image"] for i in range(len(ds))])
+        x = torch.stack([ds[i]["image"] for i in range(len(ds))])
     except Exception as e:
         raise DataError(f"loading image files failed: {e}") from e
+    # a NaN/Inf pixel makes min-max scaling NaN for the whole image: the run would later die
+    # with a misleading "loss became nan"; name the files now
+    bad = torch.nonzero(~torch.isfinite(x.flatten(1)).all(1)).flatten().tolist()
+    if bad:
+        listed = "\n".join(f"  {paths[i]}" for i in bad[:10])
+        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise DataError(
+            f"{len(bad)} image file(s) hold NaN or infinite pixel values:\n{listed}{more}\n"
+            "Repair these files (e.g. replace NaN with the background value) or remove them."
+        )
+    return x
 
 
 def split_by_patient(
@@ -261,7 +210,12 @@ def split_by_patient(
 
 
 def _class_ids(raw: pd.Series, class_names: Sequence[str] | None) -> tuple[tuple[str, ...], dict]:
-    """Class names (given, sorted ints, or sorted strings) and a label -> local id map."""
+    """Class names (given, sorted ints, or sorted strings) and a label -> local id map.
+
+    ``raw`` holds normalised labels (:func:`~medcl.data.labels.normalise_label`). With declared
+    ``class_names`` and integer labels none of which is a declared name, the labels index the
+    list (``"1"`` -> ``class_names[1]``).
+    """
     values = sorted(set(raw) - {""})
     numeric = bool(values) and all(v.lstrip("-").isdigit() for v in values)
     if class_names is not None:
@@ -270,9 +224,9 @@ def _class_ids(raw: pd.Series, class_names: Sequence[str] | None) -> tuple[tuple
         names = (
             tuple(str(v) for v in sorted({int(v) for v in values})) if numeric else tuple(values)
         )
-    ids = {n: i for i, n in enumerate(names)}
-    if numeric:  # "01" and "1" are the same class
-        ids.update({v: ids[str(int(v))] for v in values if str(int(v)) in ids})
+    ids = {normalise_label(n): i for i, n in enumerate(names)}
+    if class_names is not None and numeric and not set(values) & set(ids):
+        ids = {str(i): i for i in range(len(names))}  # integer labels index class_names
     return names, ids
 
 
@@ -282,7 +236,9 @@ def _row_problem(
     if label == "":
         return "empty label"
     if label not in ids:
-        return f"unknown label {label!r}; expected one of {list(ids)[:20]}"
+        if label.lstrip("-").isdigit() and all(k.isdigit() for k in ids):
+            return f"label {label} is outside the declared range 0..{len(ids) - 1} (class_names)"
+        return f"unknown label {label!r} (not in class_names); {did_you_mean(label, ids)}"
     if split is not None and split not in SPLITS:
         return f"split {split!r} is not one of {list(SPLITS)}"
     if info.problem:
@@ -307,21 +263,42 @@ class _Options(NamedTuple):
     fractions: Sequence[float]
     seed: int
     progress: bool
+    min_class_samples: int = 2
 
     @classmethod
-    def make(cls, image_size, channels, spatial_dims, class_names, fractions, seed, progress):
+    def make(
+        cls,
+        image_size,
+        channels,
+        spatial_dims,
+        class_names,
+        fractions,
+        seed,
+        progress,
+        min_class_samples=2,
+    ):
         if spatial_dims not in (2, 3):
             raise ConfigError(f"spatial_dims must be 2 or 3; got {spatial_dims!r}.")
         if channels not in (None, 1, 3):
             raise ConfigError(f"channels must be 1, 3 or None (keep); got {channels!r}.")
+        if not isinstance(min_class_samples, int) or min_class_samples < 1:
+            raise ConfigError(f"min_class_samples must be an int >= 1; got {min_class_samples!r}.")
         size = _size(image_size, spatial_dims)
-        return cls(size, channels, spatial_dims, class_names, fractions, seed, progress)
+        return cls(
+            size, channels, spatial_dims, class_names, fractions, seed, progress, min_class_samples
+        )
 
 
 def _validate(
-    df: pd.DataFrame, paths: list[Path], ids: dict, opt: _Options, where: str, first_line: int
+    df: pd.DataFrame,
+    paths: list[Path],
+    ids: dict,
+    opt: _Options,
+    where: str,
+    first_line: int,
+    label_issues: Sequence[str] = (),
 ) -> None:
-    """Check every row from headers only; one DataError lists all bad rows."""
+    """Check every row from headers only; one DataError lists all bad rows and label issues."""
     splits = df["split"] if "split" in df.columns else [None] * len(df)
     infos, problems = [], []
     rows = zip(df["path"], paths, df["label"], splits, strict=True)
@@ -332,13 +309,15 @@ def _validate(
             row = f"line {i + first_line}: " if first_line >= 0 else ""
             problems.append(f"  {row}{p or '(empty path)'}: {why}")
         infos.append(info)
-    if problems:
+    if problems or label_issues:
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         listed = "\n".join(problems[:10]) + more
-        raise DataError(
-            f"{where}: {len(problems)} row(s) are invalid:\n{listed}\n"
-            "Fix or remove these rows and load again."
+        rows = f"{len(problems)} row(s) are invalid:\n{listed}\n" if problems else ""
+        labels = "".join(f"  {m}\n" for m in label_issues)
+        labels = (
+            f"suspicious labels (class list inferred from the labels):\n{labels}" if labels else ""
         )
+        raise DataError(f"{where}: {rows}{labels}Fix or remove these rows and load again.")
     mixes = [
         ("channel counts", "channels", opt.channels, "pass channels=1 or channels=3"),
         ("image shapes", "shape", opt.size, "pass image_size"),
@@ -387,9 +366,27 @@ def _load_table(
     if "split" in df.columns:
         df["split"] = df["split"].str.lower()
     df["patient_id"] = df["patient_id"].astype(str) if "patient_id" in df.columns else ""
+    df["label"] = df["label"].map(normalise_label)  # the rule of medcl.data.labels
     names, ids = _class_ids(df["label"], opt.class_names)
     paths = [Path(p) if Path(p).is_absolute() else base / p for p in df["path"]]
-    _validate(df, paths, ids, opt, where, first_line)
+    issues = []
+    if opt.class_names is None:
+        lines = [i + first_line for i in range(len(df))] if first_line >= 0 else list(df["path"])
+        issues = label_problems(
+            list(df["label"]),
+            lines,
+            min_class_samples=opt.min_class_samples,
+            row_word="line" if first_line >= 0 else "file",
+        )
+    _validate(df, paths, ids, opt, where, first_line, issues)
+    if opt.class_names is None:
+        counts = df["label"].value_counts()
+        log.info(
+            "%s: %d classes inferred from the labels: %s (pass class_names to fix the list)",
+            where,
+            len(names),
+            ", ".join(f"{n} ({counts.get(n, 0)} rows)" for n in names),
+        )
     labels = [ids[v] for v in df["label"]]
     split = _splits(df, labels, where=where, fractions=opt.fractions, seed=opt.seed)
     images = load_image_files(
@@ -425,12 +422,13 @@ def load_manifest(
     split_fractions: Sequence[float] = (0.7, 0.1, 0.2),
     seed: int = 0,
     progress: bool = False,
+    min_class_samples: int = 2,
 ) -> LabelledSplits:
     """Load the images listed in a CSV manifest.
 
     Columns: ``path`` (relative to the CSV's folder, or absolute) and ``label`` (class name or
-    int), optional ``site``, ``patient_id``, ``split`` (train/val/test) and any others (carried
-    into ``meta``). Without ``split``, a seeded patient-level split by ``split_fractions`` is made
+    int, normalised by the rule of :mod:`medcl.data.labels`), optional ``site``, ``patient_id``,
+    ``split`` (train/val/test) and any others (carried into ``meta``). Without ``split``, a seeded patient-level split by ``split_fractions`` is made
     (each row is its own patient when ``patient_id`` is absent); with it, no patient may appear
     in two splits. Every row is checked before pixels are read.
 
@@ -439,20 +437,33 @@ def load_manifest(
         image_size: resize spatial dims to this (int or per-axis); None keeps the native size.
         channels: 1 or 3 (convert), or None (keep; then all files must agree).
         spatial_dims: 2 (PNG/JPEG/DICOM/2D NIfTI) or 3 (NIfTI volumes, DICOM series folders).
-        class_names: fixed class order; labels outside it are errors. Default: sorted labels.
+        class_names: fixed class order; labels outside it are errors (integer labels index it
+            when none is a class name). Default: the sorted labels, checked for suspicious
+            ones (see :mod:`medcl.data.labels`).
         split_fractions: (train, val, test) fractions for the automatic split.
         seed: seed of the automatic split.
         progress: show a progress bar while loading.
+        min_class_samples: without ``class_names``, a class with fewer rows than this, next
+            to a class with at least this many, is an error (usually a typo).
 
     Returns:
         Class names and ``{"train", "val", "test"}`` float32 sample sets in [0, 1], images
         ``(N, C, H, W)`` or ``(N, C, H, W, D)``, local labels ``0..K-1``.
 
     Raises:
-        DataError: one error listing every invalid row (line number, path, reason).
+        DataError: one error listing every invalid row (line number, path, reason) and every
+            suspicious label (missing-value markers, integers out of range, case-only
+            duplicates, rare classes), or a file with NaN/Inf pixels.
     """
     opt = _Options.make(
-        image_size, channels, spatial_dims, class_names, split_fractions, seed, progress
+        image_size,
+        channels,
+        spatial_dims,
+        class_names,
+        split_fractions,
+        seed,
+        progress,
+        min_class_samples,
     )
     path = Path(path)
     if not path.is_file():
@@ -491,6 +502,7 @@ def load_folder(
     split_fractions: Sequence[float] = (0.7, 0.1, 0.2),
     seed: int = 0,
     progress: bool = False,
+    min_class_samples: int = 2,
 ) -> LabelledSplits:
     """Load a folder with one sub-folder per class (``root/<class>/<image>``).
 
@@ -499,7 +511,14 @@ def load_folder(
     names are the sorted class-folder names. Arguments and returns as :func:`load_manifest`.
     """
     opt = _Options.make(
-        image_size, channels, spatial_dims, class_names, split_fractions, seed, progress
+        image_size,
+        channels,
+        spatial_dims,
+        class_names,
+        split_fractions,
+        seed,
+        progress,
+        min_class_samples,
     )
     root = Path(path)
     if not root.is_dir():

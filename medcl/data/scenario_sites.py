@@ -67,6 +67,44 @@ def _site_values(src: SourceData, column: str) -> dict[str, np.ndarray] | None:
     return out
 
 
+def _real_site_names(
+    source: str, real: dict[str, np.ndarray], sites: list[str] | None, column: str
+) -> list[str]:
+    """The sites to use, each with training and test rows; errors say what each split holds."""
+    per_split = {split: list(dict.fromkeys(real[split])) for split in SPLITS}
+    found = "; ".join(f"{k}: {', '.join(v) or '(none)'}" for k, v in per_split.items())
+    present = per_split["train"]
+    for s in sites or []:
+        if s not in present:
+            where = [k for k in SPLITS if s in per_split[k]]
+            why = (
+                f"site {s!r}, but it has no training rows (only {' and '.join(where)} rows)"
+                if where
+                else f"unknown site {s!r} ({did_you_mean(s, {*real['train'], *real['test']})})"
+            )
+            raise ConfigError(
+                f"`scenario.sites` names {why}. Sites in column {column!r} of {source!r} per "
+                f"split: {found}. Give it training rows or leave it out."
+            )
+    orphans = [s for k in ("val", "test") for s in per_split[k] if s not in present]
+    if sites is None and orphans:
+        raise DataError(
+            f"source {source!r}: site(s) {sorted(set(orphans))} have no training rows, so no "
+            f"experience would learn them and their val/test rows would be dropped. Sites in "
+            f"column {column!r} per split: {found}. Give them training rows, or list the sites "
+            "to use in `scenario.sites` (which leaves the others out explicitly)."
+        )
+    names = list(sites or present)
+    untested = [s for s in names if s not in per_split["test"]]
+    if untested:
+        raise DataError(
+            f"source {source!r}: site(s) {untested} have no test rows, so they cannot be "
+            f"evaluated. Sites in column {column!r} per split: {found}. Give them test rows, "
+            "or leave them out with `scenario.sites`."
+        )
+    return names
+
+
 def _custom_shift(name: str, fields: Mapping[str, float], *, seed: int) -> SiteShift:
     valid = [f for f in SiteShift.__dataclass_fields__ if f not in ("name", "seed")]
     for key in fields:
@@ -125,13 +163,7 @@ def domain_incremental(
                 f"`scenario.n_sites` applies to simulated sites, but {src.name!r} defines sites in "
                 f"column {site_column!r}; drop n_sites (use `sites` to select some)."
             )
-        present = list(dict.fromkeys(real["train"]))
-        for s in sites or []:
-            if s not in present:
-                raise ConfigError(
-                    f"`scenario.sites` names unknown site {s!r}; {did_you_mean(s, present)}"
-                )
-        names = list(sites or present)
+        names = _real_site_names(src.name, real, sites, site_column)
         site_of = dict(real)
     else:
         if sites is not None and n_sites is not None and len(sites) != n_sites:

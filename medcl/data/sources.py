@@ -28,7 +28,10 @@ from medcl.data.medmnist_source import (
     MEDMNIST_CITATION,
     load_medmnist,
     medmnist_class_names,
+    medmnist_filename,
     medmnist_info,
+    medmnist_sizes,
+    resolve_data_root,
 )
 from medcl.data.samples import SampleSet
 from medcl.data.synthetic import make_synthetic, synthetic_class_names
@@ -132,6 +135,17 @@ def _options(fn: Any, opts: Mapping[str, Any], what: str) -> dict[str, Any]:
 
 def _task(k: int) -> str:
     return "binary-class" if k == 2 else "multi-class"
+
+
+def _has_native(flag: str, size: int, root: Any) -> bool:
+    """Whether the MedMNIST+ file of ``flag`` at ``size`` is published and present locally."""
+    if size not in medmnist_sizes(flag):
+        return False
+    try:
+        folder = resolve_data_root(root)
+    except ConfigError:
+        return False
+    return (folder / medmnist_filename(flag, size)).is_file()
 
 
 def _medmnist(flag: str, size: int, root: Any, download: bool) -> SourceData:
@@ -261,6 +275,8 @@ def load_source(
         root: MedMNIST data folder (see :func:`~medcl.data.medmnist_source.resolve_data_root`).
         download: fetch missing MedMNIST files when the network allows.
         image_size: resize every split once to this side length (None keeps the stored size).
+            A MedMNIST source given without a size loads the published file of that size when
+            it is in the data root (e.g. ``breastmnist_64.npz``) instead of upsampling 28 px.
         channels: convert to 1 (mean) or 3 (repeat) channels (None keeps them).
         seed: seed of automatic file splits and of synthetic data (unless the spec sets one).
 
@@ -279,6 +295,8 @@ def load_source(
             medmnist_info(flag)
         except ConfigError as e:
             raise ConfigError(f"{e}. Accepted source forms: {FORMS}.") from None
+        if image_size not in (None, size) and size == 28 and _has_native(flag, image_size, root):
+            size = image_size  # a published MedMNIST+ file at that size beats upsampling 28 px
         src = _medmnist(flag, size, root, download)
     elif kind == "synthetic":
         payload.setdefault("image_size", image_size or 28)

@@ -12,9 +12,10 @@ A directory is first written under a temporary name and then renamed, so a crash
 
 from __future__ import annotations
 
-__all__ = ["atomic_write_text", "load_checkpoint", "save_checkpoint"]
+__all__ = ["atomic_write_text", "json_dumps", "load_checkpoint", "save_checkpoint"]
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -42,6 +43,27 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_none(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        return _finite_or_none(obj.item())
+    return obj
+
+
+def json_dumps(obj: Any, *, indent: int | None = 1) -> str:
+    """Strict JSON: NaN and +/-Inf (undefined metrics) become ``null``, never bare ``NaN``.
+
+    ``json.dumps`` would write ``NaN``, which is not JSON (jq, JavaScript and strict parsers
+    reject it). Readers turn ``null`` back into NaN: ``np.array(values, dtype=float)``.
+    """
+    return json.dumps(_finite_or_none(obj), indent=indent, allow_nan=False, default=float)
+
+
 def _tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
     # clone: safetensors refuses shared or non-contiguous storage
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
@@ -57,7 +79,7 @@ def save_checkpoint(
     try:
         save_file(_tensors(strategy), str(tmp / "strategy.safetensors"))
         save_file(_tensors(memory), str(tmp / "memory.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        (tmp / "state.json").write_text(json_dumps(state))
         old = path.with_name(f".{path.name}.old")
         if path.exists():
             os.replace(path, old)

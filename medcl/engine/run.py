@@ -14,34 +14,41 @@ exactly what the uninterrupted run would have done.
 
 from __future__ import annotations
 
-__all__ = ["RunState", "build_components", "run", "update"]
+__all__ = ["RunState", "build_components", "restore_run", "run", "update"]
 
 import json
-import platform
-import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import yaml
 
 from medcl.config import RunConfig
 from medcl.data.experience import Experience, Scenario
+from medcl.engine.artifacts import (
+    environment,
+    save_predictions,
+    untrained_baseline,
+    write_metrics,
+)
 from medcl.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from medcl.engine.evaluate import CurveMonitor, evaluate, predict_proba
+from medcl.engine.cohort import extend_scenario
+from medcl.engine.evaluate import CurveMonitor, evaluate
 from medcl.engine.memory import ReplayMemory
+from medcl.engine.rundir import (
+    RunLock,
+    check_output_dir,
+    readable_checkpoints,
+    run_progress,
+    select_experience,
+)
 from medcl.engine.trainer import fit_experience, seed_everything
-from medcl.errors import ConfigError
-from medcl.metrics.compute import compute_profile
-from medcl.metrics.continual import summarize
-from medcl.models.backbones import create_backbone
-from medcl.models.heads import ExpandableHead
+from medcl.errors import ConfigError, DataError
+from medcl.models.backbones import create_backbone, find_backbone
 from medcl.strategies import create_strategy
-from medcl.strategies.base import Classifier, ExperienceInfo, Strategy
+from medcl.strategies.base import ExperienceInfo, Strategy
 
 
 @dataclass
@@ -100,110 +107,64 @@ def build_components(cfg: RunConfig) -> tuple[Scenario, Strategy, ReplayMemory]:
     return scenario, strategy, memory
 
 
-def _environment(cfg: RunConfig) -> dict[str, Any]:
-    import monai
-    import timm
-
-    import medcl
-
-    return {
-        "medcl": medcl.__version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "monai": monai.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "threads": torch.get_num_threads(),
-        "seed": cfg.seed,
-        "cuda": torch.cuda.is_available(),
-    }
-
-
-def _untrained_baseline(strategy: Strategy, scenario: Scenario) -> list[float]:
-    """b[j]: accuracy of the initial backbone with a fresh full head (for FWT)."""
-    model = Classifier(
-        strategy.backbone, ExpandableHead(strategy.backbone.num_features, scenario.num_classes)
-    )
-    out = []
-    for exp in scenario:
-        probs = predict_proba(model, exp.test.images)
-        out.append(float((probs.argmax(1) == exp.test.labels).float().mean()))
-    return out
-
-
-_IDENTIFYING = re.compile(r"patient|name|birth|mrn|accession|path|file", re.IGNORECASE)
-
-
-def _save_predictions(run_dir: Path, after: int, scenario_exps: list[Experience], evals) -> None:
-    pred_dir = run_dir / "predictions"
-    pred_dir.mkdir(parents=True, exist_ok=True)
-    probs = torch.cat([e.probs for e in evals]).numpy().astype(np.float32)
-    labels = torch.cat([e.labels for e in evals]).numpy()
-    experience = np.concatenate(
-        [np.full(len(e.labels), x.index) for x, e in zip(scenario_exps, evals, strict=True)]
-    )
-    np.savez_compressed(
-        pred_dir / f"after-{after:03d}.npz", probs=probs, labels=labels, experience=experience
-    )
-    # no identifiers in the run directory: file paths and identifier-like manifest columns
-    # (patient, name, birth, MRN, accession) are dropped; other extra columns are kept
-    meta = pd.concat(
-        [x.test.meta.assign(experience=x.index) for x in scenario_exps], ignore_index=True
-    )
-    meta = meta[[c for c in meta.columns if not _IDENTIFYING.search(c)]]
-    meta.to_csv(pred_dir / f"after-{after:03d}.csv", index=False)
-
-
-def _write_metrics(
-    run_dir: Path, cfg: RunConfig, scenario: Scenario, state: RunState, strategy: Strategy
-) -> None:
-    """metrics.json (matrices, summaries, timing, compute) and curves.csv, after each experience."""
-    T = len(state.accuracy)
-    R = np.array(state.accuracy, dtype=float)[:, :T]  # evaluated on every experience: keep T×T
-    Rt = np.array(state.task_accuracy, dtype=float)[:, :T]
-    b = np.array(state.baseline[:T], dtype=float)
-    with warnings.catch_warnings():  # T=1 leaves forgetting/BWT/FWT undefined: NaN, no warning
-        warnings.simplefilter("ignore")
-        summary = summarize(R, b)
-        task_summary = summarize(Rt) if not np.isnan(Rt).all() else {}
-    finished = state.completed == len(scenario) - 1
-    metrics = {
-        "run": cfg.run_name,
-        "strategy": cfg.strategy.name,
-        "scenario": scenario.name,
-        "kind": scenario.kind,
-        "experiences": [e.name for e in scenario],
-        "accuracy_matrix": state.accuracy,
-        "task_accuracy_matrix": state.task_accuracy,
-        "baseline_accuracy": state.baseline,
-        "summary": summary,
-        "task_aware_summary": task_summary,
-        "fit": state.fit,
-        "compute": compute_profile(
-            strategy.deployable_model(), scenario.input_shape, latency=finished
-        ),
-    }
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1, default=float))
-    if state.curves:
-        atomic_write_text(run_dir / "curves.csv", pd.DataFrame(state.curves).to_csv(index=False))
-
-
 def run(
-    cfg: RunConfig, *, resume: bool = False, quiet: bool = False, stop_after: int | None = None
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    resume_from: int | None = None,
+    quiet: bool = False,
+    stop_after: int | None = None,
 ) -> Path:
     """Train the configured stream and write the run directory.
+
+    The run directory is locked (:class:`~medcl.engine.rundir.RunLock`) while it is written: a
+    second ``run`` or ``update`` of the same directory is refused.
 
     Args:
         cfg: validated configuration.
         resume: continue from the last completed experience of an existing run.
+        resume_from: continue after this experience instead (its checkpoint must be readable),
+            e.g. when the latest checkpoint was damaged; implies ``resume``.
         quiet: no progress bars or per-experience lines.
         stop_after: stop after this experience index (simulates an interruption in tests).
 
     Returns:
         The run directory.
+
+    Raises:
+        ConfigError: the directory exists (without ``resume``), is locked, the config differs
+            from the one it was started with, or ``output_dir`` is not a writable folder.
+        DataError: the checkpoint to resume from is unreadable (the message names the newest
+            readable one).
     """
     run_dir = Path(cfg.output_dir) / cfg.run_name
+    check_output_dir(cfg.output_dir)
+    with RunLock(run_dir):
+        return _locked_run(
+            cfg, run_dir, resume or resume_from is not None, resume_from, quiet, stop_after
+        )
+
+
+def _locked_run(
+    cfg: RunConfig,
+    run_dir: Path,
+    resume: bool,
+    resume_from: int | None,
+    quiet: bool,
+    stop_after: int | None,
+) -> Path:
     resolved = yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+    if (
+        resume_from is not None
+        and not (run_dir / "checkpoints" / f"exp-{resume_from:03d}").is_dir()
+    ):
+        have = (
+            list(run_progress(run_dir).checkpoints) if (run_dir / "scenario.json").is_file() else []
+        )
+        raise ConfigError(
+            f"--resume-from {resume_from}: {run_dir} has no checkpoint for experience "
+            f"{resume_from} (checkpoints: {have or 'none'}); choose one of them or use --resume."
+        )
     if run_dir.exists() and (run_dir / "config.yaml").exists():
         if not resume:
             raise ConfigError(
@@ -219,9 +180,29 @@ def run(
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     try:
-        return _run(cfg, run_dir, resolved, resume=resume, quiet=quiet, stop_after=stop_after)
+        return _run(
+            cfg,
+            run_dir,
+            resolved,
+            resume=resume,
+            resume_from=resume_from,
+            quiet=quiet,
+            stop_after=stop_after,
+        )
     finally:
         torch.set_num_threads(threads)  # a library call must not change the caller's setting
+
+
+def model_summary(cfg: RunConfig, strategy: Strategy) -> dict[str, Any]:
+    """``model.json``: the backbone, where its weights came from and the input they expect."""
+    bb = find_backbone(strategy)  # DER wraps its extractors: the first one is the base
+    return {
+        "backbone": cfg.model.backbone,
+        "pretrained": cfg.model.pretrained,
+        "checkpoint_path": str(cfg.model.checkpoint_path) if cfg.model.checkpoint_path else None,
+        "in_chans": bb.in_chans,
+        "preprocessing": bb.preprocessing.to_dict(),
+    }
 
 
 def _run(
@@ -230,6 +211,7 @@ def _run(
     resolved: str,
     *,
     resume: bool,
+    resume_from: int | None,
     quiet: bool,
     stop_after: int | None,
 ) -> Path:
@@ -237,16 +219,22 @@ def _run(
     scenario, strategy, memory = build_components(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", resolved)
-    atomic_write_text(run_dir / "environment.json", json.dumps(_environment(cfg), indent=1))
+    atomic_write_text(run_dir / "environment.json", json.dumps(environment(cfg), indent=1))
     atomic_write_text(run_dir / "scenario.json", json.dumps(scenario.describe(), indent=1))
+    atomic_write_text(run_dir / "model.json", json.dumps(model_summary(cfg, strategy), indent=1))
 
     state = RunState()
-    if resume and latest.exists():
-        state = _restore(run_dir, strategy, memory)
+    if resume and (latest.exists() or resume_from is not None):
+        state = _restore(run_dir, strategy, memory, experience=resume_from)
+        if resume_from is not None:  # from now on the run continues from this checkpoint
+            atomic_write_text(
+                latest,
+                json.dumps({"checkpoint": f"exp-{resume_from:03d}", "completed": resume_from}),
+            )
         if not quiet:
             print(f"resuming {run_dir} after experience {state.completed}")
     else:
-        state.baseline = _untrained_baseline(strategy, scenario)
+        state.baseline = untrained_baseline(strategy, scenario)
 
     monitor = CurveMonitor(
         scenario.experiences,
@@ -299,13 +287,14 @@ def _learn(
             "updates": stats.updates,
             "seconds": stats.seconds,
             "images_per_s": stats.images_per_s,
+            "diagnostics": strategy.diagnostics(),  # method-specific (e.g. DynaMMo's adapters)
         }
     )
     state.global_update += stats.updates
     state.completed = exp.index
     state.seen = [i.to_dict() for i in strategy.seen]
     state.curves = monitor.rows
-    _save_predictions(run_dir, exp.index, list(scenario.experiences), evals)
+    save_predictions(run_dir, exp.index, list(scenario.experiences), evals)
     name = f"exp-{exp.index:03d}"
     save_checkpoint(
         run_dir / "checkpoints" / name,
@@ -318,7 +307,7 @@ def _learn(
         json.dumps({"checkpoint": name, "completed": exp.index}),
     )
     atomic_write_text(run_dir / "scenario.json", json.dumps(scenario.describe(), indent=1))
-    _write_metrics(run_dir, cfg, scenario, state, strategy)
+    write_metrics(run_dir, cfg, scenario, state, strategy)
     if not quiet:
         seen_acc = np.mean(state.accuracy[-1][: exp.index + 1])
         print(
@@ -328,11 +317,37 @@ def _learn(
         )
 
 
-def _restore(run_dir: Path, strategy: Strategy, memory: ReplayMemory) -> RunState:
-    """Load the latest checkpoint of ``run_dir`` into ``strategy`` and ``memory``."""
-    latest = run_dir / "checkpoints" / "latest.json"
-    ckpt = run_dir / "checkpoints" / json.loads(latest.read_text())["checkpoint"]
-    tensors, mem, raw = load_checkpoint(ckpt)
+def _restore(
+    run_dir: Path, strategy: Strategy, memory: ReplayMemory, *, experience: int | None = None
+) -> RunState:
+    """Load the checkpoint after ``experience`` (default: the latest) into strategy and memory.
+
+    Raises:
+        DataError: the checkpoint is unreadable; the message names the newest readable one and
+            the ``--resume-from`` that continues from it.
+    """
+    if experience is None:
+        latest = run_dir / "checkpoints" / "latest.json"
+        name = json.loads(latest.read_text())["checkpoint"]
+    else:
+        name = f"exp-{experience:03d}"
+    ckpt = run_dir / "checkpoints" / name
+    try:
+        tensors, mem, raw = load_checkpoint(ckpt)
+    except DataError as e:
+        k = int(name[4:])
+        good = readable_checkpoints(run_dir, below=k)
+        cmd = f"medcl run {run_dir / 'config.yaml'}"
+        hint = (
+            f"The newest readable checkpoint is after experience {good[0]}: continue from it "
+            f"with `{cmd} --resume-from {good[0]}` (experiences {good[0] + 1}..{k} are trained "
+            "again, with the same seeds), or use that model with --experience "
+            f"{good[0]} in report/export/predict."
+            if good
+            else f"No earlier checkpoint is readable; start again under a new name: `{cmd} "
+            "--set name=NEW_NAME`."
+        )
+        raise DataError(f"{e} {hint}") from None
     state = RunState(**raw)
     strategy.rebuild([ExperienceInfo.from_dict(d) for d in state.seen])
     strategy.load_state_dict(tensors)
@@ -340,112 +355,109 @@ def _restore(run_dir: Path, strategy: Strategy, memory: ReplayMemory) -> RunStat
     return state
 
 
-def _extend(scenario: Scenario, spec: str, site: str | None, *, cfg: RunConfig) -> Scenario:
-    """``scenario`` plus one experience from the source ``spec`` (a new cohort).
+def restore_run(
+    run_dir: str | Path,
+    experience: int | None = None,
+    *,
+    allow_partial: bool = False,
+    command: str = "this command",
+) -> tuple[RunConfig, Scenario, Strategy, ReplayMemory, RunState]:
+    """Rebuild a run's components and load the model after one experience.
 
-    Classes are matched to the scenario's by name (``"pneumonia"`` matches ``"pneumonia"`` or
-    ``"<dataset>:pneumonia"``); unmatched classes become new global classes at the end.
+    Args:
+        run_dir: the run directory.
+        experience: which model (``--experience K``); default the final one.
+        allow_partial: for an unfinished run, accept the last completed experience.
+        command: only to word the message (``"medcl export"``).
+
+    Returns:
+        ``(cfg, scenario, strategy, memory, state)``; the scenario includes the cohorts that
+        ``medcl update`` added up to that experience.
+
+    Raises:
+        ConfigError: not a run, or an unfinished run without ``experience``/``allow_partial``.
+        DataError: the checkpoint is unreadable (the message offers the newest readable one).
     """
-    from medcl.data.sources import load_source
+    from medcl.config import load_config
 
-    shape = scenario.input_shape
-    src = load_source(
-        spec,
-        root=cfg.data.root,
-        download=cfg.data.download,
-        image_size=shape[1],
-        channels=shape[0],
-        seed=cfg.seed,
-    )
-    new_shape = tuple(src.splits["train"].images.shape[1:])
-    if new_shape != shape:
-        raise ConfigError(
-            f"--data {spec!r} gives images of shape {new_shape}; the run was trained "
-            f"on {shape}. Use data of the same dimensionality (2D/3D)."
+    run_dir = Path(run_dir)
+    k = select_experience(run_dir, experience, allow_partial=allow_partial, command=command)
+    cfg = load_config(run_dir / "config.yaml")
+    scenario, strategy, memory = build_components(cfg)
+    state = _restore(run_dir, strategy, memory, experience=k)
+    for extra in state.extra_experiences:
+        scenario = extend_scenario(
+            scenario,
+            extra["data"],
+            extra["site"],
+            cfg=cfg,
+            new_classes=extra.get("new_classes", True),
         )
-    names = list(scenario.class_names)
-    mapping = {}
-    for local, cname in enumerate(src.class_names):
-        hits = [g for g, n in enumerate(names) if n == cname or n.split(":", 1)[-1] == cname]
-        if len(hits) > 1:
-            raise ConfigError(
-                f"--data {spec!r}: class {cname!r} matches several of the run's "
-                f"classes {[names[h] for h in hits]}; rename it in the manifest."
-            )
-        if not hits:
-            names.append(cname)
-            hits = [len(names) - 1]
-        mapping[local] = hits[0]
-    index = len(scenario)
-    site_name = site or src.name
-    dtype = scenario[0].train.images.dtype  # e.g. PNG files (float) joining a MedMNIST run (uint8)
-    splits = {
-        k: src.splits[k].relabel(mapping).with_meta(site=site_name).to_dtype(dtype)
-        for k in ("train", "val", "test")
-    }
-    exp = Experience(
-        index=index,
-        name=site_name,
-        task_id=index,
-        classes=tuple(sorted(set(mapping.values()))),
-        site=site_name,
-        **splits,
-    )
-    kind = scenario.kind if len(names) == scenario.num_classes else "class"
-    return Scenario(
-        name=scenario.name,
-        kind=kind,
-        class_names=tuple(names),
-        experiences=(*scenario.experiences, exp),
-        seed=scenario.seed,
-        sources=(*scenario.sources, {"dataset": src.name, **src.info}),
-    )
+    return cfg, scenario, strategy, memory, state
 
 
-def update(run_dir: str | Path, data: str, *, site: str | None = None, quiet: bool = False) -> Path:
+def update(
+    run_dir: str | Path,
+    data: str,
+    *,
+    site: str | None = None,
+    new_classes: bool = False,
+    quiet: bool = False,
+) -> Path:
     """Add one experience (a new cohort) to a finished run and re-evaluate every experience.
+
+    The cohort's classes are matched to the run's by name (see :mod:`medcl.engine.cohort`);
+    classes the run has not seen are refused unless ``new_classes``. The run directory is locked
+    while it is written, and nothing in it changes when the cohort is refused.
 
     Args:
         run_dir: an existing run directory.
         data: a source spec: MedMNIST flag, CSV manifest or class-folder path.
         site: the cohort's site name (default: the source's name).
+        new_classes: accept classes the run has not seen (the output layer grows).
         quiet: no progress output.
 
     Returns:
         ``run_dir``, with metrics, predictions and a checkpoint for the new experience.
-    """
-    from medcl.config import load_config
 
+    Raises:
+        ConfigError: not a run, an unfinished run, a locked run, or unmatched classes.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoints" / "latest.json").is_file():
         raise ConfigError(
             f"{run_dir} is not a medcl run with a checkpoint (no "
             "checkpoints/latest.json); give the directory `medcl run` printed."
         )
-    cfg = load_config(run_dir / "config.yaml")
-    scenario, strategy, memory = build_components(cfg)
-    state = _restore(run_dir, strategy, memory)
-    for extra in state.extra_experiences:
-        scenario = _extend(scenario, extra["data"], extra["site"], cfg=cfg)
-    if state.completed != len(scenario) - 1:
-        raise ConfigError(
-            f"{run_dir} stopped after experience {state.completed} of "
-            f"{len(scenario)}; finish it first with `medcl run CONFIG --resume`."
+    with RunLock(run_dir):
+        progress = run_progress(run_dir)
+        if not progress.finished:
+            raise ConfigError(
+                f"{run_dir} is unfinished: it {progress.describe()}. `medcl update` adds a "
+                "cohort after the whole stream; finish the run first with "
+                f"`medcl run {run_dir / 'config.yaml'} --resume`."
+            )
+        cfg, scenario, strategy, memory, state = restore_run(run_dir, command="medcl update")
+        scenario = extend_scenario(scenario, data, site, cfg=cfg, new_classes=new_classes)
+        if not quiet:
+            exp = scenario[-1]
+            print(
+                f"cohort {exp.name}: classes "
+                + ", ".join(f"{scenario.class_names[c]} ({c})" for c in exp.classes)
+            )
+        state.extra_experiences.append({"data": data, "site": site, "new_classes": new_classes})
+        memory.attach(scenario.experiences)
+        for row in state.accuracy:  # earlier rows had no entry for the new experience
+            row.append(float("nan"))
+        for row in state.task_accuracy:
+            row.append(float("nan"))
+        state.baseline.append(float("nan"))  # FWT is undefined for a cohort added afterwards
+        monitor = CurveMonitor(
+            scenario.experiences,
+            every=cfg.train.eval_every,
+            max_samples=cfg.train.eval_max_samples,
+            seed=cfg.seed,
         )
-    scenario = _extend(scenario, data, site, cfg=cfg)
-    state.extra_experiences.append({"data": data, "site": site})
-    memory.attach(scenario.experiences)
-    for row in state.accuracy:  # earlier rows had no entry for the new experience
-        row.append(float("nan"))
-    for row in state.task_accuracy:
-        row.append(float("nan"))
-    state.baseline.append(float("nan"))  # FWT is undefined for a cohort added afterwards
-    monitor = CurveMonitor(
-        scenario.experiences,
-        every=cfg.train.eval_every,
-        max_samples=cfg.train.eval_max_samples,
-        seed=cfg.seed,
-    )
-    monitor.rows = state.curves
-    _learn(run_dir, cfg, scenario, strategy, memory, state, monitor, scenario[-1], quiet=quiet)
+        monitor.rows = state.curves
+        _learn(run_dir, cfg, scenario, strategy, memory, state, monitor, scenario[-1], quiet=quiet)
     return run_dir

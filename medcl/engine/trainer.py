@@ -101,6 +101,11 @@ def fit_experience(
     strategy.before_experience(exp, memory)
     data = strategy.training_set(exp, past)
     replay = strategy.uses_memory and len(memory) > 0
+    exp_ids = (
+        torch.tensor(data.meta["experience"].to_numpy(dtype="int64"))
+        if "experience" in data.meta.columns
+        else None
+    )
     n_replay = replay_batch_size or cfg.batch_size
 
     # 2. optimiser over what the strategy trains, one schedule for the whole experience
@@ -123,7 +128,7 @@ def fit_experience(
     device = next(strategy.parameters()).device
     amp = cfg.amp and device.type == "cuda"
     strategy.train()
-    start, step, seen = time.perf_counter(), 0, 0
+    start, step, seen, epoch = time.perf_counter(), 0, 0, 0
     bar = tqdm(
         total=total,
         desc=f"exp {exp.index} {exp.name}",
@@ -131,19 +136,25 @@ def fit_experience(
         leave=False,
         dynamic_ncols=True,
     )
-    while step < total and params:
-        order = torch.randperm(len(data), generator=g)
-        for i in range(0, len(data), cfg.batch_size):
+    while step < total and epoch < cfg.epochs and params:
+        rows = strategy.epoch_rows(epoch, len(data))  # all rows unless the method drops some
+        order = rows[torch.randperm(len(rows), generator=g)]
+        epoch += 1
+        for i in range(0, len(order), cfg.batch_size):
             if step >= total:
                 break
             idx = order[i : i + cfg.batch_size]
             x, y = data.images[idx], data.labels[idx]  # (B, C, H, W[, D]), (B,)
-            e = torch.full_like(y, exp.index)
+            # a training set that joins other experiences' samples (DynaMMo's stage 1) names
+            # each row's experience in an `experience` column; otherwise all rows are `exp`'s
+            e = exp_ids[idx] if exp_ids is not None else torch.full_like(y, exp.index)
+            rix = idx
             if replay:
                 mx, my, me = memory.sample(n_replay, g)
                 x, y, e = torch.cat([x, mx]), torch.cat([y, my]), torch.cat([e, me])
+                rix = torch.cat([idx, torch.full_like(my, -1)])
             x, y, e = augment(x).to(device), y.to(device), e.to(device)
-            batch = Batch(x=x, y=y, exp=e, replay=e != exp.index)
+            batch = Batch(x=x, y=y, exp=e, replay=e != exp.index, index=rix.to(device))
 
             # mixed precision only on accelerators: CPUs here have no fast bf16 (40x slower)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

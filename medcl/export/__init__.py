@@ -1,4 +1,6 @@
-"""Deployment: export a run's model (TorchScript, ONNX, safetensors, MONAI bundle) and predict."""
+"""Deployment: export a run's model (ONNX, TorchScript, safetensors, MONAI bundle), predict with
+the OOD guard. The bundle runtime (:mod:`medcl.export.bundle_runtime`) and the OOD guard
+(:mod:`medcl.export.ood`) are imported from their modules."""
 
 from __future__ import annotations
 
@@ -9,17 +11,21 @@ from medcl.export.exporters import (
     export_safetensors,
     export_torchscript,
     load_safetensors_model,
+    rebuild_module,
 )
-from medcl.export.loading import ExportModule, load_run_strategy, run_metadata
+from medcl.export.loading import ExportModule, guarded_module, load_run_strategy, run_metadata
 from medcl.export.predict import (
+    BACKENDS,
     Predictor,
     expand_inputs,
     input_problem,
     load_predictor,
     predict_files,
+    prediction_rows,
 )
 
 __all__ = [
+    "BACKENDS",
     "FORMATS",
     "ExportModule",
     "Predictor",
@@ -28,10 +34,13 @@ __all__ = [
     "export_run",
     "export_safetensors",
     "export_torchscript",
+    "guarded_module",
     "input_problem",
     "load_predictor",
     "load_run_strategy",
     "load_safetensors_model",
     "predict_files",
+    "prediction_rows",
+    "rebuild_module",
     "run_metadata",
 ]

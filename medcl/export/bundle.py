@@ -1,122 +1,317 @@
-"""MONAI bundle layout for a medcl model.
+"""A MONAI bundle that MONAI itself accepts and runs, offline.
 
-``configs/metadata.json`` (MONAI's metadata schema fields plus ``medcl``: classes, input shape,
-channels, intensity scaling, the run it came from), ``configs/inference.json`` (a MONAI
-``ConfigParser`` pipeline with the same transforms as training: LoadImaged, EnsureChannelFirstd,
-ScaleIntensityd, Resized), ``models/model.ts``, ``models/model.onnx`` and ``docs/README.md``.
-Deviation: MONAI's ``ConfigParser`` cannot express medcl's grey->RGB channel repeat as a plain
-transform, so ``inference.json`` records it in ``medcl.channels`` and ``medcl predict`` applies it
-through :func:`medcl.data.files.load_image_files`.
+Layout (MONAI bundle specification)::
+
+    BUNDLE/
+      LICENSE                   licence of the model and of its training data
+      configs/metadata.json     every key the bundle schema requires + ``medcl`` (preprocessing,
+                                OOD guard, training facts, the architecture to rebuild)
+      configs/inference.json    a complete ``monai.bundle run`` pipeline (below)
+      models/model.pt           state dict of ``network_def`` (loaded with weights_only=True)
+      models/model.ts           TorchScript (deprecated by PyTorch; kept while torch ships it)
+      models/model.onnx         ONNX (torch.export / dynamo exporter), checked with onnxruntime
+      docs/README.md            the model card (:mod:`medcl.card`)
+      docs/license.txt          same text as LICENSE
+
+``inference.json``: ``datalist`` (every PNG/JPEG/DICOM/NIfTI file under ``dataset_dir``) ->
+``preprocessing`` (:meth:`medcl.data.preprocessing.Preprocessing.config`, the exact list
+training and ``medcl predict`` instantiate) -> ``Dataset`` / ``DataLoader`` -> ``network``
+(:class:`~medcl.export.bundle_runtime.BundleNetwork`, weights from ``model.pt`` by
+``CheckpointLoader``) -> ``GuardedInferer`` -> ``PredictionWriter`` (``output_dir/
+predictions.csv`` with the columns of ``medcl predict``), driven by ``SupervisedEvaluator``::
+
+    cd BUNDLE && python -m monai.bundle run --config_file configs/inference.json \\
+        --dataset_dir /path/to/images
+
+``model.ts`` / ``model.onnx`` return ``(probabilities, route, ood_score)`` for
+``medcl predict``; ``network_def`` returns the probabilities alone (one tensor, as
+``verify_net_in_out`` requires).
 """
 
 from __future__ import annotations
 
-__all__ = ["read_bundle_metadata", "write_bundle"]
+__all__ = [
+    "METADATA_SCHEMA",
+    "REQUIRED_METADATA_KEYS",
+    "REQUIRED_TENSOR_KEYS",
+    "read_bundle_metadata",
+    "write_bundle",
+]
 
 import json
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
-from medcl.errors import ConfigError
+import torch
+
+from medcl.data.preprocessing import Preprocessing
+from medcl.errors import DataError
+from medcl.export.bundle_runtime import BundleNetwork, read_bundle_metadata
 from medcl.export.exporters import export_onnx, export_torchscript
 from medcl.export.loading import ExportModule
 
+#: The bundle metadata schema MONAI's ``verify_metadata`` downloads (not reachable offline).
+METADATA_SCHEMA = (
+    "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
+    "meta_schema_20240725.json"
+)
+#: Top-level keys that schema requires.
+REQUIRED_METADATA_KEYS = (
+    "schema",
+    "version",
+    "changelog",
+    "monai_version",
+    "pytorch_version",
+    "numpy_version",
+    "required_packages_version",
+    "task",
+    "description",
+    "authors",
+    "copyright",
+    "network_data_format",
+)
+#: Keys every tensor format specifier needs (inputs and outputs).
+REQUIRED_TENSOR_KEYS = (
+    "type",
+    "format",
+    "modality",
+    "num_channels",
+    "spatial_shape",
+    "dtype",
+    "value_range",
+    "is_patch_data",
+    "channel_def",
+)
+_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".nii", ".nii.gz")
 
-def _monai_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+
+def _version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _licences(meta: dict[str, Any]) -> list[str]:
+    return sorted({s.get("licence", "") for s in meta.get("sources_info", []) if s.get("licence")})
+
+
+def _monai_metadata(meta: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     import monai
-    import torch
+    import numpy as np
 
     import medcl
 
     shape = meta["input_shape"]
+    after = meta.get("model_after_experience", {})
+    index = int(after.get("index", 0))
+    version = f"0.{index + 1}.0"
+    history = meta.get("history", [])
+    changelog = {
+        f"0.{h['index'] + 1}.0": f"trained on experience {h['index']}: {h['name']}" for h in history
+    }
+    changelog[version] = (
+        changelog.get(version, "exported") + f" (exported by medcl {medcl.__version__})"
+    )
+    modalities = meta.get("acquisition", {}).get("modalities", [])
+    channel_def = {0: "grey"} if shape[0] == 1 else {0: "R", 1: "G", 2: "B"}
+    sources = ", ".join(s["dataset"] for s in meta.get("acquisition", {}).get("sources", []))
     return {
-        "version": "0.1.0",
+        "schema": METADATA_SCHEMA,
+        "version": version,
+        "changelog": dict(sorted(changelog.items(), reverse=True)),
         "monai_version": monai.__version__,
-        "pytorch_version": torch.__version__,
-        "medcl_version": medcl.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {
+            "medcl": medcl.__version__,
+            "pytorch-ignite": _version("pytorch-ignite"),
+            "pydicom": _version("pydicom"),
+            "nibabel": _version("nibabel"),
+            "pillow": _version("pillow"),
+        },
         "name": f"medcl {meta['strategy']} on {meta['scenario']}",
-        "task": "classification",
-        "description": "Continual-learning classifier exported by `medcl export`.",
+        "task": f"{meta['num_classes']}-class image classification ({meta['scenario']})",
+        "description": (
+            f"Continual-learning classifier ({meta['strategy']}) exported by `medcl export` "
+            f"after experience {index}; inputs unlike the training cohorts are flagged (ood)."
+        ),
+        "authors": "the team that ran this medcl run (set before distribution)",
+        "copyright": "Copyright (c) the run's authors; see LICENSE for the training data terms",
+        "intended_use": "Research use; decision support only after local validation. See docs/README.md.",
+        "data_source": sources,
+        "data_type": "PNG/JPEG, DICOM, NIfTI",
+        "references": ["medcl model card: docs/README.md"],
         "network_data_format": {
             "inputs": {
                 "image": {
                     "type": "image",
                     "format": "magnitude",
+                    "modality": "/".join(modalities) or "n/a",
                     "num_channels": shape[0],
                     "spatial_shape": shape[1:],
                     "dtype": "float32",
                     "value_range": [0, 1],
                     "is_patch_data": False,
+                    "channel_def": channel_def,
                 }
             },
             "outputs": {
-                "probabilities": {
+                "pred": {
                     "type": "probabilities",
+                    "format": "classes",
+                    "modality": "n/a",
                     "num_channels": meta["num_classes"],
+                    "spatial_shape": [],
                     "dtype": "float32",
                     "value_range": [0, 1],
+                    "is_patch_data": False,
                     "channel_def": dict(enumerate(meta["class_names"])),
                 }
             },
         },
-        "medcl": meta,
+        "medcl": meta | {"rebuild": config},
     }
 
 
 def _inference_config(meta: dict[str, Any]) -> dict[str, Any]:
-    size = meta["image_size"]
+    pre = Preprocessing.from_meta(meta)
+    pre_items = pre.config()
+    suffixes = repr(_SUFFIXES)
     return {
-        "imports": ["$import torch"],
+        "imports": ["$import glob", "$import os", "$import torch"],
         "bundle_root": ".",
+        "output_dir": "$@bundle_root + '/eval'",
+        "dataset_dir": "$@bundle_root + '/sample'",
+        "datalist": "$sorted(f for f in glob.glob(os.path.join(@dataset_dir, '**', '*'), "
+        f"recursive=True) if f.lower().endswith({suffixes}))",
         "device": "$torch.device('cpu')",
-        "network_def": "$torch.jit.load(@bundle_root + '/models/model.ts')",
-        "preprocessing": {
-            "_target_": "Compose",
-            "transforms": [
-                {"_target_": "LoadImaged", "keys": "image", "image_only": True},
-                {"_target_": "EnsureChannelFirstd", "keys": "image"},
-                {"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0},
-                {
-                    "_target_": "Resized",
-                    "keys": "image",
-                    "spatial_size": size,
-                    "mode": "bilinear" if len(size) == 2 else "trilinear",
-                    "anti_aliasing": True,
-                },
-            ],
+        "reject_ood": False,
+        "network_def": {
+            "_target_": "medcl.export.bundle_runtime.BundleNetwork",
+            "bundle_root": "@bundle_root",
         },
-        "medcl": {"channels": meta["channels"], "note": "convert channels: mean 3->1, repeat 1->3"},
+        "network": "$@network_def.to(@device)",
+        "preprocessing": {"_target_": "Compose", "transforms": pre_items},
+        "dataset": {
+            "_target_": "Dataset",
+            "data": "$[{'image': f, 'path': f} for f in @datalist]",
+            "transform": "@preprocessing",
+        },
+        "dataloader": {
+            "_target_": "DataLoader",
+            "dataset": "@dataset",
+            "batch_size": 64,
+            "shuffle": False,
+            "num_workers": 0,
+        },
+        "inferer": {"_target_": "medcl.export.bundle_runtime.GuardedInferer"},
+        "handlers": [
+            {
+                "_target_": "CheckpointLoader",
+                "load_path": "$@bundle_root + '/models/model.pt'",
+                "load_dict": {"model": "@network"},
+                "map_location": "@device",
+            },
+            {
+                "_target_": "medcl.export.bundle_runtime.PredictionWriter",
+                "output_dir": "@output_dir",
+                "bundle_root": "@bundle_root",
+                "reject_ood": "@reject_ood",
+            },
+        ],
+        "evaluator": {
+            "_target_": "SupervisedEvaluator",
+            "device": "@device",
+            "val_data_loader": "@dataloader",
+            "network": "@network",
+            "inferer": "@inferer",
+            "val_handlers": "@handlers",
+            "decollate": False,
+        },
+        "run": ["$@evaluator.run()"],
     }
 
 
-def write_bundle(module: ExportModule, meta: dict[str, Any], out: str | Path) -> Path:
-    """Write the bundle folder ``out`` (TorchScript and ONNX are both verified on export)."""
+def _licence_text(meta: dict[str, Any]) -> str:
+    sources = meta.get("sources_info", [])
+    lines = [
+        "Model weights and configuration exported by medcl (Apache-2.0 software).",
+        "",
+        "The weights were trained on the data sources below; their terms apply to the model:",
+        "",
+    ]
+    lines += [f"- {s.get('dataset', '?')}: {s.get('licence', 'unknown')}" for s in sources]
+    if any("CC BY" in s.get("licence", "") for s in sources):
+        lines += [
+            "",
+            "CC BY 4.0 sources require attribution: cite MedMNIST v2 (Yang et al., Scientific "
+            "Data 2023) and the original dataset papers when you share this model.",
+        ]
+    lines += [
+        "",
+        "Not a medical device. Validate locally before any clinical use.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_bundle(
+    module: ExportModule, meta: dict[str, Any], config: dict[str, Any], out: str | Path
+) -> Path:
+    """Write the bundle folder ``out``; an existing folder is replaced only once all is written.
+
+    Args:
+        module: the guarded export module.
+        meta: export metadata (:func:`~medcl.export.loading.run_metadata` + guard).
+        config: how to rebuild the architecture (``model``, ``strategy``, ``scenario_kind``,
+            ``seen``).
+        out: the bundle folder.
+
+    Returns:
+        ``out``.
+    """
+    from medcl.card import model_card
+
     out = Path(out)
-    (out / "configs").mkdir(parents=True, exist_ok=True)
-    (out / "docs").mkdir(parents=True, exist_ok=True)
-    export_torchscript(module, meta, out / "models" / "model.ts")
-    export_onnx(module, meta, out / "models" / "model.onnx")
-    (out / "configs" / "metadata.json").write_text(json.dumps(_monai_metadata(meta), indent=1))
-    (out / "configs" / "inference.json").write_text(json.dumps(_inference_config(meta), indent=1))
-    shape = "x".join(map(str, meta["input_shape"]))
-    (out / "docs" / "README.md").write_text(
-        f"# {meta['strategy']} on {meta['scenario']}\n\n"
-        f"Exported by `medcl export` from run `{meta['run']['name']}`.\n\n"
-        f"- classes: {', '.join(meta['class_names'])}\n"
-        f"- input: float32 (B, {shape}) in [0, 1] (per-image min-max scaling, resize, "
-        f"{meta['channels']} channel(s)); normalisation is inside the model\n"
-        "- outputs: `probabilities` (B, K) and `route` (B,) (routed head, -1 when none)\n\n"
-        "Run `medcl predict <this folder> IMAGES...` for the exact training preprocessing.\n"
-    )
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "configs").mkdir(parents=True)
+    (tmp / "docs").mkdir()
+    (tmp / "models").mkdir()
+    network = BundleNetwork(module=module).eval()
+    torch.save(network.state_dict(), tmp / "models" / "model.pt")
+    with warnings.catch_warnings():  # the bundle keeps model.ts while torch ships TorchScript
+        warnings.simplefilter("ignore", FutureWarning)
+        export_torchscript(module, meta, tmp / "models" / "model.ts")
+    export_onnx(module, meta, tmp / "models" / "model.onnx")
+    monai_meta = _monai_metadata(meta, config)
+    (tmp / "configs" / "metadata.json").write_text(json.dumps(monai_meta, indent=1))
+    (tmp / "configs" / "inference.json").write_text(json.dumps(_inference_config(meta), indent=1))
+    licence = _licence_text(meta)
+    (tmp / "LICENSE").write_text(licence)
+    (tmp / "docs" / "license.txt").write_text(licence)
+    run_dir = Path(meta["run"]["dir"])
+    try:
+        card = model_card(run_dir, meta=meta, bundle=True)
+    except DataError:  # no report.json yet: say so instead of inventing numbers
+        card = (
+            f"# {meta['strategy']} on {meta['scenario']}\n\nThe run has no clinical report, so "
+            "this bundle has no model card yet: run `medcl report RUN` and export again.\n\n"
+            f"Classes: {', '.join(meta['class_names'])}. Run the bundle with\n"
+            "`python -m monai.bundle run --config_file configs/inference.json "
+            "--dataset_dir DIR`.\n"
+        )
+    (tmp / "docs" / "README.md").write_text(card)
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
     return out
-
-
-def read_bundle_metadata(bundle: str | Path) -> dict[str, Any]:
-    """The medcl metadata of a bundle folder (``configs/metadata.json`` -> ``medcl``)."""
-    path = Path(bundle) / "configs" / "metadata.json"
-    if not path.is_file():
-        raise ConfigError(f"{bundle} is not a medcl bundle: {path} is missing.")
-    meta = json.loads(path.read_text())
-    if "medcl" not in meta:
-        raise ConfigError(f"{path} has no 'medcl' section; re-export with `medcl export`.")
-    return meta["medcl"]

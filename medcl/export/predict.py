@@ -16,7 +16,15 @@ the very input the model was evaluated on.
 
 from __future__ import annotations
 
-__all__ = ["Predictor", "expand_inputs", "input_problem", "load_predictor", "predict_files"]
+__all__ = [
+    "BACKENDS",
+    "Predictor",
+    "expand_inputs",
+    "input_problem",
+    "load_predictor",
+    "predict_files",
+    "prediction_rows",
+]
 
 import json
 import warnings
@@ -30,25 +38,27 @@ import pandas as pd
 import torch
 
 from medcl.data.files import _inspect, load_image_files
-from medcl.errors import ConfigError
+from medcl.errors import ConfigError, DataError
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".nii", ".nii.gz", ".dcm")
+#: Which file of a bundle ``load_predictor`` runs.
+BACKENDS = ("onnx", "torchscript")
 
 
 @dataclass
 class Predictor:
-    """A loaded model: ``fn`` maps ``(B, *input_shape)`` [0, 1] floats -> (probs, route)."""
+    """A loaded model: ``fn`` maps ``(B, *input_shape)`` [0, 1] floats -> (probs ``(B, K)``,
+    route ``(B,)``, OOD score ``(B,)``); exports older than the OOD guard return two arrays."""
 
-    fn: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
+    fn: Callable[[torch.Tensor], tuple[np.ndarray, ...]]
     meta: dict[str, Any]
     source: str
 
 
 def _torch_fn(module) -> Callable:
-    def fn(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def fn(x: torch.Tensor) -> tuple[np.ndarray, ...]:
         with torch.no_grad():
-            p, r = module(x)
-        return p.numpy(), r.numpy()
+            return tuple(t.numpy() for t in module(x))
 
     return fn
 
@@ -57,7 +67,14 @@ def _ts(path: Path) -> Predictor:
     extra = {"metadata.json": ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        try:
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        except Exception as e:  # torch raises RuntimeError/ValueError for any damaged archive
+            raise DataError(
+                f"{path} could not be loaded as TorchScript ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); it is damaged or not a "
+                "`medcl export` file. Export the model again with `medcl export RUN_DIR`."
+            ) from None
     if not extra["metadata.json"]:
         raise ConfigError(f"{path}: TorchScript file without medcl metadata; export it again.")
     return Predictor(_torch_fn(module.eval()), json.loads(extra["metadata.json"]), "torchscript")
@@ -68,10 +85,21 @@ def _onnx(path: Path) -> Predictor:
 
     from medcl.export.exporters import _onnx_session
 
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    fix = "it is damaged or not a `medcl export` file. Export it again with `medcl export -f onnx`."
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError and friends
+        raise DataError(f"{path} could not be loaded as ONNX ({type(e).__name__}); {fix}") from None
+    props = {p.key: p.value for p in proto.metadata_props}
     if "medcl_metadata" not in props:
         raise ConfigError(f"{path}: ONNX file without medcl metadata; export it again.")
-    sess = _onnx_session(path)
+    try:
+        sess = _onnx_session(path)
+    except Exception as e:  # onnxruntime's InvalidGraph / Fail
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise DataError(
+            f"{path} could not be opened by onnxruntime ({type(e).__name__}: {msg}); {fix}"
+        ) from None
     return Predictor(
         lambda x: tuple(sess.run(None, {"image": x.numpy()})),
         json.loads(props["medcl_metadata"]),
@@ -79,11 +107,24 @@ def _onnx(path: Path) -> Predictor:
     )
 
 
-def load_predictor(model: str | Path, *, backend: str = "torchscript") -> Predictor:
+def load_predictor(
+    model: str | Path,
+    *,
+    backend: str = "torchscript",
+    experience: int | None = None,
+    allow_partial: bool = False,
+) -> Predictor:
     """Load a run directory, bundle folder or ``.ts`` / ``.onnx`` / ``.safetensors`` file.
 
-    ``backend`` (``torchscript`` or ``onnx``) picks the file used from a bundle.
+    ``backend`` (``torchscript`` or ``onnx``) picks the file used from a bundle. For a run
+    directory, ``experience`` / ``allow_partial`` choose the model as in
+    :func:`~medcl.export.exporters.export_run` (an unfinished run is otherwise an error).
+
+    Raises:
+        DataError: a TorchScript / ONNX file that cannot be loaded (damaged, not an export).
     """
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {list(BACKENDS)}; got {backend!r}.")
     path = Path(model)
     if path.is_dir() and (path / "configs" / "metadata.json").is_file():
         return (
@@ -92,11 +133,16 @@ def load_predictor(model: str | Path, *, backend: str = "torchscript") -> Predic
             else _ts(path / "models" / "model.ts")
         )
     if path.is_dir() and (path / "config.yaml").is_file():
-        from medcl.export.loading import ExportModule, load_run_strategy, run_metadata
+        from medcl.engine.rundir import select_experience
+        from medcl.export.loading import guarded_module, load_run_strategy, run_metadata
 
-        scenario, strategy = load_run_strategy(path)
-        module = ExportModule(strategy.deployable_model()).eval()
-        return Predictor(_torch_fn(module), run_metadata(path, scenario, strategy), "pytorch")
+        after = select_experience(
+            path, experience, allow_partial=allow_partial, command="medcl predict"
+        )
+        scenario, strategy = load_run_strategy(path, experience=after)
+        meta = run_metadata(path, scenario, strategy, experience=after)
+        module = guarded_module(path, scenario, strategy, meta)
+        return Predictor(_torch_fn(module), meta, "pytorch")
     suffix = path.suffix.lower()
     if path.is_file() and suffix in (".ts", ".pt"):
         return _ts(path)
@@ -172,20 +218,69 @@ def _load(paths: list[str], meta: dict[str, Any]) -> torch.Tensor:
         )
 
 
+def prediction_rows(
+    rows: list[dict[str, Any]],
+    done: Sequence[int],
+    probs: np.ndarray,
+    route: np.ndarray,
+    score: np.ndarray | None,
+    meta: dict[str, Any],
+    *,
+    reject_ood: bool = False,
+) -> pd.DataFrame:
+    """Fill ``rows[done]`` with the model's outputs and the OOD verdict; return the table.
+
+    Shared by :func:`predict_files` and the bundle's
+    :class:`~medcl.export.bundle_runtime.PredictionWriter`, so both write the same columns:
+    ``input, status, error, predicted_class, p_<class>..., route, ood, ood_score, ood_reason``
+    (``ood_score``: the feature distance compared with ``meta["ood"]["threshold"]``).
+    """
+    from medcl.export.ood import acquisition_problems, ood_reason
+
+    names, routes = meta["class_names"], meta.get("routes", [])
+    facts, guard = meta.get("acquisition", {}), meta.get("ood", {})
+    if score is None:
+        score = np.full(len(done), np.nan)
+    for i, p, r, s in zip(done, probs, route, score, strict=True):
+        row = rows[i]
+        row.update({f"p_{n}": float(v) for n, v in zip(names, p, strict=True)})
+        row["predicted_class"] = names[int(np.argmax(p))]
+        row["route"] = routes[int(r)] if 0 <= int(r) < len(routes) else ""
+        reason = ood_reason(float(s), guard, acquisition_problems(row["input"], facts))
+        row["ood"], row["ood_score"], row["ood_reason"] = bool(reason), float(s), reason
+        if reject_ood and reason:
+            row["predicted_class"] = ""  # flagged: no class, probabilities kept for audit
+    cols = [
+        "input",
+        "status",
+        "error",
+        "predicted_class",
+        *(f"p_{n}" for n in names),
+        "route",
+        "ood",
+        "ood_score",
+        "ood_reason",
+    ]
+    df = pd.DataFrame(rows).reindex(columns=cols)
+    return df.fillna({"predicted_class": "", "route": "", "ood_reason": ""})
+
+
 def predict_files(
     predictor: Predictor,
     inputs: Sequence[str | Path],
     *,
     batch_size: int = 64,
     progress: bool = False,
+    reject_ood: bool = False,
 ) -> pd.DataFrame:
     """One row per input file: ``input``, ``status`` (ok/error), ``error``, ``predicted_class``,
-    ``p_<class>`` per class and ``route`` (routed experience, empty when the model does not
-    route). Files are checked one by one, then loaded and predicted in batches."""
+    ``p_<class>`` per class, ``route`` (routed experience, empty when the model does not
+    route), ``ood`` (True: unlike the training cohorts) and ``ood_reason``. Files are checked
+    one by one, then loaded and predicted in batches. ``reject_ood`` leaves flagged rows
+    without a class."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1; got {batch_size}.")
     meta = predictor.meta
-    names, routes = meta["class_names"], meta.get("routes", [])
     files = expand_inputs(inputs, spatial_dims=meta["spatial_dims"])
     if not files:
         raise ConfigError(f"no input files found in {list(map(str, inputs))}.")
@@ -199,6 +294,8 @@ def predict_files(
         from tqdm import tqdm
 
         chunks = tqdm(chunks, desc="predict", unit="batch")
+    done: list[int] = []
+    outputs: list[tuple[np.ndarray, ...]] = []
     for chunk in chunks:
         try:
             x = _load([files[i] for i in chunk], meta)
@@ -213,10 +310,11 @@ def predict_files(
             chunk, x = ok, (torch.cat(parts) if parts else None)
         if x is None:
             continue
-        probs, route = predictor.fn(x.float())
-        for i, p, r in zip(chunk, probs, route, strict=True):
-            rows[i].update({f"p_{n}": float(v) for n, v in zip(names, p, strict=True)})
-            rows[i]["predicted_class"] = names[int(np.argmax(p))]
-            rows[i]["route"] = routes[int(r)] if 0 <= int(r) < len(routes) else ""
-    cols = ["input", "status", "error", "predicted_class", *(f"p_{n}" for n in names), "route"]
-    return pd.DataFrame(rows).reindex(columns=cols).fillna({"predicted_class": "", "route": ""})
+        done.extend(chunk)
+        outputs.append(tuple(predictor.fn(x.float())))
+    k = len(meta["class_names"])
+    cat = [np.concatenate(o) for o in zip(*outputs, strict=True)] if outputs else []
+    probs = cat[0] if cat else np.zeros((0, k))
+    route = cat[1] if cat else np.zeros(0, np.int64)
+    score = cat[2] if len(cat) > 2 else None
+    return prediction_rows(rows, done, probs, route, score, meta, reject_ood=reject_ood)

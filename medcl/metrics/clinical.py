@@ -232,10 +232,13 @@ class _AurocPlan:
         b = counts.shape[0]
         if self.pos.size == 0 or self.neg.size == 0:
             return np.full(b, np.nan)
-        cum = np.zeros((b, self.neg.size + 1), dtype=np.int64)
+        cum = np.zeros((b, self.neg.size + 1), dtype=np.int32)  # counts <= N < 2**31
         np.cumsum(counts[:, self.neg], axis=1, out=cum[:, 1:])  # (B, N_neg + 1)
         w_pos = counts[:, self.pos]  # (B, N_pos)
-        num = 0.5 * np.einsum("bi,bi->b", w_pos, cum[:, self.lo] + cum[:, self.hi])
+        # accumulate in float64: an int32 sum of w * rank would overflow past ~2e9
+        num = 0.5 * np.einsum(
+            "bi,bi->b", w_pos, cum[:, self.lo] + cum[:, self.hi], dtype=np.float64
+        )
         return _div(num, w_pos.sum(axis=1).astype(np.float64) * cum[:, -1])
 
 
@@ -399,7 +402,81 @@ def _draw(rng: np.random.Generator, strata: list[np.ndarray], n: int, b: int) ->
     return idx
 
 
+def _seed_key(seed: int | np.random.SeedSequence) -> tuple | None:
+    if isinstance(seed, np.random.SeedSequence):
+        entropy = seed.entropy if isinstance(seed.entropy, int) else tuple(seed.entropy)
+        return ("ss", entropy, tuple(seed.spawn_key), seed.pool_size)
+    return ("int", int(seed)) if isinstance(seed, int | np.integer) else None
+
+
+#: (inputs digest, options) -> read-only replicates. A report bootstraps the same rows with
+#: the same seed more than once (the model's table, then the paired comparison); the result is
+#: a pure function of its inputs, so it is computed once.
+_REPLICATE_CACHE: dict[tuple, NDArray[np.float64]] = {}
+_CACHE_SIZE = 32
+
+
 def _replicates(
+    yt: NDArray[np.int64],
+    yp: NDArray[np.float64],
+    metrics: Sequence[MetricSpec],
+    names: list[str],
+    *,
+    threshold: float | None,
+    n_resamples: int,
+    stratified: bool,
+    seed: int | np.random.SeedSequence,
+    n_bins: int,
+) -> NDArray[np.float64]:
+    """``(n_resamples, R)`` bootstrap replicates of every row of :func:`_row_labels` (cached)."""
+    import hashlib
+
+    seed_key = _seed_key(seed)
+    if seed_key is None or any(callable(m) for m in metrics):
+        return _compute_replicates(
+            yt,
+            yp,
+            metrics,
+            names,
+            threshold=threshold,
+            n_resamples=n_resamples,
+            stratified=stratified,
+            seed=seed,
+            n_bins=n_bins,
+        )
+    digest = hashlib.blake2b(np.ascontiguousarray(yt).tobytes(), digest_size=16)
+    digest.update(np.ascontiguousarray(yp).tobytes())
+    digest.update(str(yp.shape).encode())
+    key = (
+        digest.hexdigest(),
+        tuple(metrics),
+        tuple(names),
+        threshold,
+        n_resamples,
+        stratified,
+        seed_key,
+        n_bins,
+    )
+    if key not in _REPLICATE_CACHE:
+        out = _compute_replicates(
+            yt,
+            yp,
+            metrics,
+            names,
+            threshold=threshold,
+            n_resamples=n_resamples,
+            stratified=stratified,
+            seed=seed,
+            n_bins=n_bins,
+        )
+        out.flags.writeable = False
+        if len(_REPLICATE_CACHE) >= _CACHE_SIZE:
+            _REPLICATE_CACHE.pop(next(iter(_REPLICATE_CACHE)))
+        _REPLICATE_CACHE[key] = out
+    return _REPLICATE_CACHE[key]
+
+
+def _compute_replicates(
     yt: NDArray[np.int64],
     yp: NDArray[np.float64],
     metrics: Sequence[MetricSpec],
@@ -433,6 +510,7 @@ def _replicates(
             (offsets * n_classes**2 + codes[idx]).ravel(), minlength=b * n_classes**2
         ).reshape(b, n_classes, n_classes)
         counts = np.bincount((offsets * n + idx).ravel(), minlength=b * n).reshape(b, n)
+        counts = counts.astype(np.int32)  # halves the memory traffic of the AUROC cumsums
         auc = np.stack([plan(counts) for plan in plans], axis=1) if plans else None
         if auc is None:
             auc = np.full((b, n_classes), np.nan)

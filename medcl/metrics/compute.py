@@ -1,10 +1,19 @@
-"""Compute cost of a deployable model: parameters, MACs (PyTorch's FlopCounterMode), latency."""
+"""Compute cost: parameters, MACs (PyTorch's FlopCounterMode) and latency of a deployable model;
+training FLOPs counted per update (:class:`TrainingFlops`), for every method alike."""
 
 from __future__ import annotations
 
-__all__ = ["compute_profile", "count_macs", "count_parameters", "measure_latency"]
+__all__ = [
+    "TrainingFlops",
+    "compute_profile",
+    "count_macs",
+    "count_parameters",
+    "layer_flops",
+    "measure_latency",
+]
 
 import time
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -66,3 +75,82 @@ def compute_profile(
     if latency:
         out["latency_ms_b1"] = 1000 * measure_latency(model, input_shape)
     return out
+
+
+@torch.no_grad()
+def layer_flops(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """Dense forward FLOPs of each conv/linear module for one input of ``input_shape``.
+
+    Counted by ``FlopCounterMode`` (which counts matmuls and convolutions only; BatchNorm,
+    activations and pooling are not counted), keyed by module path inside ``model``.
+    """
+    was = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    model.train(was)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    out = {}
+    for name, m in model.named_modules():
+        if name and isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            out[name] = int(sum(counts.get(f"{root}.{name}", {}).values()))
+    return out
+
+
+class TrainingFlops:
+    """Training FLOPs counted update by update, not estimated from epochs.
+
+    Per example and per layer ``l`` with dense forward FLOPs ``F_l`` (:func:`layer_flops`),
+    weight density ``d_w`` and gradient density ``d_g`` (1 for dense training)::
+
+        forward  = sum_l F_l * d_w(l)
+        backward = sum_l F_l * d_w(l)      (gradient w.r.t. activations)
+                 + sum_l F_l * d_g(l)      (gradient w.r.t. weights)
+
+    :meth:`add` multiplies by the number of examples actually passed. A method that runs a
+    second pass (SAM) or a forward-only scoring pass adds it separately. This is the accounting
+    of SparCL's paper made explicit (its exact formula is not published; medcl's reconstruction).
+
+    Args:
+        model: the network trained (its conv/linear layers are profiled).
+        input_shape: one example's shape ``(C, H, W[, D])``.
+    """
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+        self.input_shape = tuple(input_shape)
+        self.layers_ = layer_flops(model, self.input_shape)
+        self.total_ = 0.0
+
+    def reprofile(self, model: nn.Module) -> None:
+        """Re-measure the per-layer FLOPs (after a head grew, for instance)."""
+        self.layers_ = layer_flops(model, self.input_shape)
+
+    def per_example(
+        self,
+        *,
+        backward: bool = True,
+        weight_density: Mapping[str, float] | None = None,
+        grad_density: Mapping[str, float] | None = None,
+    ) -> float:
+        """FLOPs of one example's forward (+ backward) pass at the given densities.
+
+        Args:
+            backward: include the backward pass.
+            weight_density: kept fraction per layer path (missing layers: 1).
+            grad_density: fraction of weight gradients computed per layer (default: the
+                weight density).
+        """
+        wd = weight_density or {}
+        gd = grad_density if grad_density is not None else wd
+        fwd = sum(f * wd.get(n, 1.0) for n, f in self.layers_.items())
+        if not backward:
+            return float(fwd)
+        return float(2 * fwd + sum(f * gd.get(n, wd.get(n, 1.0)) for n, f in self.layers_.items()))
+
+    def add(self, examples: int, **density: object) -> float:
+        """Count ``examples`` passes (keywords of :meth:`per_example`); returns the FLOPs added."""
+        flops = examples * self.per_example(**density)  # type: ignore[arg-type]
+        self.total_ += flops
+        return flops

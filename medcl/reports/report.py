@@ -133,6 +133,8 @@ def build_report(
     errors_per_class: int = 4,
     safe_id_columns: Sequence[str] = (),
     thumbnails: bool = True,
+    experience: int | None = None,
+    allow_partial: bool = False,
 ) -> Report:
     """Compute everything the report shows for the final model of ``run_dir``.
 
@@ -150,6 +152,9 @@ def build_report(
             with the failure cases).
         thumbnails: load the run's data again for error thumbnails, train/val counts and data
             sources (off: test counts only, no thumbnails).
+        experience: report the model after this experience as the final one.
+        allow_partial: report an unfinished run's last completed experience (otherwise an
+            unfinished run is an error).
 
     Returns:
         The :class:`Report`.
@@ -157,7 +162,12 @@ def build_report(
     Raises:
         DataError: unreadable run directory, or a ``compare`` run of another scenario.
     """
-    res = RunResults(run_dir, safe_id_columns=safe_id_columns)
+    res = RunResults(
+        run_dir,
+        safe_id_columns=safe_id_columns,
+        experience=experience,
+        allow_partial=allow_partial,
+    )
     options = {
         "n_resamples": n_resamples,
         "alpha": alpha,
@@ -231,6 +241,9 @@ def build_report(
     )
     data["summary"] = sections.summary_section(overall, data)
     data["notes"] = notes
+    data["gate"] = [  # update-gate decisions (medcl.gate), oldest first
+        json.loads(f.read_text()) for f in sorted((Path(run_dir) / "gate").glob("after-*.json"))
+    ]
     figures = sections.figures(res, table, confusion, n_bins=n_bins)
     return Report(_plain(data), figures, thumbs)
 
@@ -248,6 +261,8 @@ def write_report(
     errors_per_class: int = 4,
     safe_id_columns: Sequence[str] = (),
     thumbnails: bool = True,
+    experience: int | None = None,
+    allow_partial: bool = False,
 ) -> Path:
     """Build the report of ``run_dir`` and write ``report.html`` + ``report.json``.
 
@@ -257,8 +272,8 @@ def write_report(
         n_resamples: bootstrap resamples for every confidence interval.
         seed: bootstrap seed.
         out_dir: where to write (default: ``run_dir``).
-        alpha, threshold, n_bins, errors_per_class, safe_id_columns, thumbnails: see
-            :func:`build_report`.
+        alpha, threshold, n_bins, errors_per_class, safe_id_columns, thumbnails, experience,
+            allow_partial: see :func:`build_report`.
 
     Returns:
         Path of ``report.html``.
@@ -274,5 +289,7 @@ def write_report(
         errors_per_class=errors_per_class,
         safe_id_columns=safe_id_columns,
         thumbnails=thumbnails,
+        experience=experience,
+        allow_partial=allow_partial,
     )
     return report.write(Path(run_dir) if out_dir is None else out_dir)

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from medcl.errors import DataError, did_you_mean
+from medcl.errors import DataError, MedclError, did_you_mean
 from medcl.metrics.calibration import expected_calibration_error, reliability_table
 from medcl.metrics.clinical import DEFAULT_METRICS, confusion, per_group_metrics, site_heterogeneity
 from medcl.metrics.continual import (
@@ -129,12 +129,25 @@ class RunResults:
         safe_id_columns: per-row metadata columns the user declares free of patient
             identifiers (e.g. a de-identified study number) to show in reports; every other
             column beyond :data:`SAFE_COLUMNS` is dropped on load.
+        experience: the model to treat as final (``--experience K``); default the run's final
+            model. Later experiences are left out of every frame.
+        allow_partial: accept an unfinished run; its last completed experience is the final
+            model (without this or ``experience``, an unfinished run is an error).
 
     Raises:
-        DataError: the directory or one of its required files is missing or unreadable.
+        DataError: the directory or one of its required files is missing or unreadable, or
+            the final model's predictions file is missing or partial (the message names it).
+        ConfigError: an unfinished run without ``experience`` / ``allow_partial``.
     """
 
-    def __init__(self, run_dir: str | Path, *, safe_id_columns: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        safe_id_columns: Sequence[str] = (),
+        experience: int | None = None,
+        allow_partial: bool = False,
+    ) -> None:
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
             raise DataError(
@@ -160,6 +173,55 @@ class RunResults:
                 f"{self.run_dir / 'predictions'} holds no after-NNN.npz files; the run "
                 "has not finished an experience yet."
             )
+        from medcl.engine.rundir import select_experience
+
+        self._final = select_experience(
+            self.run_dir, experience, allow_partial=allow_partial, command="medcl report"
+        )
+        self._check_final()
+
+    def _check_final(self) -> None:
+        """The final model's predictions exist, are readable and cover every test row."""
+        k = self._final
+        path = self.run_dir / "predictions" / f"after-{k:03d}.npz"
+        earlier = [s for s in self.snapshots if s < k]
+        other = (
+            f"report the model after experience {earlier[-1]} instead with --experience "
+            f"{earlier[-1]}"
+            if earlier
+            else "start the run again"
+        )
+        if not path.is_file():
+            raise DataError(
+                f"{path} is missing: the test predictions of the model after experience {k}, "
+                f"which the report would describe as its final model. Resume the run to write "
+                f"it again (`medcl run {self.run_dir / 'config.yaml'} --resume-from "
+                f"{earlier[-1] if earlier else 0}`), or {other}."
+            )
+        try:
+            p = self.predictions(k)
+        except MedclError:
+            raise
+        except Exception as e:  # a truncated .npz: BadZipFile, EOFError, ValueError, ...
+            raise DataError(
+                f"{path} could not be read ({type(e).__name__}); it is partial or damaged. "
+                f"Resume the run to write it again, or {other}."
+            ) from None
+        expected = [int(e.get("test", 0)) for e in self.scenario_info.get("experiences", [])]
+        got = np.bincount(p.experience).tolist() if len(p.experience) else []
+        n = min(len(expected), max(len(got), k + 1))  # at least every experience up to k
+        short = [
+            (j, got[j] if j < len(got) else 0, expected[j])
+            for j in range(n)
+            if (got[j] if j < len(got) else 0) != expected[j]
+        ]
+        if short:
+            j, g, want = short[0]
+            raise DataError(
+                f"{path} is partial: it holds {g} test rows of experience {j} where "
+                f"scenario.json lists {want} ({len(short)} experience(s) differ). Resume the run "
+                f"to write it again, or {other}."
+            )
 
     # -- what was run --------------------------------------------------------------------------
     @property
@@ -174,12 +236,14 @@ class RunResults:
 
     @property
     def final(self) -> int:
-        return self.snapshots[-1]
+        """The experience after which the reported ("final") model was saved."""
+        return self._final
 
     @property
     def previous(self) -> int | None:
         """The model before the final one (``None`` for a single experience)."""
-        return self.snapshots[-2] if len(self.snapshots) > 1 else None
+        earlier = [s for s in self.snapshots if s < self._final]
+        return earlier[-1] if earlier else None
 
     @property
     def experience_names(self) -> list[str]:
@@ -394,7 +458,7 @@ class RunResults:
     def accuracy_matrix(self, *, task_aware: bool = False) -> np.ndarray:
         """``(T, T)`` accuracy matrix ``R[i, j]`` (NaN where not evaluated)."""
         key = "task_accuracy_matrix" if task_aware else "accuracy_matrix"
-        raw = self.metrics.get(key) or []
+        raw = (self.metrics.get(key) or [])[: self.final + 1]  # up to the reported model
         if not raw:
             raise DataError(f"{self.run_dir / 'metrics.json'} has no {key!r}.")
         T = len(raw)
@@ -446,15 +510,21 @@ class RunResults:
     def compute(self) -> dict[str, float]:
         """Parameters, MACs and batch-1 latency of the deployable model, plus training time."""
         fit = self.metrics.get("fit") or []
-        out = {k: float(v) for k, v in (self.metrics.get("compute") or {}).items()}
+        out = {
+            k: np.nan if v is None else float(v)
+            for k, v in (self.metrics.get("compute") or {}).items()
+        }
         out["train_seconds"] = float(sum(f.get("seconds", 0.0) for f in fit))
         out["train_updates"] = float(sum(f.get("updates", 0) for f in fit))
         return out
 
     def fit_frame(self) -> pd.DataFrame:
-        """Per experience: updates, seconds, images/s."""
-        fit = pd.DataFrame(self.metrics.get("fit") or [])
+        """Per experience: updates, seconds, images/s (method diagnostics: ``metrics["fit"]``)."""
+        fit = pd.DataFrame(self.metrics.get("fit") or []).drop(
+            columns=["diagnostics"], errors="ignore"
+        )
         if not fit.empty:
+            fit = fit[fit["experience"] <= self.final].reset_index(drop=True)
             fit.insert(1, "name", [self.experience_names[i] for i in fit["experience"]])
         return fit
 

@@ -32,7 +32,7 @@ from sklearn.exceptions import UndefinedMetricWarning
 from medcl.metrics.calibration import plot_reliability
 from medcl.metrics.stability import plot_stability_curves
 from medcl.reports import plots
-from medcl.reports.compare import align_rows, compare_tables
+from medcl.reports.compare import align_rows, compare_predictions
 from medcl.reports.failures import confident_errors, thumbnail_png
 from medcl.reports.results import Predictions, RunResults
 
@@ -208,12 +208,16 @@ def change_section(
             "discrimination metrics are undefined for it."
         )
         return None
-    mask_before, mask_after = align_rows(before, after)
-    if np.array_equal(mask_after, after.scorable()):
-        after_table = final_table  # same rows and seed: identical to recomputing it
-    else:
-        after_table = quiet(res.clinical, rows=mask_after, **options)
-    table = compare_tables(quiet(ref.clinical, ref_after, rows=mask_before, **options), after_table)
+    # paired: both models scored on the same resampled rows (medcl.reports.compare)
+    _, mask_after = align_rows(before, after)
+    table = compare_predictions(
+        before,
+        after,
+        experience_names=res.experience_names,
+        experience_sites=res.experience_sites,
+        class_names=res.class_names(after.n_classes),
+        **options,
+    )
     return {
         "label": label,
         "reference": ref.name,

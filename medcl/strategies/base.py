@@ -7,6 +7,7 @@ experience (nothing else; a strategy never edits the trainer):
     before_experience(exp, memory) data-dependent set-up: snapshots, initialisation from data
     training_set(exp, past)        the samples to train on (default: the experience's train split)
     trainable_parameters()         what the optimiser updates
+    per epoch:  epoch_rows(epoch, n)  which rows of the training set to visit (default: all)
     per batch:  logits = forward(x);  loss = loss(logits, batch) + penalty(batch, logits)
                 after_update(step)
     after_experience(exp, memory)  consolidation: Fisher, merging, re-tuning heads
@@ -94,12 +95,15 @@ class Batch:
         y: ``(B,)`` global labels.
         exp: ``(B,)`` index of the experience each sample came from.
         replay: ``(B,)`` bool, True for samples drawn from the replay memory.
+        index: ``(B,)`` row of each sample in the experience's training set (``-1`` for replay
+            samples); lets data-selection methods keep per-example statistics.
     """
 
     x: Tensor
     y: Tensor
     exp: Tensor
     replay: Tensor
+    index: Tensor | None = None
 
 
 class Classifier(nn.Module):
@@ -171,6 +175,14 @@ class Strategy(nn.Module):
         """The samples to train on for ``exp`` (``past``: earlier experiences, in order)."""
         return exp.train
 
+    def epoch_rows(self, epoch: int, num_rows: int) -> Tensor:
+        """Rows of the training set visited in ``epoch`` (0-based; default: all of them).
+
+        Data-removal methods (SparCL's DDR, EsaCL's IDS) return a shrinking subset, so fewer
+        images are used and fewer updates are made.
+        """
+        return torch.arange(num_rows)
+
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
 
@@ -195,6 +207,13 @@ class Strategy(nn.Module):
 
     def after_experience(self, exp: Experience, memory: ReplayMemory) -> None:
         """Consolidation after training on ``exp`` (before the memory is updated)."""
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Method-specific facts to record after each experience (JSON; default: none).
+
+        The run writes them to ``strategy.json`` (e.g. DynaMMo's adapter scales and drift).
+        """
+        return {}
 
     # -- inference ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -16,15 +16,34 @@ are its classes for experience ``j``'s samples and "others" for the rest. Infere
 head, route to the head with the lowest "others" probability, predict within it.
 
 Ablations: ``acl`` (no merge), ``merge``, ``init_from_previous=False``, ``retune_epochs=0`` (no
-stage 2), ``backbone_init``.
+stage 2), ``use_adapters=False`` (frozen features + heads only: what the adapters add),
+``stage1_memory`` / ``others_fraction``, ``backbone_init``.
+
+Stage-1 "others" samples (``stage1_memory="join"``, default): the replay memory is joined to the
+experience's training set and shuffled with it, as the reference code builds stage 1's data set
+(``ReplayBank`` exemplars appended to the new task's training set, ``methods/multi_steps/acl.py``
+at c8b2d5d), so "others" make up ``|M| / (|M| + |D_t|)`` of the samples; ``others_fraction``
+resamples the memory to another share, and ``"batch"`` instead adds ``memory.replay_batch_size``
+memory samples to every batch (medcl's replay convention; not the reference's).
+
+Stage 2's class-balanced set takes, per new class, the samples chosen by iCaRL herding on the
+merged-adapter features (the reference's ``ReplayBank`` herding), as many as the memory holds per
+group. After each experience :meth:`ACL.diagnostics` records every adapter set's ``alpha`` (per
+stage) and its relative L2 distance from the set it was initialised from.
 
 Deviations (everything else follows the paper and its reference code):
 
-- Backbone: the paper freezes an ImageNet ResNet. ``backbone_init="checkpoint"`` does that with
-  the backbone as built (``model.checkpoint_path``); offline without weights,
-  ``"first_experience"`` trains the backbone during experience 0 *jointly* with adapter set 0
-  and head 0 (no "others" samples exist yet: plain supervised training), then freezes its
-  weights and BatchNorm statistics for good.
+- Backbone: the paper freezes an ImageNet ResNet-18 (torchvision). ``backbone_init="pretrained"``
+  freezes the backbone as built, weights and BatchNorm statistics, from experience 0 on
+  (``model.pretrained``, e.g. the offline ImageNet EfficientNet-Lite0, or
+  ``model.checkpoint_path``). Offline without weights, ``"first_experience"`` trains the backbone
+  during experience 0 *jointly* with adapter set 0 and head 0 (no "others" samples exist yet:
+  plain supervised training), then freezes it for good.
+- Adapters sit at the inputs of the backbone's feature stages after the first (ResNet:
+  ``layer1..4``, as the reference; EfficientNet: ``blocks.1, .2, .4, .6``, the stride changes
+  timm reports; the reference's MobileNet-V2 uses the same rule), with input channels measured
+  on a dry forward pass. Inputs are 64 px by default on CPU (the paper: 224; see
+  ``configs/*-dynammo.yaml``).
 - Head ``t`` is trained in stage 1 and re-tuned in stage 2 (the reference trains a temporary
   head in stage 1 and a fresh head ``t`` in stage 2). Stage 2 uses Adam on features cached once
   (no augmentation: the heads are linear, so re-tuning costs one forward pass over the set) and
@@ -51,102 +70,27 @@ __all__ = ["ACL", "DynaMMo", "OthersHead", "RoutedAdapterModel", "route_min_othe
 import copy
 import math
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medcl.data.samples import SampleSet
 from medcl.data.transforms import to_model_input
+from medcl.engine.memory import herding_order
 from medcl.errors import ConfigError
 from medcl.models.adapters import AdapterSet, forward_with_adapters
 from medcl.models.backbones import Backbone
 from medcl.models.merging import merge_state_dicts
+from medcl.models.routing import OthersHead, RoutedAdapterModel, route_min_others
 from medcl.strategies.base import Batch, ExperienceInfo, Strategy, register_strategy
 
 if TYPE_CHECKING:
     from medcl.data.experience import Experience
     from medcl.engine.memory import ReplayMemory
 
-_OFF_ROUTE = 1e-6  # share of a non-routed head's distribution kept in the scores
-
-
-class OthersHead(nn.Linear):
-    """Linear head over ``classes`` (global ids, buffer) plus a last "others" output."""
-
-    def __init__(self, in_features: int, classes: Sequence[int]) -> None:
-        super().__init__(in_features, len(classes) + 1)
-        self.register_buffer("classes", torch.as_tensor(list(classes), dtype=torch.long))
-
-    def targets(self, y: Tensor, own: Tensor) -> Tensor:
-        """Local targets: the class's position for ``own`` samples, "others" for the rest."""
-        local = (y[:, None] == self.classes[None]).float().argmax(1)  # (B,)
-        return torch.where(own, local, torch.full_like(local, len(self.classes)))
-
-
-def route_min_others(
-    logits: Sequence[Tensor], classes: Sequence[Tensor], num_classes: int
-) -> Tensor:
-    """Route each sample to the head with the lowest "others" probability.
-
-    Args:
-        logits: one ``(B, K_j + 1)`` tensor per head ("others" last).
-        classes: one ``(K_j,)`` tensor of global class ids per head.
-        num_classes: width of the output.
-
-    Returns:
-        ``(B, num_classes)`` log-probabilities: the routed head's within-head distribution on its
-        classes; every other head keeps ``1e-6`` of its own (argmax is the routed head's).
-    """
-    others = torch.stack([F.softmax(z, 1)[:, -1] for z in logits], 1)  # (B, H)
-    route = others.argmin(1)  # (B,)
-    mix = torch.zeros_like(others[:, :1])  # (B, 1), broadcast to (B, num_classes) below
-    for j, (z, cls) in enumerate(zip(logits, classes, strict=True)):
-        share = torch.where(route == j, 1.0, _OFF_ROUTE)  # (B,)
-        known = F.softmax(z[:, :-1], 1)  # p_j(c | not others), (B, K_j)
-        # one-hot matmul instead of index assignment: traceable with a dynamic batch size
-        mix = mix + (share[:, None] * known) @ F.one_hot(cls, num_classes).to(known.dtype)
-    return torch.log(mix / mix.sum(1, keepdim=True))  # (B, num_classes)
-
-
-class RoutedAdapterModel(nn.Module):
-    """The deployable model: frozen backbone + adapter set(s) + "others" heads, routed.
-
-    One adapter set: DynaMMo (features computed once for all heads). One set per head: ACL (the
-    backbone runs once per head).
-    """
-
-    def __init__(
-        self,
-        backbone: Backbone,
-        adapter_sets: Sequence[AdapterSet],
-        heads: Sequence[OthersHead],
-        num_classes: int,
-    ) -> None:
-        super().__init__()
-        if not heads or len(adapter_sets) not in (1, len(heads)):
-            raise ConfigError(
-                f"RoutedAdapterModel needs >= 1 head and 1 or {len(heads)} adapter "
-                f"sets; got {len(heads)} heads, {len(adapter_sets)} sets."
-            )
-        self.backbone, self.num_classes = backbone, num_classes
-        self.adapter_sets, self.heads = nn.ModuleList(adapter_sets), nn.ModuleList(heads)
-
-    def head_logits(self, x: Tensor) -> list[Tensor]:
-        """``(B, C, H, W[, D])`` -> one ``(B, K_j + 1)`` tensor per head."""
-        if len(self.adapter_sets) == 1:
-            f = forward_with_adapters(self.backbone, self.adapter_sets[0], x)  # (B, F)
-            return [h(f) for h in self.heads]
-        return [
-            h(forward_with_adapters(self.backbone, a, x))
-            for a, h in zip(self.adapter_sets, self.heads, strict=True)
-        ]
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, H, W[, D])`` -> ``(B, num_classes)`` log-probabilities."""
-        return route_min_others(
-            self.head_logits(x), [h.classes for h in self.heads], self.num_classes
-        )
+BackboneInit = Literal["pretrained", "first_experience", "checkpoint"]
 
 
 @register_strategy("acl")
@@ -155,10 +99,17 @@ class ACL(Strategy):
 
     Args:
         backbone: feature extractor (frozen; see ``backbone_init``).
-        backbone_init: ``"first_experience"`` trains it during experience 0 then freezes it;
-            ``"checkpoint"`` freezes it as built (pretrained or ``model.checkpoint_path``).
+        backbone_init: ``"pretrained"`` freezes it as built, from experience 0 on (needs
+            ``model.pretrained`` or ``model.checkpoint_path``); ``"checkpoint"`` freezes it as
+            built whatever its weights; ``"first_experience"`` trains it during experience 0,
+            then freezes it.
         alpha_init: initial adapter scale.
         init_from_previous: initialise set ``t`` from set ``t-1`` (False: from the initial set).
+        use_adapters: False is the "no adapters" ablation: frozen features, heads only.
+        stage1_memory: ``"join"`` (the reference: memory joined to the training set) or
+            ``"batch"`` (replay samples added to every batch).
+        others_fraction: with ``"join"``, resample the memory so that "others" make up this
+            share of stage 1's samples (None: the memory once, the reference's proportion).
         retune_epochs: stage-2 epochs over the balanced set (0 switches stage 2 off).
         retune_lr: stage-2 Adam learning rate.
         retune_batch_size: stage-2 batch size.
@@ -170,9 +121,12 @@ class ACL(Strategy):
         self,
         backbone: Backbone,
         *,
-        backbone_init: Literal["first_experience", "checkpoint"] = "first_experience",
+        backbone_init: BackboneInit = "first_experience",
         alpha_init: float = 0.02,
         init_from_previous: bool = True,
+        use_adapters: bool = True,
+        stage1_memory: Literal["join", "batch"] = "join",
+        others_fraction: float | None = None,
         retune_epochs: int = 30,
         retune_lr: float = 1e-2,
         retune_batch_size: int = 64,
@@ -185,7 +139,28 @@ class ACL(Strategy):
                 f"retune_batch_size >= 1; got {retune_epochs}, {retune_lr}, "
                 f"{retune_batch_size}."
             )
+        if others_fraction is not None and not 0 < others_fraction < 1:
+            raise ConfigError(
+                f"strategy {self.name!r}: others_fraction must be in (0, 1) or null; got "
+                f"{others_fraction}."
+            )
+        if backbone_init == "pretrained" and backbone.preprocessing.source == "random":
+            raise ConfigError(
+                f"strategy {self.name!r}: backbone_init {backbone_init!r} freezes the backbone "
+                "as built, but it has random weights. Set model.pretrained (e.g. "
+                "'efficientnet_lite0' with model.backbone tf_efficientnet_lite0) or "
+                "model.checkpoint_path, or use backbone_init: first_experience."
+            )
+        if not use_adapters and backbone_init == "first_experience":
+            raise ConfigError(
+                f"strategy {self.name!r}: use_adapters false needs a frozen pretrained backbone "
+                "(backbone_init: pretrained)."
+            )
         self.backbone_init, self.init_from_previous = backbone_init, init_from_previous
+        self.use_adapters, self.stage1_memory = use_adapters, stage1_memory
+        self.others_fraction = others_fraction
+        self.uses_memory = stage1_memory == "batch"  # "join": the memory is in the training set
+        self._memory: ReplayMemory | None = None
         self.retune_epochs, self.retune_lr, self.retune_batch_size = (
             retune_epochs,
             retune_lr,
@@ -220,19 +195,48 @@ class ACL(Strategy):
         return self
 
     def deploy_sets(self) -> list[AdapterSet]:
-        """The adapter sets inference runs: one per experience (ACL)."""
-        return list(self.adapter_sets)
+        """The adapter sets inference runs: one per experience (ACL); none without adapters."""
+        return list(self.adapter_sets) if self.use_adapters else []
 
     # -- stage 1 ---------------------------------------------------------------------------
+    def before_experience(self, exp: Experience, memory: ReplayMemory) -> None:
+        self._memory = memory  # joined to the training set by training_set ("join")
+
+    def training_set(self, exp: Experience, past: Sequence[Experience]) -> SampleSet:
+        """``"join"``: the training split plus the memory's exemplars (column ``experience``)."""
+        own = exp.train.with_meta(experience=exp.index)
+        memory = self._memory
+        if self.stage1_memory != "join" or memory is None or not len(memory):
+            return own
+        which = torch.arange(len(memory))
+        if self.others_fraction is not None:  # resample the memory to the requested share
+            n = round(self.others_fraction / (1 - self.others_fraction) * len(own))
+            g = torch.Generator().manual_seed(exp.index)
+            which = (
+                torch.randperm(len(memory), generator=g)[:n]
+                if n <= len(memory)
+                else torch.randint(len(memory), (n,), generator=g)
+            )
+        images, labels, exps = memory.gather(which)
+        rows = SampleSet(
+            images.to(own.images.dtype), labels, own.meta.iloc[:0].reindex(range(len(which)))
+        )
+        rows = rows.with_meta(experience=exps.numpy())
+        return SampleSet.concat([own, rows])
+
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
-        yield from self.adapter_sets[-1].parameters()
+        if self.use_adapters:
+            yield from self.adapter_sets[-1].parameters()
         yield from self.heads[-1].parameters()
         if self._train_backbone:
             yield from self.backbone.parameters()
 
+    def _stage1_set(self) -> AdapterSet | None:
+        return self.adapter_sets[-1] if self.use_adapters else None
+
     def forward(self, x: Tensor) -> Tensor:
         """Stage-1 logits of the current head ``(B, K_t + 1)`` with the current adapter set."""
-        return self.heads[-1](forward_with_adapters(self.backbone, self.adapter_sets[-1], x))
+        return self.heads[-1](forward_with_adapters(self.backbone, self._stage1_set(), x))
 
     def loss(self, logits: Tensor, batch: Batch) -> Tensor:
         return F.cross_entropy(
@@ -249,15 +253,18 @@ class ACL(Strategy):
             self._retune_heads(exp, memory)
 
     def _balanced_set(self, exp: Experience, memory: ReplayMemory) -> tuple[Tensor, Tensor, Tensor]:
-        """Memory + per class of ``exp`` as many samples as the memory holds per group."""
+        """Memory + per class of ``exp`` as many herding-chosen samples as the memory holds per group."""
         x, y, e = memory.gather(torch.arange(len(memory)))
         quota = math.ceil(len(memory) / len(torch.unique(e * (int(y.max()) + 1) + y)))
-        g = torch.Generator().manual_seed(exp.index)
-        rows = [
-            r[torch.randperm(len(r), generator=g)[:quota]]
-            for c in exp.classes
-            if len(r := torch.nonzero(exp.train.labels == c).flatten())
-        ]
+        deployed = self.deploy_sets()
+        aset = deployed[-1] if deployed else None
+        rows = []
+        for c in exp.classes:
+            r = torch.nonzero(exp.train.labels == c).flatten()
+            if len(r) > quota:  # iCaRL herding on the merged features (the reference's ReplayBank)
+                feats = self._cached_features(aset, exp.train.images[r]).cpu()
+                r = r[herding_order(feats, quota)]
+            rows.append(r)
         idx = torch.cat(rows)
         return (
             torch.cat([x, exp.train.images[idx]]),
@@ -269,7 +276,7 @@ class ACL(Strategy):
         """Combine the experiences' adapter sets (ACL keeps them apart: nothing to do)."""
 
     @torch.no_grad()
-    def _cached_features(self, aset: AdapterSet, images: Tensor) -> Tensor:
+    def _cached_features(self, aset: AdapterSet | None, images: Tensor) -> Tensor:
         """Raw images ``(N, C, ...)`` -> frozen features ``(N, F)``, in chunks of 256."""
         device = next(self.backbone.parameters()).device
         chunks = [
@@ -282,7 +289,9 @@ class ACL(Strategy):
         device = next(self.backbone.parameters()).device
         labels, exps = labels.to(device), exps.to(device)
         self.eval()
-        feats = [self._cached_features(s, images) for s in self.deploy_sets()]
+        feats = [self._cached_features(s, images) for s in self.deploy_sets()] or [
+            self._cached_features(None, images)
+        ]
         feats = feats * len(self.heads) if len(feats) == 1 else feats  # DynaMMo: one for all
         targets = [
             h.targets(labels, exps == info.index)
@@ -305,7 +314,26 @@ class ACL(Strategy):
     # -- inference ---------------------------------------------------------------------------
     def features(self, x: Tensor) -> Tensor:
         """``(B, F)`` features with the newest deployed adapter set."""
-        return forward_with_adapters(self.backbone, self.deploy_sets()[-1], x)
+        deployed = self.deploy_sets()
+        return forward_with_adapters(self.backbone, deployed[-1] if deployed else None, x)
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Per adapter set: ``alpha`` of each stage and the relative L2 distance of its weights
+        from the set it was initialised from (set ``t-1``, or the initial set)."""
+        if not self.use_adapters:
+            return {}
+        rows = []
+        for t, aset in enumerate(self.adapter_sets):
+            src = self.adapter_sets[t - 1] if t and self.init_from_previous else self.init_set
+            now, ref = _weights(aset), _weights(src)
+            rows.append(
+                {
+                    "set": t,
+                    "alpha": {k: a.alpha.item() for k, a in aset.adapters.items()},
+                    "distance_from_init": float((now - ref).norm() / ref.norm().clamp_min(1e-12)),
+                }
+            )
+        return {"adapter_sets": rows}
 
     def deployable_model(self) -> RoutedAdapterModel:
         if not self.heads:
@@ -316,6 +344,11 @@ class ACL(Strategy):
         return RoutedAdapterModel(
             self.backbone, self.deploy_sets(), list(self.heads), self.num_seen_classes
         )
+
+
+def _weights(aset: AdapterSet) -> Tensor:
+    """All learnable tensors of an adapter set, flattened ``(P,)``."""
+    return torch.cat([p.detach().flatten() for p in aset.parameters()])
 
 
 @register_strategy("dynammo")
@@ -334,9 +367,12 @@ class DynaMMo(ACL):
         *,
         merge: Literal["mean", "weighted", "ties"] = "mean",
         ties_density: float = 0.2,
-        backbone_init: Literal["first_experience", "checkpoint"] = "first_experience",
+        backbone_init: BackboneInit = "first_experience",
         alpha_init: float = 0.02,
         init_from_previous: bool = True,
+        use_adapters: bool = True,
+        stage1_memory: Literal["join", "batch"] = "join",
+        others_fraction: float | None = None,
         retune_epochs: int = 30,
         retune_lr: float = 1e-2,
         retune_batch_size: int = 64,
@@ -346,6 +382,9 @@ class DynaMMo(ACL):
             backbone_init=backbone_init,
             alpha_init=alpha_init,
             init_from_previous=init_from_previous,
+            use_adapters=use_adapters,
+            stage1_memory=stage1_memory,
+            others_fraction=others_fraction,
             retune_epochs=retune_epochs,
             retune_lr=retune_lr,
             retune_batch_size=retune_batch_size,
@@ -371,4 +410,6 @@ class DynaMMo(ACL):
 
     def deploy_sets(self) -> list[AdapterSet]:
         """One set: the merged one (set 0 itself until a second experience is merged in)."""
+        if not self.use_adapters:
+            return []
         return [self.adapter_sets[0] if len(self.adapter_sets) == 1 else self.merged_set]

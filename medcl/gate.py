@@ -1,0 +1,324 @@
+"""The update gate: acceptance criteria for replacing a deployed model, checked with paired tests.
+
+A change-control plan for a deployed clinical model states, before an update is trained, what
+the update must show to replace the model in use. ``criteria.yaml`` is that statement::
+
+    n_resamples: 2000          # bootstrap resamples
+    alpha: 0.05                # 95% two-sided intervals (one-sided 97.5% bounds)
+    threshold: null            # binary: the deployed operating point p1 >= threshold
+    criteria:
+      - {metric: auroc, rule: non_inferiority, margin: 0.02, where: overall_and_sites}
+      - {metric: sensitivity, class: pneumonia, rule: floor, value: 0.85, where: overall}
+      - {metric: ece, rule: ceiling, value: 0.10}
+      - {metric: forgetting, rule: ceiling, value: 0.05}
+
+Rules, each judged on a confidence bound, never on a point estimate alone:
+
+- ``non_inferiority``: the lower bound of the paired bootstrap CI of ``new - deployed``
+  (:func:`medcl.reports.compare.paired_difference`, same resampled test rows for both
+  models) must exceed ``-margin`` (for calibration error: the upper bound below ``+margin``).
+  Scored on the test rows both models can score (the deployed model's cohorts).
+- ``floor`` / ``ceiling``: the new model's lower bound must reach ``value`` / its upper bound
+  must stay under ``value`` (per-site/overall stratified bootstrap), on every cohort the new
+  model knows.
+- ``forgetting`` (``ceiling`` only): the run's average forgetting (a point value; no CI).
+
+``where``: ``overall``, ``sites`` (each experience/site) or ``overall_and_sites``. A metric that
+is undefined on a group fails its criterion (nothing is shown, so nothing is accepted).
+
+The decision is written to ``RUN_DIR/gate/after-NNN.json`` and ``report.json``; on PASS the
+run's ``deployed.json`` pointer moves to the new model (the old pointer goes to its history;
+every experience's checkpoint stays, so the previous model remains deployable).
+"""
+
+from __future__ import annotations
+
+__all__ = ["Criterion", "GateCriteria", "GateResult", "deployed_model", "load_criteria", "run_gate"]
+
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medcl.errors import ConfigError, DataError
+
+_METRICS = Literal[
+    "auroc",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "f1",
+    "balanced_accuracy",
+    "accuracy",
+    "ece",
+    "forgetting",
+]
+_OVERALL_ONLY = {"accuracy", "ece"}
+
+
+class Criterion(BaseModel):
+    """One acceptance criterion (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    metric: _METRICS
+    rule: Literal["non_inferiority", "floor", "ceiling"]
+    margin: float | None = Field(None, ge=0)
+    value: float | None = None
+    class_name: str = Field("macro", alias="class")
+    where: Literal["overall", "sites", "overall_and_sites"] = "overall_and_sites"
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Criterion:
+        if self.rule == "non_inferiority" and self.margin is None:
+            raise ValueError("rule non_inferiority needs `margin` (e.g. 0.02)")
+        if self.rule in ("floor", "ceiling") and self.value is None:
+            raise ValueError(f"rule {self.rule} needs `value` (e.g. 0.8)")
+        if self.metric == "forgetting" and self.rule != "ceiling":
+            raise ValueError("forgetting takes rule ceiling only (a point value from the run)")
+        pooled = _OVERALL_ONLY | {"balanced_accuracy", "forgetting"}
+        if self.metric in pooled and self.class_name == "macro":
+            self.class_name = "overall"
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        limit = f"margin {self.margin}" if self.rule == "non_inferiority" else f"{self.value}"
+        return f"{self.metric}[{self.class_name}] {self.rule} {limit}"
+
+
+class GateCriteria(BaseModel):
+    """The whole ``criteria.yaml``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    criteria: list[Criterion] = Field(min_length=1)
+    n_resamples: int = Field(1000, ge=100)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    seed: int = 0
+    threshold: float | None = Field(None, ge=0, le=1)
+
+
+def load_criteria(path: str | Path) -> GateCriteria:
+    """Read and validate ``criteria.yaml``; a mistake is a :class:`ConfigError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"gate criteria file {path} does not exist; write one (see medcl.gate).")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    try:
+        return GateCriteria.model_validate(raw or {})
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'file'}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(
+            f"{path}: invalid gate criteria ({problems}). Each criterion needs `metric`, `rule` "
+            "and `margin` (non_inferiority) or `value` (floor/ceiling)."
+        ) from None
+
+
+@dataclass
+class GateResult:
+    """The gate's decision: one row per criterion x group in :attr:`table`."""
+
+    decision: Literal["PASS", "FAIL"]
+    table: pd.DataFrame
+    record: dict[str, Any]
+
+
+def deployed_model(run_dir: str | Path) -> int | None:
+    """The experience index the run's ``deployed.json`` points at (None: no pointer)."""
+    path = Path(run_dir) / "deployed.json"
+    if not path.is_file():
+        return None
+    try:
+        return int(json.loads(path.read_text())["after"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path} is damaged ({e}); restore it from gate/*.json history.") from None
+
+
+def _row(c: Criterion, group: str, estimate, low, high, passed, note="") -> dict[str, Any]:
+    limit = -c.margin if c.rule == "non_inferiority" else c.value
+    return {
+        "criterion": c.label,
+        "group": group,
+        "metric": c.metric,
+        "class": c.class_name,
+        "rule": c.rule,
+        "limit": limit,
+        "estimate": estimate,
+        "ci_low": low,
+        "ci_high": high,
+        "decision": "PASS" if passed else "FAIL",
+        "note": note,
+    }
+
+
+def _groups(c: Criterion, groups: list[str]) -> list[str]:
+    sites = [g for g in groups if g != "overall"]
+    if c.metric in _OVERALL_ONLY or c.where == "overall":
+        return ["overall"]
+    return sites if c.where == "sites" else [*sites, "overall"]
+
+
+def _judge(c: Criterion, group: str, row: pd.Series | None, lower_better: bool) -> dict[str, Any]:
+    if row is None:
+        return _judge_missing(c, group)
+    if c.rule == "non_inferiority":
+        est, lo, hi = row["delta"], row["delta_low"], row["delta_high"]
+        ok = (hi < c.margin) if lower_better else (lo > -c.margin)
+    else:
+        est, lo, hi = row["value"], row["ci_low"], row["ci_high"]
+        ok = (lo >= c.value) if c.rule == "floor" else (hi <= c.value)
+    if not all(np.isfinite([est, lo, hi])):
+        return _row(c, group, est, lo, hi, False, "undefined on this group")
+    return _row(c, group, float(est), float(lo), float(hi), bool(ok))
+
+
+def _judge_missing(c: Criterion, group: str) -> dict[str, Any]:
+    return _row(c, group, np.nan, np.nan, np.nan, False, "no such metric/class/group")
+
+
+def evaluate_criteria(
+    criteria: GateCriteria, new_run: str | Path, deployed_run: str | Path, deployed_after: int
+) -> pd.DataFrame:
+    """One row per criterion x group: estimate, bound, limit, PASS/FAIL."""
+    from medcl.reports.compare import LOWER_IS_BETTER, compare_predictions
+    from medcl.reports.results import RunResults
+
+    new, old = RunResults(new_run), RunResults(deployed_run)
+    opts = {
+        "n_resamples": criteria.n_resamples,
+        "alpha": criteria.alpha,
+        "seed": criteria.seed,
+        "threshold": criteria.threshold,
+    }
+    after, before = new.predictions(), old.predictions(deployed_after)
+    paired = compare_predictions(
+        before,
+        after,
+        experience_names=new.experience_names,
+        experience_sites=new.experience_sites,
+        class_names=new.class_names(after.n_classes),
+        **opts,
+    )
+    own = new.clinical(**opts)
+    rows = []
+    for c in criteria.criteria:
+        if c.metric == "forgetting":
+            f = new.metrics.get("summary", {}).get("forgetting")
+            ok = f is not None and np.isfinite(f) and f <= c.value
+            rows.append(_row(c, "overall", f, f, f, ok, "point value (no CI)"))
+            continue
+        table = paired if c.rule == "non_inferiority" else own
+        for g in _groups(c, list(dict.fromkeys(table["group"].astype(str)))):
+            sel = table[
+                (table["group"].astype(str) == g)
+                & (table["metric"] == c.metric)
+                & (table["class"] == c.class_name)
+            ]
+            row = sel.iloc[0] if len(sel) else None
+            rows.append(_judge(c, g, row, c.metric in LOWER_IS_BETTER))
+    return pd.DataFrame(rows)
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    from medcl.engine.checkpoint import atomic_write_text
+    from medcl.reports.report import _plain
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(_plain(data), indent=1, allow_nan=False))
+
+
+def run_gate(
+    run_dir: str | Path,
+    criteria: GateCriteria | str | Path,
+    *,
+    against: str | Path | None = None,
+) -> GateResult:
+    """Check the final model of ``run_dir`` against the deployed model; move the pointer on PASS.
+
+    Args:
+        run_dir: the run holding the candidate (its final model).
+        criteria: a :class:`GateCriteria` or the path of ``criteria.yaml``.
+        against: the run holding the deployed model (default ``run_dir`` itself); its
+            ``deployed.json`` says which experience is deployed, else its final model (for
+            ``run_dir`` itself without a pointer: the model before the final one).
+
+    Returns:
+        The :class:`GateResult`; the record is also written to ``RUN_DIR/gate/after-NNN.json``
+        and appended to ``report.json``'s ``gate`` list.
+    """
+    from medcl.reports.results import RunResults
+
+    if not isinstance(criteria, GateCriteria):
+        criteria = load_criteria(criteria)
+    run_dir = Path(run_dir)
+    ref_dir = Path(against) if against is not None else run_dir
+    new = RunResults(run_dir)
+    deployed = deployed_model(ref_dir)
+    if deployed is None:
+        ref = RunResults(ref_dir)
+        if ref_dir.resolve() == run_dir.resolve():
+            if ref.previous is None:
+                raise DataError(
+                    f"{run_dir} has one model and no deployed.json: there is nothing to compare "
+                    "with. Pass --against DEPLOYED_RUN, or update the run first."
+                )
+            deployed = ref.previous
+        else:
+            deployed = ref.final
+    table = evaluate_criteria(criteria, run_dir, ref_dir, deployed)
+    decision = "PASS" if (table["decision"] == "PASS").all() else "FAIL"
+    now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    record = {
+        "decision": decision,
+        "candidate": {"run": new.name, "after": new.final},
+        "deployed": f"{RunResults(ref_dir).name} after experience {deployed}",
+        "deployed_after": deployed,
+        "n_criteria": len(table),
+        "n_pass": int((table["decision"] == "PASS").sum()),
+        "options": criteria.model_dump(by_alias=True),
+        "decided": now,
+        "table": table,
+    }
+    _atomic_json(run_dir / "gate" / f"after-{new.final:03d}.json", record)
+    report = run_dir / "report.json"
+    if report.is_file():
+        data = json.loads(report.read_text())
+        data["gate"] = [
+            g for g in data.get("gate", []) if g.get("candidate") != record["candidate"]
+        ]
+        data["gate"].append(record)
+        _atomic_json(report, data)
+    if decision == "PASS":
+        pointer = run_dir / "deployed.json"
+        history = json.loads(pointer.read_text()).get("history", []) if pointer.is_file() else []
+        if pointer.is_file():
+            history.append(
+                {k: v for k, v in json.loads(pointer.read_text()).items() if k != "history"}
+            )
+        _atomic_json(
+            pointer,
+            {
+                "after": new.final,
+                "checkpoint": f"checkpoints/exp-{new.final:03d}",
+                "gate": f"gate/after-{new.final:03d}.json",
+                "since": now,
+                "history": history,
+            },
+        )
+    return GateResult(decision, table, record)

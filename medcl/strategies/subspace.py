@@ -1,0 +1,331 @@
+"""Subspace-Connectivity (S-C): an ensemble in a weight subspace, deployed as one network.
+
+Doan, Mirzadeh & Farajtabar, "Continual Learning Beyond a Single Model" (arXiv 2202.09826, v1:
+"Efficient Continual Learning Ensembles in Neural Network Subspaces"), CoLLAs 2023, PMLR v232.
+No public code exists; every detail below is labelled with its source (see
+``docs/methods/subspace.md`` of the shared notes): *(summary)* the secondary summary of the paper's
+objective, *(Wortsman)* the official code of ``apple/learning-subspaces``, *(MC-SGD)* the research
+code ``imirzadeh/CL-LinearModeConnectivity``, *(medcl)* a reconstruction with no source.
+
+Per experience τ:
+
+1. **Subspace learning** *(summary)*: endpoints ``w_1..w_n`` of every conv/linear/norm tensor
+   (:mod:`medcl.models.subspace`); each batch trains the point ``Σ α_i w_i`` with one
+   ``α ~ Dirichlet(1)`` shared by all layers *(Wortsman)*, cross-entropy on experience τ only,
+   plus ``beta · cos²`` of a random pair of endpoints *(Wortsman, Eq. 3, beta = 1)*.
+2. **Connectivity** *(summary)*: with ``α ~ Dirichlet(1)`` over ``n + 1`` vertices, minimise
+   ``CE(buffer; Σ α_i w_i + α_{n+1} w*_{τ-1,mid}) + CE(subset; Σ α_i w_i + α_{n+1} ŵ_{τ,mid})``;
+   the two extra vertices (the previous experience's final midpoint and this experience's
+   stage-1 midpoint) are constants. The buffer holds only earlier experiences (medcl's memory
+   is updated after this stage). Gradients by autograd (each endpoint's scaled by its ``α_i``).
+3. **Inference at the midpoint** ``w_mid = mean_i w_i`` *(summary)*: :meth:`deployable_model`
+   folds it into one plain network (the backbone's own modules, one tensor each).
+
+Reconstructions and deviations:
+
+- Endpoints ``2..n`` start Kaiming-normal *(Wortsman)*; endpoint 1 keeps the backbone's own
+  initialisation (timm's, or pretrained weights) *(medcl; Wortsman draws all independently)*.
+- For τ > 1 the endpoints start from τ-1's final endpoints *(medcl)*; ``init="fresh"``
+  re-draws them all (ablation).
+- The cosine penalty covers linear/head weights as well as convs *(medcl; Wortsman: convs)*.
+- The stage-2 schedule is MC-SGD's: SGD momentum 0.8, lr 0.005, batch 64, one epoch over
+  ``max(#buffer batches, #subset batches)`` (the shorter cycles), a current subset of 500
+  random samples *(MC-SGD)*; no augmentation and BatchNorm in train mode (batch statistics,
+  as MC-SGD's ``track_running_stats=False`` networks) *(medcl)*. ``sampling="grid"`` replaces
+  the random ``α`` by MC-SGD's ``K + 1`` points ``s ∈ {0, 1/K, …, 1}`` on the segment from the
+  fixed vertex to the endpoints' midpoint, losses summed.
+- The previous midpoint has no rows for classes new at τ: its head rows for them are taken from
+  ŵ_{τ,mid} *(medcl)*.
+- **BatchNorm** ``bn="recompute"`` (default): ``γ, β`` are subspace tensors; the running
+  statistics are reset and re-estimated at the midpoint after stage 2, with a cumulative
+  average over up to ``bn_samples`` samples of the experience plus the buffer *(Wortsman's
+  update_bn; the data is medcl's)*, so the deployable network is an ordinary eval-mode network.
+  Curve points recorded *during* an experience (stability-gap monitor) use the running
+  statistics accumulated while training at random points. ``bn="batch"`` uses batch statistics
+  always (MC-SGD's networks): no buffers, but predictions then depend on the batch.
+- ``inference="endpoints"``/``"sampled"`` deploys the ensemble of the ``n`` endpoints or of
+  ``ensemble_size`` seeded Dirichlet points (each with its own recomputed BatchNorm statistics;
+  probabilities averaged; ``k`` × MACs) instead of the midpoint: the sampled-point ensemble.
+
+Ablation switches: ``n_endpoints`` (2 line, 3 simplex), ``beta=0`` (no cosine penalty),
+``connect=False`` (stage 1 only), ``init``, ``bn``, ``sampling``; the buffer size is the
+``memory.size`` of the config.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SubspaceConnectivity", "SubspaceStrategy"]
+
+import math
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from medcl.data.transforms import to_model_input
+from medcl.errors import ConfigError
+from medcl.models.backbones import Backbone
+from medcl.models.subspace import (
+    SubspacePoint,
+    cosine_penalty,
+    fold,
+    point_values,
+    recompute_batchnorm,
+    reinitialise,
+    sample_alpha,
+    to_subspace,
+    unwrap_subspace,
+    use_batch_statistics,
+)
+from medcl.models.subspace_connectivity import connectivity_stage
+from medcl.strategies.base import Batch, Classifier, ExperienceInfo, Strategy, register_strategy
+from medcl.strategies.ensemble import MeanEnsemble
+
+if TYPE_CHECKING:
+    from medcl.data.experience import Experience
+    from medcl.engine.memory import ReplayMemory
+
+
+class SubspaceStrategy(Strategy):
+    """Base of strategies whose network is a subspace (S-C, MC-SGD): structure, BN, inference.
+
+    Args:
+        backbone: the feature extractor (turned into a subspace network in place).
+        n_endpoints: endpoints per tensor.
+        bn: ``"recompute"`` (statistics re-estimated at the evaluated point) or ``"batch"``.
+        bn_samples: samples of the current experience used to re-estimate them (plus the buffer).
+        seed: seeds the endpoints' independent initialisation.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        n_endpoints: int,
+        bn: Literal["recompute", "batch"] = "recompute",
+        bn_samples: int = 1024,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(backbone)
+        if n_endpoints < 1 or bn_samples < 1:
+            raise ConfigError(
+                f"strategy {self.name!r}: need n_endpoints >= 1 and bn_samples >= 1; got "
+                f"n_endpoints={n_endpoints}, bn_samples={bn_samples}."
+            )
+        self.bn, self.bn_samples, self.seed = bn, bn_samples, seed
+        if bn == "batch":
+            use_batch_statistics(backbone)
+        self.point = SubspacePoint(n_endpoints)
+        to_subspace(self.backbone, self.point, seed=seed)
+
+    def network(self) -> Classifier:
+        """Backbone + head as one module (the subspace network; no copy)."""
+        return Classifier(self.backbone, self.head)
+
+    def grow(self, info: ExperienceInfo) -> None:
+        """Widen the head; the new rows of every endpoint are initialised independently."""
+        ends = unwrap_subspace(self.head)
+        super().grow(info)
+        to_subspace(self.head, self.point, endpoints=ends, seed=self.seed + len(self.seen))
+
+    def midpoint(self) -> dict[str, Tensor]:
+        """Every subspace tensor's value at the midpoint (detached)."""
+        alpha, anchor = self.point.alpha, self.point.anchor
+        self.point.set_midpoint()
+        try:
+            return point_values(self.network())
+        finally:
+            self.point.set(alpha, anchor)
+
+    def recompute_statistics(self, exp: Experience, memory: ReplayMemory) -> None:
+        """Re-estimate BatchNorm statistics at the current point on the experience + buffer."""
+        if self.bn != "recompute":
+            return
+        idx = torch.randperm(len(exp.train))[: self.bn_samples]
+        parts = [exp.train.images[idx]] + ([memory.as_sampleset().images] if len(memory) else [])
+        images = torch.cat(parts)
+        device = next(self.parameters()).device
+        chunks = torch.tensor_split(images, math.ceil(len(images) / 256))  # no 1-sample batch
+        recompute_batchnorm(self.network(), (to_model_input(c).to(device) for c in chunks))
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Scores at the midpoint ``(B, num_seen_classes)`` (no copy of the network)."""
+        alpha, anchor = self.point.alpha, self.point.anchor
+        self.point.set_midpoint()
+        try:
+            return self.network()(x)
+        finally:
+            self.point.set(alpha, anchor)
+
+    def deployable_model(self) -> nn.Module:
+        """One plain network with the midpoint's weights (the plain network's MACs)."""
+        alpha, anchor = self.point.alpha, self.point.anchor
+        self.point.set_midpoint()
+        try:
+            return fold(self.network())
+        finally:
+            self.point.set(alpha, anchor)
+
+
+@register_strategy("subspace")
+class SubspaceConnectivity(SubspaceStrategy):
+    """Subspace-Connectivity (Doan et al.): subspace learning, connectivity, midpoint inference.
+
+    Args:
+        backbone: the feature extractor.
+        n_endpoints: 2 (a line) or more (a simplex).
+        beta: weight of the endpoints' cosine penalty (0 disables it).
+        connect: run the connectivity stage (False: stage 1 only, an ablation).
+        init: ``"previous"`` endpoints for τ > 1, or ``"fresh"`` (re-drawn).
+        sampling: stage-2 points, ``"dirichlet"`` (random) or ``"grid"`` (MC-SGD's K + 1).
+        grid_points: K for ``"grid"``.
+        connect_epochs, connect_lr, connect_momentum, connect_batch_size: stage-2 SGD.
+        subset_size: random samples of the current experience used in stage 2.
+        bn, bn_samples: BatchNorm handling (see :class:`SubspaceStrategy`).
+        inference: ``"midpoint"``, ``"endpoints"`` or ``"sampled"`` (an ensemble, k × MACs).
+        ensemble_size: points of the ``"sampled"`` ensemble.
+        seed: seeds endpoint initialisation and the sampled ensemble's points.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        n_endpoints: int = 2,
+        beta: float = 1.0,
+        connect: bool = True,
+        init: Literal["previous", "fresh"] = "previous",
+        sampling: Literal["dirichlet", "grid"] = "dirichlet",
+        grid_points: int = 5,
+        connect_epochs: int = 1,
+        connect_lr: float = 0.005,
+        connect_momentum: float = 0.8,
+        connect_batch_size: int = 64,
+        subset_size: int = 500,
+        bn: Literal["recompute", "batch"] = "recompute",
+        bn_samples: int = 1024,
+        inference: Literal["midpoint", "endpoints", "sampled"] = "midpoint",
+        ensemble_size: int = 5,
+        seed: int = 0,
+    ) -> None:
+        checks = [("n_endpoints", n_endpoints, n_endpoints >= 2), ("beta", beta, beta >= 0),
+                  ("grid_points", grid_points, grid_points >= 1),
+                  ("connect_epochs", connect_epochs, connect_epochs >= 0),
+                  ("connect_lr", connect_lr, connect_lr > 0),
+                  ("connect_momentum", connect_momentum, 0 <= connect_momentum < 1),
+                  ("connect_batch_size", connect_batch_size, connect_batch_size >= 1),
+                  ("subset_size", subset_size, subset_size >= 1),
+                  ("ensemble_size", ensemble_size, ensemble_size >= 1)]  # fmt: skip
+        bad = [f"{k}={v}" for k, v, ok in checks if not ok]
+        if bad:
+            raise ConfigError(
+                "strategy 'subspace': need n_endpoints >= 2, beta >= 0, 0 <= connect_momentum < 1, "
+                "connect_epochs >= 0 and positive grid_points, connect_lr, connect_batch_size, "
+                f"subset_size and ensemble_size; got {', '.join(bad)}. Fix these options in the "
+                "strategy section of the config."
+            )
+        super().__init__(backbone, n_endpoints=n_endpoints, bn=bn, bn_samples=bn_samples, seed=seed)
+        self.beta, self.connect, self.init = beta, connect, init
+        self.sampling, self.grid_points = sampling, grid_points
+        self.connect_epochs, self.connect_lr = connect_epochs, connect_lr
+        self.connect_momentum, self.connect_batch_size = connect_momentum, connect_batch_size
+        self.subset_size, self.inference, self.ensemble_size = subset_size, inference, ensemble_size
+        #: folded ensemble members (``inference != "midpoint"``), one per point
+        self.members_: nn.ModuleList | None = None
+        self._prev_mid: dict[str, Tensor] | None = None
+        self._num_old_classes, self._members_stale = 0, False
+        self._connect_steps = 0
+
+    def grow(self, info: ExperienceInfo) -> None:
+        super().grow(info)
+        if self.inference != "midpoint":  # placeholders of the right shapes, filled after training
+            k = self.point.n if self.inference == "endpoints" else self.ensemble_size
+            plain = SubspaceStrategy.deployable_model(self)
+            self.members_ = nn.ModuleList(fold(plain) for _ in range(k))
+
+    def ensemble_points(self) -> list[Tensor]:
+        """The ``α`` of each ensemble member (endpoints, or seeded Dirichlet draws)."""
+        n = self.point.n
+        if self.inference == "endpoints":
+            return list(torch.eye(n))
+        g = torch.Generator().manual_seed(self.seed)
+        return [sample_alpha(n, g) for _ in range(self.ensemble_size)]
+
+    # -- training ----------------------------------------------------------------------------
+    def before_experience(self, exp: Experience, memory: ReplayMemory) -> None:
+        self._members_stale = True
+        has_past = len(self.seen) > 1
+        self._num_old_classes = self.seen[-2].num_seen_classes if has_past else 0
+        self._prev_mid = self.midpoint() if has_past else None  # w*_{τ-1,mid}
+        if has_past and self.init == "fresh":
+            reinitialise(self.network(), seed=self.seed + 7919 * len(self.seen))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, num_seen_classes)``; in training at a new ``α ~ Dirichlet(1)`` per call."""
+        if self.training:
+            self.point.set(sample_alpha(self.point.n))
+        return self.head(self.backbone(x))
+
+    def penalty(self, batch: Batch, logits: Tensor) -> Tensor:
+        """``beta · cos²(w_i, w_j)`` for a random pair of distinct endpoints."""
+        if self.beta == 0:
+            return logits.new_zeros(())
+        i, j = torch.randperm(self.point.n)[:2].tolist()
+        return self.beta * cosine_penalty(self.network(), i, j)
+
+    def after_experience(self, exp: Experience, memory: ReplayMemory) -> None:
+        """Stage 2 (connectivity), then BatchNorm statistics and ensemble members."""
+        stage1 = self.midpoint()  # ŵ_{τ,mid}
+        self._connect_steps = 0
+        if self.connect and self._prev_mid is not None and len(memory) > 0:
+            prev = dict(self._prev_mid)
+            for key in prev:  # classes new at τ: take their head rows from ŵ_{τ,mid}
+                if key.startswith("head."):
+                    prev[key] = torch.cat([prev[key][: self._num_old_classes],
+                                           stage1[key][self._num_old_classes :]])  # fmt: skip
+            subset = exp.train.subset(torch.randperm(len(exp.train))[: self.subset_size])
+            self._connect_steps = connectivity_stage(
+                self.network(),
+                self.point,
+                old=memory.as_sampleset(),
+                new=subset,
+                old_vertex=prev,
+                new_vertex=stage1,
+                sampling=self.sampling,
+                grid_points=self.grid_points,
+                epochs=self.connect_epochs,
+                lr=self.connect_lr,
+                momentum=self.connect_momentum,
+                batch_size=self.connect_batch_size,
+            )
+        self._prev_mid = None
+        if self.members_ is not None:
+            for alpha, member in zip(self.ensemble_points(), self.members_, strict=True):
+                self.point.set(alpha)
+                self.recompute_statistics(exp, memory)
+                member.load_state_dict(fold(self.network()).state_dict())
+        self.point.set_midpoint()
+        self.recompute_statistics(exp, memory)
+        self._members_stale = False
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Endpoints' squared cosine (pairs ``i < j``) and the connectivity stage's step count."""
+        with torch.no_grad():
+            n, net = self.point.n, self.network()
+            cos = {f"{i}-{j}": float(cosine_penalty(net, i, j)) for i in range(n)
+                   for j in range(i + 1, n)}  # fmt: skip
+        return {"endpoint_cos2": cos, "connectivity_steps": self._connect_steps}
+
+    # -- inference ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        if self.members_ is None or self._members_stale:
+            return super().predict(x)
+        return MeanEnsemble(self.members_)(x)
+
+    def deployable_model(self) -> nn.Module:
+        """The midpoint as one plain network, or (``inference != "midpoint"``) the ensemble."""
+        if self.members_ is not None and not self._members_stale:
+            return MeanEnsemble(self.members_)
+        return super().deployable_model()
