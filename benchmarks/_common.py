@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -38,10 +39,28 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats as None: bare ``NaN`` is not JSON (jq, JavaScript reject it)."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        return json_safe(obj.item())
+    return obj
+
+
+def json_text(payload: Any) -> str:
+    """Strict JSON of a results payload (NaN -> null)."""
+    return json.dumps(json_safe(payload), indent=1, default=float, allow_nan=False)
+
+
 def write_results(name: str, payload: dict[str, Any], markdown: str) -> Path:
-    """Write ``benchmarks/results/<name>.json`` and ``.md``; return the JSON path."""
+    """Write ``benchmarks/results/<name>.json`` (strict JSON) and ``.md``; return the JSON path."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine(), **payload}
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1, default=float))
+    (RESULTS / f"{name}.json").write_text(json_text(payload))
     (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
     return RESULTS / f"{name}.json"

@@ -219,17 +219,6 @@ def targets(summary: list[dict[str, Any]], growth: dict[str, float]) -> list[dic
     return out
 
 
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf -> None (bare NaN is not JSON)."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
 def _t(name: str, value: float, goal: str, met: bool) -> dict[str, Any]:
     return {"name": name, "value": float(value), "goal": goal, "met": bool(met)}
 
@@ -367,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
         "targets": tg,
     }
     md = to_markdown(summary, tg, growth, lrs, args) + adapters_markdown(diagnostics)
-    write_results("dynammo_pretrained", _json_safe(payload), md)
+    write_results("dynammo_pretrained", payload, md)
     if not args.quiet:
         print(md)
 

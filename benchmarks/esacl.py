@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, data_root, machine, markdown_table
+from _common import RESULTS, data_root, json_text, machine, markdown_table
 
 from medcl.config import validate_config
 from medcl.data.transforms import to_model_input
@@ -302,7 +302,7 @@ def main() -> None:
     tg = targets(rows, steps, lat, args.scenarios if rows else [])
     payload = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
                "rows": rows, "pruning_steps": steps, "latency": lat, "targets": tg}  # fmt: skip
-    (args.out / "esacl.json").write_text(json.dumps(payload, indent=1, default=float))
+    (args.out / "esacl.json").write_text(json_text(payload))
     table = []
     for sc in args.scenarios if rows else []:
         for method in METHODS:

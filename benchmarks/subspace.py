@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, data_root, machine, markdown_table
+from _common import RESULTS, data_root, json_text, machine, markdown_table
 
 from medcl.config import validate_config
 from medcl.engine.run import run
@@ -195,7 +195,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine(), "args": {**vars(args), "out": str(args.out)},
                "rows": rows, "targets": goals}  # fmt: skip
-    (args.out / "subspace.json").write_text(json.dumps(payload, indent=1, default=float))
+    (args.out / "subspace.json").write_text(json_text(payload))
     (args.out / "subspace.md").write_text(md.rstrip() + "\n")
     print(md)
 
