@@ -156,6 +156,39 @@ class ReplayMemory:
         which = torch.randint(len(self), (n,), generator=generator)
         return self.gather(which)
 
+    def joined(
+        self, train: SampleSet, exp_index: int, *, fraction: float | None = None, seed: int = 0
+    ) -> SampleSet:
+        """``train`` plus the memory's exemplars, each row's experience in column ``experience``.
+
+        Args:
+            train: the current experience's training split.
+            exp_index: its experience index.
+            fraction: resample the memory so that its rows make up this share of the result
+                (None: every exemplar once).
+            seed: seeds the resampling.
+
+        Returns:
+            The joined set (``train`` alone, with the column, when the memory is empty).
+        """
+        own = train.with_meta(experience=exp_index)
+        if not len(self):
+            return own
+        which = torch.arange(len(self))
+        if fraction is not None:
+            n = round(fraction / (1 - fraction) * len(own))
+            g = torch.Generator().manual_seed(seed)
+            which = (
+                torch.randperm(len(self), generator=g)[:n]
+                if n <= len(self)
+                else torch.randint(len(self), (n,), generator=g)
+            )
+        images, labels, exps = self.gather(which)
+        rows = SampleSet(
+            images.to(own.images.dtype), labels, own.meta.iloc[:0].reindex(range(len(which)))
+        )
+        return SampleSet.concat([own, rows.with_meta(experience=exps.numpy())])
+
     def as_sampleset(self) -> SampleSet:
         """All exemplars as one :class:`SampleSet` (metadata of the source rows)."""
         images, labels, exps = self.gather(torch.arange(len(self)))

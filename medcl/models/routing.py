@@ -8,7 +8,7 @@ routed to the head with the lowest "others" probability (the reference code's
 
 from __future__ import annotations
 
-__all__ = ["OthersHead", "RoutedAdapterModel", "route_min_others"]
+__all__ = ["OthersHead", "RoutedAdapterModel", "retune_heads", "route_min_others"]
 
 from collections.abc import Sequence
 
@@ -100,3 +100,37 @@ class RoutedAdapterModel(nn.Module):
         return route_min_others(
             self.head_logits(x), [h.classes for h in self.heads], self.num_classes
         )
+
+
+def retune_heads(
+    heads: Sequence[OthersHead],
+    feats: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> None:
+    """DynaMMo's stage 2: re-tune every head on cached features with Adam.
+
+    Args:
+        heads: the heads (trained in place).
+        feats: one ``(N, F)`` feature tensor per head (the same tensor for all with one set).
+        targets: one ``(N,)`` local-target tensor per head (:meth:`OthersHead.targets`).
+        epochs, lr, batch_size: the optimisation.
+        seed: seeds the shuffling.
+    """
+    params = [p for h in heads for p in h.requires_grad_(True).parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for idx in torch.randperm(len(targets[0]), generator=g).split(batch_size):
+                loss = sum(
+                    F.cross_entropy(h(f[idx]), t[idx])
+                    for h, f, t in zip(heads, feats, targets, strict=True)
+                )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()

@@ -83,7 +83,7 @@ from medcl.errors import ConfigError
 from medcl.models.adapters import AdapterSet, forward_with_adapters
 from medcl.models.backbones import Backbone
 from medcl.models.merging import merge_state_dicts
-from medcl.models.routing import OthersHead, RoutedAdapterModel, route_min_others
+from medcl.models.routing import OthersHead, RoutedAdapterModel, retune_heads, route_min_others
 from medcl.strategies.base import Batch, ExperienceInfo, Strategy, register_strategy
 
 if TYPE_CHECKING:
@@ -204,25 +204,11 @@ class ACL(Strategy):
 
     def training_set(self, exp: Experience, past: Sequence[Experience]) -> SampleSet:
         """``"join"``: the training split plus the memory's exemplars (column ``experience``)."""
-        own = exp.train.with_meta(experience=exp.index)
-        memory = self._memory
-        if self.stage1_memory != "join" or memory is None or not len(memory):
-            return own
-        which = torch.arange(len(memory))
-        if self.others_fraction is not None:  # resample the memory to the requested share
-            n = round(self.others_fraction / (1 - self.others_fraction) * len(own))
-            g = torch.Generator().manual_seed(exp.index)
-            which = (
-                torch.randperm(len(memory), generator=g)[:n]
-                if n <= len(memory)
-                else torch.randint(len(memory), (n,), generator=g)
-            )
-        images, labels, exps = memory.gather(which)
-        rows = SampleSet(
-            images.to(own.images.dtype), labels, own.meta.iloc[:0].reindex(range(len(which)))
+        if self.stage1_memory != "join" or self._memory is None:
+            return exp.train
+        return self._memory.joined(
+            exp.train, exp.index, fraction=self.others_fraction, seed=exp.index
         )
-        rows = rows.with_meta(experience=exps.numpy())
-        return SampleSet.concat([own, rows])
 
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         if self.use_adapters:
@@ -256,8 +242,7 @@ class ACL(Strategy):
         """Memory + per class of ``exp`` as many herding-chosen samples as the memory holds per group."""
         x, y, e = memory.gather(torch.arange(len(memory)))
         quota = math.ceil(len(memory) / len(torch.unique(e * (int(y.max()) + 1) + y)))
-        deployed = self.deploy_sets()
-        aset = deployed[-1] if deployed else None
+        aset = (self.deploy_sets() or [None])[-1]
         rows = []
         for c in exp.classes:
             r = torch.nonzero(exp.train.labels == c).flatten()
@@ -289,33 +274,26 @@ class ACL(Strategy):
         device = next(self.backbone.parameters()).device
         labels, exps = labels.to(device), exps.to(device)
         self.eval()
-        feats = [self._cached_features(s, images) for s in self.deploy_sets()] or [
-            self._cached_features(None, images)
-        ]
+        feats = [self._cached_features(s, images) for s in self.deploy_sets() or [None]]
         feats = feats * len(self.heads) if len(feats) == 1 else feats  # DynaMMo: one for all
         targets = [
             h.targets(labels, exps == info.index)
             for h, info in zip(self.heads, self.seen, strict=True)
         ]
-        params = [p for h in self.heads for p in h.requires_grad_(True).parameters()]
-        opt = torch.optim.Adam(params, lr=self.retune_lr)
-        g = torch.Generator().manual_seed(exp.index)
-        with torch.enable_grad():
-            for _ in range(self.retune_epochs):
-                for idx in torch.randperm(len(labels), generator=g).split(self.retune_batch_size):
-                    loss = sum(
-                        F.cross_entropy(h(f[idx]), t[idx])
-                        for h, f, t in zip(self.heads, feats, targets, strict=True)
-                    )
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+        retune_heads(
+            list(self.heads),
+            feats,
+            targets,
+            epochs=self.retune_epochs,
+            lr=self.retune_lr,
+            batch_size=self.retune_batch_size,
+            seed=exp.index,
+        )
 
     # -- inference ---------------------------------------------------------------------------
     def features(self, x: Tensor) -> Tensor:
         """``(B, F)`` features with the newest deployed adapter set."""
-        deployed = self.deploy_sets()
-        return forward_with_adapters(self.backbone, deployed[-1] if deployed else None, x)
+        return forward_with_adapters(self.backbone, (self.deploy_sets() or [None])[-1], x)
 
     def diagnostics(self) -> dict[str, Any]:
         """Per adapter set: ``alpha`` of each stage and the relative L2 distance of its weights
