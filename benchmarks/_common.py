@@ -57,10 +57,14 @@ def json_text(payload: Any) -> str:
     return json.dumps(json_safe(payload), indent=1, default=float, allow_nan=False)
 
 
-def write_results(name: str, payload: dict[str, Any], markdown: str) -> Path:
-    """Write ``benchmarks/results/<name>.json`` (strict JSON) and ``.md``; return the JSON path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(
+    name: str, payload: dict[str, Any], markdown: str, *, out: Path | None = None
+) -> Path:
+    """Write ``<out>/<name>.json`` (strict JSON) and ``.md`` (``out``: default
+    ``benchmarks/results``); return the JSON path."""
+    out = Path(out) if out is not None else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine(), **payload}
-    (RESULTS / f"{name}.json").write_text(json_text(payload))
-    (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
-    return RESULTS / f"{name}.json"
+    (out / f"{name}.json").write_text(json_text(payload))
+    (out / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    return out / f"{name}.json"

@@ -82,8 +82,11 @@ def config(args, scenario: str, method: str, sparsity: float, seed: int, out: Pa
         strategy["sparsity"] = sparsity
     if name in ("esacl", "magnitude-pruning"):
         strategy.update(prune_every=args.prune_every, ramp_updates=args.ramp_updates)
+    if name in ("esacl", "sparcl"):
+        strategy["removal_epochs"] = args.removal_epochs
     if name == "sparcl":
-        strategy.update(freeze_from=args.epochs - 1)
+        # the official code freezes the mask for the last 10% of epochs; at least one TDM update
+        strategy.update(freeze_from=max(1, round(0.9 * args.epochs)))
     train: dict[str, Any] = {
         "epochs": args.epochs,
         "batch_size": 32,
@@ -273,10 +276,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for esacl.{json,md}")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, few updates")
     ap.add_argument("--only", choices=["all", "latency"], default="all")
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--backbone", default="resnet18")
-    ap.add_argument("--prune-every", type=int, default=50)
-    ap.add_argument("--ramp-updates", type=int, default=500)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--backbone", default="test_resnet")
+    ap.add_argument("--prune-every", type=int, default=20)
+    ap.add_argument("--ramp-updates", type=int, default=200)
+    ap.add_argument("--removal-epochs", type=int, nargs="+", default=[1],
+                    help="epochs (0-based) at whose start IDS/DDR remove an equal share")  # fmt: skip
     ap.add_argument("--max-updates", type=int, default=None)
     ap.add_argument("--scenarios", nargs="*", default=SCENARIOS)
     ap.add_argument("--latency-repeats", type=int, default=200)
@@ -284,6 +289,7 @@ def main() -> None:
     if args.quick:
         args.backbone, args.epochs, args.max_updates = "test_resnet", 2, 6
         args.prune_every, args.ramp_updates, args.latency_repeats = 2, 8, 20
+        args.removal_epochs = [1]
         if args.scenarios == SCENARIOS:
             args.scenarios = [QUICK_SCENARIO["name"]]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ def plain_loop(
     updates: int,
     batch_size: int,
 ) -> float:
+    device = next(model.parameters()).device
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(0)
     model.train()
@@ -50,11 +51,14 @@ def plain_loop(
             if step >= updates:
                 break
             idx = order[i : i + batch_size]
-            loss = F.cross_entropy(model(to_model_input(images[idx])), labels[idx])
+            x = to_model_input(images[idx].to(device))
+            loss = F.cross_entropy(model(x), labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return updates * batch_size / (time.perf_counter() - start)
 
 
@@ -67,6 +71,7 @@ def medcl_loop(strategy, exp: Experience, updates: int, batch_size: int) -> floa
         scheduler="none",
         augment="none",
         eval_every=0,
+        amp=False,  # the plain loop runs fp32 too
     )
     stats = fit_experience(
         strategy, exp, past=[], num_seen_classes=2, memory=ReplayMemory(0), cfg=cfg, quiet=True
@@ -80,6 +85,8 @@ def main() -> None:
     ap.add_argument("--updates", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default results/)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
 
@@ -90,11 +97,11 @@ def main() -> None:
     backbone = create_backbone("resnet18", in_chans=1, small_input=True)
     rates: dict[str, list[float]] = {"plain": [], "medcl": []}
     for r in range(args.repeats):
-        strategy = create_strategy("finetune", copy.deepcopy(backbone))
+        strategy = create_strategy("finetune", copy.deepcopy(backbone)).to(args.device)
         rates["medcl"].append(medcl_loop(strategy, exp, args.updates, args.batch_size))
         plain = torch.nn.Sequential(
             copy.deepcopy(backbone), torch.nn.Linear(backbone.num_features, 2)
-        )
+        ).to(args.device)
         rates["plain"].append(
             plain_loop(plain, train.images, train.labels, args.updates, args.batch_size)
         )
@@ -109,7 +116,8 @@ def main() -> None:
         for k in ("plain", "medcl")
     ]
     md = (
-        f"# Trainer overhead\n\nResNet-18 (3×3 stride-1 stem), PneumoniaMNIST 28 px, batch "
+        f"# Trainer overhead\n\nDevice {args.device}. ResNet-18 (3×3 stride-1 stem), "
+        f"PneumoniaMNIST 28 px, batch "
         f"{args.batch_size}, {args.updates} updates × {args.repeats} alternating repeats.\n\n"
         + markdown_table(rows, ["loop", "median_images_per_s", "runs"])
         + f"\n\n**Throughput ratio medcl / plain: {ratio:.3f}** (target ≥ 0.9).\n"
@@ -122,8 +130,10 @@ def main() -> None:
             "rates": rates,
             "median": med,
             "ratio": ratio,
+            "device": args.device,
         },
         md,
+        out=args.out,
     )
     if not args.quiet:
         print(md)

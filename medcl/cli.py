@@ -262,16 +262,52 @@ def run_cmd(
         list[str] | None, typer.Option("--set", help="Override a key: train.epochs=2")
     ] = None,
     report: Annotated[bool, typer.Option(help="Write the clinical report at the end.")] = True,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Train with N processes on this machine (DDP): execs `torchrun "
+            "--standalone --nproc-per-node N -m medcl run ...`. train.batch_size is global.",
+        ),
+    ] = 1,
     quiet: Quiet = False,
 ) -> None:
     """Train a continual-learning stream end to end and write a run directory."""
     from medcl.config import load_config
-    from medcl.engine.run import run
+    from medcl.engine.distributed import is_main_process
+    from medcl.engine.run import check_run, run
 
     _verbosity(quiet)
     cfg = load_config(config, overrides or [])
+    if nproc > 1:  # refuse what would fail in every process, then hand over to torchrun
+        check_run(cfg, resume=resume, resume_from=resume_from, world_size=nproc)
+        args = ["run", str(config), *(["--resume"] if resume else [])]
+        args += ["--resume-from", str(resume_from)] if resume_from is not None else []
+        args += [a for item in overrides or [] for a in ("--set", item)]
+        args += ["--report" if report else "--no-report", *(["--quiet"] if quiet else [])]
+        _exec_torchrun(nproc, args)
     run_dir = run(cfg, resume=resume, resume_from=resume_from, quiet=quiet)
-    _finish(run_dir, report=report, quiet=quiet)
+    if is_main_process():  # under torchrun, rank 0 reports
+        _finish(run_dir, report=report, quiet=quiet)
+
+
+def _exec_torchrun(nproc: int, args: list[str]) -> None:
+    """Replace this process with torchrun running ``medcl ARGS`` in ``nproc`` processes."""
+    import os
+
+    from medcl.engine.distributed import env_world_size, torchrun_argv
+    from medcl.errors import ConfigError
+
+    if env_world_size() > 1:
+        raise ConfigError(
+            "--nproc was given inside a torchrun job (WORLD_SIZE is set); either launch with "
+            "torchrun or use --nproc, not both."
+        )
+    argv = torchrun_argv(nproc, args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)
 
 
 @app.command("update")
@@ -428,6 +464,7 @@ def report(
 
 ExportFormat = Literal["torchscript", "onnx", "safetensors", "bundle"]  # = export.FORMATS
 Backend = Literal["torchscript", "onnx"]  # = export.predict.BACKENDS
+Device = Literal["auto", "cpu", "cuda"]  # = engine.device.DEVICES
 
 
 @app.command("export")
@@ -467,6 +504,22 @@ def predict_cmd(
             "--reject-ood", help="Leave inputs flagged out-of-distribution without a class."
         ),
     ] = False,
+    device: Annotated[
+        Device,
+        typer.Option(
+            "--device",
+            help="auto (CUDA when available), cpu or cuda. ONNX uses ONNX Runtime's CUDA "
+            "provider when onnxruntime-gpu is installed, else the CPU.",
+        ),
+    ] = "auto",
+    amp: Annotated[
+        bool,
+        typer.Option(
+            "--amp/--no-amp",
+            help="bf16 autocast on a CUDA device that supports it (PyTorch/TorchScript; "
+            "probabilities cast back to fp32). Off: the OOD threshold was fitted in fp32.",
+        ),
+    ] = False,
     experience: Experience = None,
     allow_partial: AllowPartial = False,
     quiet: Quiet = False,
@@ -476,7 +529,12 @@ def predict_cmd(
     from medcl.export import load_predictor, predict_files
 
     predictor = load_predictor(
-        model, backend=backend, experience=experience, allow_partial=allow_partial
+        model,
+        backend=backend,
+        experience=experience,
+        allow_partial=allow_partial,
+        device=device,
+        amp=amp,
     )
     df = predict_files(
         predictor, inputs, batch_size=batch_size, progress=not quiet, reject_ood=reject_ood

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "DataConfig",
+    "LoggingConfig",
     "MemoryConfig",
     "ModelConfig",
     "RunConfig",
@@ -21,6 +22,7 @@ __all__ = [
 
 import difflib
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,6 +87,11 @@ class TrainConfig(_Strict):
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="bf16 autocast on CUDA (never on CPU: no fast bf16 there)")
+    dist_backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto",
+        description="process-group backend under torchrun: auto = NCCL on CUDA, gloo on CPU "
+        "($MEDCL_DIST_BACKEND overrides it)",
+    )
 
 
 class MemoryConfig(_Strict):
@@ -93,9 +100,53 @@ class MemoryConfig(_Strict):
     replay_batch_size: int | None = Field(None, ge=1, description="default: train.batch_size")
 
 
+class LoggingConfig(_Strict):
+    """Experiment logging (rank 0 only): loss, lr, throughput, curves, per-experience metrics."""
+
+    tensorboard: bool = Field(True, description="TensorBoard event files in RUN_DIR/tensorboard")
+    mlflow: bool = Field(False, description="also log to MLflow (needs `pip install mlflow`)")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (default: MLflow's own, ./mlruns)"
+    )
+    mlflow_experiment: str = "medcl"
+    every: int = Field(10, ge=1, description="log training loss and lr every k updates")
+
+
 class DataConfig(_Strict):
+    """Where the data comes from and how file cohorts are held (see docs/gpu.md).
+
+    Attributes:
+        root: MedMNIST folder (default ``$MEDCL_DATA_ROOT``, else ``~/.medmnist``).
+        download: fetch missing MedMNIST files.
+        cache: ``memory`` (MONAI ``CacheDataset`` into RAM), ``persistent`` (MONAI
+            ``PersistentDataset`` under ``cache_dir``, DataLoader workers, a disk-backed tensor:
+            cohorts larger than RAM) or ``auto`` (persistent when the decoded images would
+            take more than half of the available RAM).
+        cache_dir: the persistent cache (default ``<output_dir>/.cache/data``).
+        workers: decoding worker processes (default ``min(4, CPUs)``).
+    """
+
     root: Path | None = None
     download: bool = False
+    cache: Literal["auto", "memory", "persistent"] = Field(
+        "auto",
+        description="file cohorts: 'memory' (decode into RAM), 'persistent' (MONAI "
+        "PersistentDataset under cache_dir + a disk-backed tensor: larger than RAM), or 'auto' "
+        "(persistent when the images would fill half the available RAM)",
+    )
+    cache_dir: Path | None = Field(
+        None, description="persistent cache folder (default: <output_dir>/.cache/data)"
+    )
+    workers: int | None = Field(
+        None, ge=0, description="decoding worker processes (default: min(4, CPUs))"
+    )
+
+    def file_cache(self, output_dir: Path) -> AbstractContextManager[Any]:
+        """The :func:`medcl.data.cache.file_cache` block a run loads its file sources in."""
+        from medcl.data.cache import file_cache
+
+        folder = self.cache_dir if self.cache_dir is not None else output_dir / ".cache" / "data"
+        return file_cache(self.cache, cache_dir=folder, workers=self.workers)
 
 
 class RunConfig(_Strict):
@@ -108,6 +159,7 @@ class RunConfig(_Strict):
     train: TrainConfig = TrainConfig()
     memory: MemoryConfig = MemoryConfig()
     data: DataConfig = DataConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     @property
     def run_name(self) -> str:

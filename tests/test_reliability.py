@@ -429,3 +429,17 @@ def test_resume_after_a_crash_while_checkpointing(finished, stopped, tmp_path, p
             (run_dir / "checkpoints" / name / "strategy.safetensors").write_bytes(b"\0" * 10)
     run(cfg, resume=True, quiet=True)
     assert _metrics(run_dir)["accuracy_matrix"] == want
+
+
+def test_resume_accepts_a_run_written_before_new_config_keys_existed(stopped, tmp_path):
+    """A config.yaml lacking a section added later (defaults) resumes; a changed value does not."""
+    run_dir, cfg_path = _copy(stopped, tmp_path)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved.pop("logging")  # as written by medcl before the logging section existed
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    cfg = yaml.safe_load(cfg_path.read_text())
+    resumed = run(validate_config(cfg), resume=True, quiet=True)
+    assert len(_metrics(resumed)["accuracy_matrix"]) == 2
+    cfg["train"]["lr"] = 2 * cfg["train"]["lr"]
+    with pytest.raises(ConfigError, match="config differs"):
+        run(validate_config(cfg), resume=True, quiet=True)

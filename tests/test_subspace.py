@@ -364,3 +364,18 @@ def test_export_onnx_and_safetensors_of_the_midpoint(tmp_path):
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     want = module(x)[0].detach().numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["subspace", "mcsgd"])
+def test_stage1_replay_mixes_the_memory_into_the_trainers_batches(name, monkeypatch):
+    seen: dict[bool, list[bool]] = {}
+    for replay in (False, True):
+        strategy, memory = new_strategy(name, stage1_replay=replay), ReplayMemory(16, seed=0)
+        fit(strategy, STREAM.experiences[0], memory)
+        flags: list[bool] = []
+        orig = strategy.loss
+        monkeypatch.setattr(strategy, "loss", lambda lg, b, o=orig, f=flags: (f.append(bool(b.replay.any())), o(lg, b))[1])  # fmt: skip
+        fit(strategy, STREAM.experiences[1], memory)
+        seen[replay] = flags
+    assert seen[False] and not any(seen[False])  # the paper's stage 1: experience τ alone
+    assert all(seen[True])  # every batch carries replay samples

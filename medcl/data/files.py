@@ -2,9 +2,11 @@
 
 Pixels go through MONAI: ``LoadImaged`` (PILReader / PydicomReader / NibabelReader, picked by
 format), ``EnsureChannelFirstd``, channel conversion, ``ScaleIntensityd`` to [0, 1] and ``Resized``,
-composed with ``Compose`` and run once through ``CacheDataset``. Every row of a manifest is checked
-(columns, files, labels, formats, dimensionality) before any pixel is decoded, and all problems are
-reported together in one :class:`DataError`.
+composed with ``Compose`` and run once through ``CacheDataset`` into one in-RAM tensor, or, for a
+cohort larger than RAM, through ``PersistentDataset`` (decoded once to a cache folder, reused by
+later runs) with DataLoader workers into a disk-backed tensor (see :mod:`medcl.data.cache`).
+Every row of a manifest is checked (columns, files, labels, formats, dimensionality) before any
+pixel is decoded, and all problems are reported together in one :class:`DataError`.
 """
 
 from __future__ import annotations
@@ -18,19 +20,23 @@ __all__ = [
     "split_by_patient",
 ]
 
+import hashlib
+import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+import monai
 import numpy as np
 import pandas as pd
 import torch
-from monai.data import CacheDataset
+from monai.data import CacheDataset, PersistentDataset
 from monai.transforms import Compose
 from torch import Tensor
 
+from medcl.data.cache import CacheMode, FileCache, choose_cache, current_file_cache
+from medcl.data.disk import disk_folder, disk_tensor
 from medcl.data.labels import label_problems, normalise_label
 from medcl.data.preprocessing import Preprocessing
 from medcl.data.samples import META_COLUMNS, SampleSet
@@ -134,6 +140,7 @@ def load_image_files(
     spatial_dims: int = 2,
     progress: bool = False,
     intensity: Literal["minmax", "uint8"] = "minmax",
+    cache: FileCache | None = None,
 ) -> Tensor:
     """Load, scale to [0, 1], resize and stack image files in one cached MONAI pass.
 
@@ -146,24 +153,40 @@ def load_image_files(
         progress: show MONAI's caching progress bar.
         intensity: ``"minmax"`` rescales each image to [0, 1] (how file sources are trained);
             ``"uint8"`` maps the fixed range 0..255 to [0, 1] (how MedMNIST arrays are trained).
+        cache: ``memory`` (default: ``CacheDataset``, one in-RAM tensor) or ``persistent``
+            (``PersistentDataset`` under ``cache.folder`` + DataLoader workers, a disk-backed
+            tensor); ``auto`` is resolved by the caller (:func:`~medcl.data.cache.choose_cache`).
 
     Returns:
-        float32 ``(N, C, H, W)`` or ``(N, C, H, W, D)`` in [0, 1].
+        float32 ``(N, C, H, W)`` or ``(N, C, H, W, D)`` in [0, 1]; the same values either way.
 
     Raises:
         DataError: a file could not be decoded, or holds NaN/Inf pixels (the files are named).
     """
-    pipeline = _pipeline(_size(image_size, spatial_dims), channels, intensity)
-    workers = min(4, os.cpu_count() or 1)
-    data = [{"image": str(p)} for p in paths]
+    cache = cache or FileCache("memory")
+    preprocessing = (_size(image_size, spatial_dims), channels, intensity)
+    pipeline = _pipeline(*preprocessing)
     try:
-        ds = CacheDataset(data, pipeline, num_workers=workers, progress=progress, copy_cache=False)
-        x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+        if cache.mode == "persistent":
+            x = _decode_persistent(paths, pipeline, preprocessing, cache, progress)
+        else:
+            data = [{"image": str(p)} for p in paths]
+            ds = CacheDataset(
+                data, pipeline, num_workers=cache.num_workers, progress=progress, copy_cache=False
+            )
+            x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"loading image files failed: {e}") from e
     # a NaN/Inf pixel makes min-max scaling NaN for the whole image: the run would later die
-    # with a misleading "loss became nan"; name the files now
-    bad = torch.nonzero(~torch.isfinite(x.flatten(1)).all(1)).flatten().tolist()
+    # with a misleading "loss became nan"; name the files now (checked in chunks: x may be
+    # larger than RAM)
+    bad = [
+        start + int(i)
+        for start in range(0, len(x), 256)
+        for i in torch.nonzero(~torch.isfinite(x[start : start + 256].flatten(1)).all(1)).flatten()
+    ]
     if bad:
         listed = "\n".join(f"  {paths[i]}" for i in bad[:10])
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
@@ -172,6 +195,50 @@ def load_image_files(
             "Repair these files (e.g. replace NaN with the background value) or remove them."
         )
     return x
+
+
+def _stack_images(items: list[dict]) -> Tensor:
+    """DataLoader collate: the ``image`` of each item, stacked ``(B, C, *spatial)``."""
+    return torch.stack([torch.as_tensor(item["image"]) for item in items])
+
+
+def _decode_persistent(
+    paths: Sequence[str | Path],
+    pipeline: Compose,
+    preprocessing: tuple,
+    cache: FileCache,
+    progress: bool,
+) -> Tensor:
+    """Files -> disk-backed float32 tensor through ``PersistentDataset`` and DataLoader workers.
+
+    Each preprocessed image is saved under ``cache.folder/<preprocessing key>/`` keyed by the
+    file's path, size and modification time (a changed file is decoded again), and loaded back
+    with ``torch.load(weights_only=True)`` (no pickled code runs).
+    """
+    from torch.utils.data import DataLoader
+
+    key = hashlib.sha1(json.dumps([repr(preprocessing), monai.__version__]).encode()).hexdigest()
+    data = []
+    for p in paths:
+        st = Path(p).stat()
+        data.append({"image": str(p), "stamp": f"{st.st_size}-{st.st_mtime_ns}"})
+    ds = PersistentDataset(data, pipeline, cache_dir=cache.folder / key[:16])
+    loader = DataLoader(ds, batch_size=32, num_workers=cache.num_workers, collate_fn=_stack_images)
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc="decoding (persistent cache)", unit="batch")
+    out, start = None, 0
+    for batch in loader:  # (B, C, *spatial) float32
+        if out is None:
+            out = disk_tensor(
+                (len(data), *batch.shape[1:]), torch.float32, cache.folder / "tensors"
+            )
+        out[start : start + len(batch)] = batch
+        start += len(batch)
+    if out is None:
+        raise DataError("loading image files failed: no files were given.")
+    return out
 
 
 def split_by_patient(
@@ -264,6 +331,7 @@ class _Options(NamedTuple):
     seed: int
     progress: bool
     min_class_samples: int = 2
+    cache: FileCache = FileCache()
 
     @classmethod
     def make(
@@ -276,6 +344,9 @@ class _Options(NamedTuple):
         seed,
         progress,
         min_class_samples=2,
+        cache=None,
+        cache_dir=None,
+        workers=None,
     ):
         if spatial_dims not in (2, 3):
             raise ConfigError(f"spatial_dims must be 2 or 3; got {spatial_dims!r}.")
@@ -284,8 +355,22 @@ class _Options(NamedTuple):
         if not isinstance(min_class_samples, int) or min_class_samples < 1:
             raise ConfigError(f"min_class_samples must be an int >= 1; got {min_class_samples!r}.")
         size = _size(image_size, spatial_dims)
+        run = current_file_cache()  # the run's data.cache, overridden by the source's own options
+        setting = FileCache(
+            cache if cache is not None else run.mode,
+            Path(cache_dir) if cache_dir is not None else run.cache_dir,
+            workers if workers is not None else run.workers,
+        )
         return cls(
-            size, channels, spatial_dims, class_names, fractions, seed, progress, min_class_samples
+            size,
+            channels,
+            spatial_dims,
+            class_names,
+            fractions,
+            seed,
+            progress,
+            min_class_samples,
+            setting,
         )
 
 
@@ -297,8 +382,12 @@ def _validate(
     where: str,
     first_line: int,
     label_issues: Sequence[str] = (),
-) -> None:
-    """Check every row from headers only; one DataError lists all bad rows and label issues."""
+) -> list[_FileInfo]:
+    """Check every row from headers only; one DataError lists all bad rows and label issues.
+
+    Returns:
+        Each row's header facts (shape, channels), for the size estimate.
+    """
     splits = df["split"] if "split" in df.columns else [None] * len(df)
     infos, problems = [], []
     rows = zip(df["path"], paths, df["label"], splits, strict=True)
@@ -327,6 +416,7 @@ def _validate(
         if chosen is None and len(seen) > 1:
             ex = "; ".join(f"{k} (e.g. {df['path'][i]})" for k, i in seen.items())
             raise DataError(f"{where} mixes {what}: {ex}. To stack them into one tensor, {fix}.")
+    return infos
 
 
 def _splits(
@@ -378,7 +468,7 @@ def _load_table(
             min_class_samples=opt.min_class_samples,
             row_word="line" if first_line >= 0 else "file",
         )
-    _validate(df, paths, ids, opt, where, first_line, issues)
+    infos = _validate(df, paths, ids, opt, where, first_line, issues)
     if opt.class_names is None:
         counts = df["label"].value_counts()
         log.info(
@@ -389,12 +479,19 @@ def _load_table(
         )
     labels = [ids[v] for v in df["label"]]
     split = _splits(df, labels, where=where, fractions=opt.fractions, seed=opt.seed)
+    # decoded split by split (file order kept within each), so every split is a slice of one
+    # tensor: no copy, and a disk-backed tensor stays on disk
+    order = np.concatenate([np.flatnonzero(split == s) for s in SPLITS])
+    nbytes = sum(
+        4 * (opt.channels or info.channels) * int(np.prod(opt.size or info.shape)) for info in infos
+    )
     images = load_image_files(
-        paths,
+        [paths[i] for i in order],
         image_size=opt.size,
         channels=opt.channels,
         spatial_dims=opt.dims,
         progress=opt.progress,
+        cache=choose_cache(opt.cache, nbytes, where=where),
     )
     meta = df.drop(columns=["label", "split"], errors="ignore").assign(
         dataset=df["dataset"] if "dataset" in df.columns else name,
@@ -405,10 +502,16 @@ def _load_table(
     )
     meta = meta[[*META_COLUMNS, *(c for c in meta.columns if c not in META_COLUMNS)]]
     y = torch.tensor(labels, dtype=torch.int64)
-    out = {}
+    out, start, on_disk = {}, 0, disk_folder(images) is not None
     for s in SPLITS:
         idx = torch.from_numpy(np.flatnonzero(split == s))
-        out[s] = SampleSet(images[idx], y[idx], meta.iloc[idx.numpy()].reset_index(drop=True))
+        part = images[start : start + len(idx)]  # a view; in RAM, an own copy as before
+        start += len(idx)
+        out[s] = SampleSet(
+            part if on_disk else part.clone(),
+            y[idx],
+            meta.iloc[idx.numpy()].reset_index(drop=True),
+        )
     return LabelledSplits(names, out)
 
 
@@ -423,6 +526,9 @@ def load_manifest(
     seed: int = 0,
     progress: bool = False,
     min_class_samples: int = 2,
+    cache: CacheMode | None = None,
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
 ) -> LabelledSplits:
     """Load the images listed in a CSV manifest.
 
@@ -445,6 +551,13 @@ def load_manifest(
         progress: show a progress bar while loading.
         min_class_samples: without ``class_names``, a class with fewer rows than this, next
             to a class with at least this many, is an error (usually a typo).
+        cache: ``"memory"`` (decode into RAM), ``"persistent"`` (decode once to ``cache_dir``
+            and hold the images in a disk-backed tensor: cohorts larger than RAM) or
+            ``"auto"`` (persistent when the images would fill half the available RAM).
+            Default: the run's ``data.cache`` (:func:`medcl.data.cache.file_cache`), else auto.
+        cache_dir: folder of the persistent cache (default: the run's ``data.cache_dir``).
+        workers: decoding worker processes (default: the run's ``data.workers``, else
+            ``min(4, CPUs)``).
 
     Returns:
         Class names and ``{"train", "val", "test"}`` float32 sample sets in [0, 1], images
@@ -464,6 +577,9 @@ def load_manifest(
         seed,
         progress,
         min_class_samples,
+        cache,
+        cache_dir,
+        workers,
     )
     path = Path(path)
     if not path.is_file():
@@ -503,6 +619,9 @@ def load_folder(
     seed: int = 0,
     progress: bool = False,
     min_class_samples: int = 2,
+    cache: CacheMode | None = None,
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
 ) -> LabelledSplits:
     """Load a folder with one sub-folder per class (``root/<class>/<image>``).
 
@@ -519,6 +638,9 @@ def load_folder(
         seed,
         progress,
         min_class_samples,
+        cache,
+        cache_dir,
+        workers,
     )
     root = Path(path)
     if not root.is_dir():

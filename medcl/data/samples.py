@@ -1,7 +1,9 @@
-"""In-memory sample sets: the one container every source produces and the trainer consumes.
+"""Sample sets: the one container every source produces and the trainer consumes.
 
 Images are kept preprocessed (deterministic prefix already applied) as one tensor, so a training
-batch is a single index into it: no per-sample Python, PIL or collate on the hot path.
+batch is a single index into it: no per-sample Python, PIL or collate on the hot path. For a
+cohort larger than RAM the tensor is disk-backed (:mod:`medcl.data.disk`, a memory-mapped file);
+selecting and concatenating rows then keeps the result on disk too.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from medcl.data.disk import disk_folder, disk_tensor, take
 from medcl.errors import DataError
 
 #: Metadata columns every sample carries (more are allowed, e.g. from a CSV manifest).
@@ -75,7 +78,7 @@ class SampleSet:
         """Rows ``index`` (a view-free copy of the selected samples, metadata re-indexed)."""
         idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
         return SampleSet(
-            images=self.images[idx],
+            images=take(self.images, idx),
             labels=self.labels[idx],
             meta=self.meta.iloc[idx.numpy()].reset_index(drop=True),
         )
@@ -125,8 +128,17 @@ class SampleSet:
                 f"{sorted(map(str, dtypes))}; resize/convert them to one shape first "
                 "(scenario option image_size / channels)."
             )
+        folder = next((f for s in sets if (f := disk_folder(s.images)) is not None), None)
+        if folder is None:
+            images = torch.cat([s.images for s in sets])
+        else:  # a disk-backed part: the result stays on disk, filled set by set
+            images = disk_tensor((sum(map(len, sets)), *shapes.pop()), dtypes.pop(), folder)
+            start = 0
+            for s in sets:
+                images[start : start + len(s)] = s.images
+                start += len(s)
         return SampleSet(
-            images=torch.cat([s.images for s in sets]),
+            images=images,
             labels=torch.cat([s.labels for s in sets]),
             meta=pd.concat([s.meta for s in sets], ignore_index=True),
         )

@@ -5,6 +5,11 @@ when the sample set is built (MONAI ``LoadImaged``/``CacheDataset`` for files). 
 batch is only what must: conversion to the model's input range and random augmentation, each a
 small transform over a whole batch ``(B, C, H, W[, D])`` so two CPU cores stay busy training.
 
+Augmentation runs on the batch's device (the trainer moves the raw batch first): the random
+parameters are drawn per sample from each transform's seeded NumPy state (``B`` numbers, so a
+CPU run gives exactly the same batches as before and a GPU run draws the same parameters), sent
+to the device as small tensors, and masks, affine matrices and the resampling are built there.
+
 Input convention (recorded in exported bundles): images are ``uint8`` in [0, 255] or float in
 [0, 1]; the model sees ``(x01 - 0.5) / 0.5`` in [-1, 1] (MedMNIST's own normalisation).
 """
@@ -48,6 +53,12 @@ def to_model_input(x: Tensor) -> Tensor:
     return (x - INPUT_MEAN) / INPUT_STD
 
 
+def _param(values: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """Per-sample random parameters drawn on the host, as a tensor on ``device``."""
+    t = torch.from_numpy(np.ascontiguousarray(values))
+    return t.to(device=device, dtype=dtype or t.dtype, non_blocking=True)
+
+
 class ToModelInput(Transform):
     """Transform form of :func:`to_model_input` (for ``Compose`` pipelines)."""
 
@@ -70,12 +81,12 @@ class BatchRandFlip(RandomizableTransform):
         self.spatial_axis = spatial_axis
 
     def __call__(self, x: Tensor) -> Tensor:
-        mask = torch.from_numpy(self.R.random_sample(x.shape[0]) < self.prob)
-        if not mask.any():
+        on = self.R.random_sample(x.shape[0]) < self.prob  # (B,) drawn on the host: no sync
+        if not on.any():
             return x
-        out = x.clone()
-        out[mask] = torch.flip(x[mask], dims=(2 + self.spatial_axis,))
-        return out
+        mask = _param(on, x.device).view((-1,) + (1,) * (x.ndim - 1))  # (B, 1, ...)
+        # a select, not boolean indexing: no data-dependent shape, so no device sync
+        return torch.where(mask, torch.flip(x, dims=(2 + self.spatial_axis,)), x)
 
 
 class BatchRandAffine(RandomizableTransform):
@@ -103,15 +114,15 @@ class BatchRandAffine(RandomizableTransform):
         ang = self.R.uniform(-self.rotate, self.rotate, b) * on
         zoom = 1.0 + self.R.uniform(-self.scale, self.scale, b) * on
         shift = self.R.uniform(-self.translate, self.translate, (b, nd)) * on[:, None] * 2
-        theta = np.zeros((b, nd, nd + 1))
-        cos, sin = np.cos(ang) / zoom, np.sin(ang) / zoom
+        # per-sample parameters (B numbers each) go to the device; the (B, nd, nd + 1) matrices
+        # are assembled there (float64, as NumPy did, then cast: CPU results are unchanged)
+        cos, sin = _param(np.cos(ang) / zoom, x.device), _param(np.sin(ang) / zoom, x.device)
+        theta = torch.zeros((b, nd, nd + 1), dtype=torch.float64, device=x.device)
         theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
         if nd == 3:
-            theta[:, 2, 2] = 1.0 / zoom
-        theta[:, :, nd] = shift
-        grid = F.affine_grid(
-            torch.as_tensor(theta, dtype=x.dtype), list(x.shape), align_corners=False
-        )
+            theta[:, 2, 2] = _param(1.0 / zoom, x.device)
+        theta[:, :, nd] = _param(shift, x.device)
+        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -136,9 +147,7 @@ class BatchRandIntensity(RandomizableTransform):
         c = 1.0 + self.R.uniform(-self.contrast, self.contrast, b) * on
         s = self.R.uniform(-self.brightness, self.brightness, b) * on
         view = (b,) + (1,) * (x.ndim - 1)
-        return x * torch.as_tensor(c, dtype=x.dtype).view(view) + torch.as_tensor(
-            s, dtype=x.dtype
-        ).view(view)
+        return x * _param(c, x.device, x.dtype).view(view) + _param(s, x.device, x.dtype).view(view)
 
 
 def build_batch_augment(

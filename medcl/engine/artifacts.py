@@ -53,9 +53,8 @@ def environment(cfg: RunConfig) -> dict[str, Any]:
 
 def untrained_baseline(strategy: Strategy, scenario: Scenario) -> list[float]:
     """b[j]: accuracy of the initial backbone with a fresh full head (for FWT)."""
-    model = Classifier(
-        strategy.backbone, ExpandableHead(strategy.backbone.num_features, scenario.num_classes)
-    )
+    head = ExpandableHead(strategy.backbone.num_features, scenario.num_classes)
+    model = Classifier(strategy.backbone, head.to(next(strategy.backbone.parameters()).device))
     out = []
     for exp in scenario:
         probs = predict_proba(model, exp.test.images)
@@ -88,8 +87,12 @@ def save_predictions(run_dir: Path, after: int, scenario_exps: list[Experience],
 
 def write_metrics(
     run_dir: Path, cfg: RunConfig, scenario: Scenario, state: RunState, strategy: Strategy
-) -> None:
-    """metrics.json (matrices, summaries, timing, compute) and curves.csv, after each experience."""
+) -> dict[str, Any]:
+    """metrics.json (matrices, summaries, timing, compute) and curves.csv, after each experience.
+
+    Returns:
+        What ``metrics.json`` holds (NaN where the file has ``null``).
+    """
     T = len(state.accuracy)
     R = np.array(state.accuracy, dtype=float)[:, :T]  # evaluated on every experience: keep T×T
     Rt = np.array(state.task_accuracy, dtype=float)[:, :T]
@@ -119,3 +122,4 @@ def write_metrics(
     atomic_write_text(run_dir / "metrics.json", json_dumps(metrics))
     if state.curves:
         atomic_write_text(run_dir / "curves.csv", pd.DataFrame(state.curves).to_csv(index=False))
+    return metrics

@@ -104,14 +104,15 @@ def extend_scenario(
     from medcl.data.sources import load_source
 
     shape = scenario.input_shape
-    src = load_source(
-        spec,
-        root=cfg.data.root,
-        download=cfg.data.download,
-        image_size=shape[1],
-        channels=shape[0],
-        seed=cfg.seed,
-    )
+    with cfg.data.file_cache(cfg.output_dir):
+        src = load_source(
+            spec,
+            root=cfg.data.root,
+            download=cfg.data.download,
+            image_size=shape[1],
+            channels=shape[0],
+            seed=cfg.seed,
+        )
     new_shape = tuple(src.splits["train"].images.shape[1:])
     if new_shape != shape:
         raise ConfigError(

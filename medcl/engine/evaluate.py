@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from medcl.data.samples import SampleSet
 from medcl.data.transforms import to_model_input
+from medcl.engine.device import autocast
 
 if TYPE_CHECKING:
     from medcl.data.experience import Experience
@@ -20,15 +21,21 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def predict_proba(model: Strategy | nn.Module, images: Tensor, *, batch_size: int = 256) -> Tensor:
+def predict_proba(
+    model: Strategy | nn.Module, images: Tensor, *, batch_size: int = 256, amp: bool = False
+) -> Tensor:
     """Class probabilities of a strategy (its :meth:`Strategy.predict`) or a plain module.
 
     Args:
         model: a strategy, or any module mapping model input to scores.
-        images: ``(N, C, H, W[, D])`` raw images (uint8 or float in [0, 1]).
+        images: ``(N, C, H, W[, D])`` raw images (uint8 or float in [0, 1]), on any device;
+            each batch is moved to the model's device before it is scaled.
+        batch_size: images per forward pass.
+        amp: bf16 autocast where the model's device supports it (``train.amp``); see
+            :func:`medcl.engine.device.autocast`.
 
     Returns:
-        ``(N, K)`` float32 probabilities (softmax of the scores).
+        ``(N, K)`` float32 probabilities on the CPU (softmax of the fp32-cast scores).
     """
     from medcl.strategies.base import Strategy
 
@@ -37,12 +44,12 @@ def predict_proba(model: Strategy | nn.Module, images: Tensor, *, batch_size: in
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        out = [
-            torch.softmax(
-                fn(to_model_input(images[i : i + batch_size]).to(device)).float(), 1
-            ).cpu()
-            for i in range(0, len(images), batch_size)
-        ]
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = to_model_input(images[i : i + batch_size].to(device))  # (B, C, H, W[, D])
+            with autocast(device, amp):
+                scores = fn(x)  # (B, K), bf16 under autocast
+            out.append(torch.softmax(scores.float(), 1).cpu())
     model.train(was_training)
     return torch.cat(out)
 
@@ -82,12 +89,14 @@ def evaluate(
     *,
     split: str = "test",
     batch_size: int = 256,
+    amp: bool = False,
 ) -> list[ExperienceEval]:
-    """Evaluate on ``split`` of every experience (also future ones: FWT needs them)."""
+    """Evaluate on ``split`` of every experience (also future ones: FWT needs them); ``amp`` as
+    in :func:`predict_proba`."""
     out = []
     for exp in experiences:
         data: SampleSet = getattr(exp, split)
-        probs = predict_proba(strategy, data.images, batch_size=batch_size)
+        probs = predict_proba(strategy, data.images, batch_size=batch_size, amp=amp)
         acc, tacc = _accuracies(probs, data.labels, exp.classes)
         out.append(ExperienceEval(probs, data.labels, acc, tacc))
     return out
@@ -105,6 +114,7 @@ class CurveMonitor:
         every: evaluate every this many updates (0 disables the curve).
         max_samples: cap per experience (keeps frequent evaluation cheap).
         seed: fixes the sub-samples.
+        amp: bf16 autocast where supported, as in :func:`predict_proba`.
     """
 
     def __init__(
@@ -114,8 +124,9 @@ class CurveMonitor:
         every: int,
         max_samples: int = 200,
         seed: int = 0,
+        amp: bool = False,
     ) -> None:
-        self.every = every
+        self.every, self.amp = every, amp
         self.rows: list[dict[str, float | int | str]] = []
         g = torch.Generator().manual_seed(seed)
         self._subsets: list[SampleSet] = []
@@ -130,7 +141,7 @@ class CurveMonitor:
         if not ids:
             return float("nan")
         data = SampleSet.concat([self._subsets[i] for i in ids])
-        probs = predict_proba(strategy, data.images)
+        probs = predict_proba(strategy, data.images, amp=self.amp)
         return float((probs.argmax(1) == data.labels).float().mean())
 
     def record(self, strategy: Strategy, experience: int, update: int, offset: int) -> None:

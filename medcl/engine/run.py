@@ -7,15 +7,18 @@ A run directory holds::
     curves.csv                                     old/new/all accuracy every k updates
     predictions/after-NNN.npz + .csv               test probabilities after each experience
     checkpoints/exp-NNN/ + latest.json             resumable state (atomic, safetensors)
+    tensorboard/                                   experiment log (``logging``; rank 0 only)
 
 Each experience is seeded from (seed, experience index), so ``--resume`` after a crash repeats
-exactly what the uninterrupted run would have done.
+exactly what the uninterrupted run would have done. Under ``torchrun`` every process trains
+(DDP, :mod:`medcl.engine.distributed`) and rank 0 alone evaluates and writes.
 """
 
 from __future__ import annotations
 
-__all__ = ["RunState", "build_components", "restore_run", "run", "update"]
+__all__ = ["RunState", "build_components", "check_run", "restore_run", "run", "update"]
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 import yaml
 
-from medcl.config import RunConfig
+from medcl.config import RunConfig, validate_config
 from medcl.data.experience import Experience, Scenario
 from medcl.engine.artifacts import (
     environment,
@@ -35,7 +38,9 @@ from medcl.engine.artifacts import (
 )
 from medcl.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from medcl.engine.cohort import extend_scenario
+from medcl.engine.distributed import SINGLE, DistContext, check_strategy, session
 from medcl.engine.evaluate import CurveMonitor, evaluate
+from medcl.engine.loggers import ExperimentLogger, create_logger
 from medcl.engine.memory import ReplayMemory
 from medcl.engine.rundir import (
     RunLock,
@@ -73,13 +78,14 @@ def build_components(cfg: RunConfig) -> tuple[Scenario, Strategy, ReplayMemory]:
     """Scenario, strategy and memory from a validated config (no training)."""
     from medcl.data.scenarios import build_scenario
 
-    scenario = build_scenario(
-        cfg.scenario.name,
-        root=cfg.data.root,
-        download=cfg.data.download,
-        seed=cfg.seed,
-        **cfg.scenario.options,
-    )
+    with cfg.data.file_cache(cfg.output_dir):  # data.cache / cache_dir / workers
+        scenario = build_scenario(
+            cfg.scenario.name,
+            root=cfg.data.root,
+            download=cfg.data.download,
+            seed=cfg.seed,
+            **cfg.scenario.options,
+        )
     seed_everything(cfg.seed)  # model initialisation
     shape = scenario.input_shape
     backbone = create_backbone(
@@ -120,6 +126,9 @@ def run(
     The run directory is locked (:class:`~medcl.engine.rundir.RunLock`) while it is written: a
     second ``run`` or ``update`` of the same directory is refused.
 
+    Started by ``torchrun`` (``WORLD_SIZE > 1``), the processes train one model with DDP and
+    rank 0 alone writes the run directory (see :mod:`medcl.engine.distributed`).
+
     Args:
         cfg: validated configuration.
         resume: continue from the last completed experience of an existing run.
@@ -138,22 +147,54 @@ def run(
             readable one).
     """
     run_dir = Path(cfg.output_dir) / cfg.run_name
+    resume = resume or resume_from is not None
     check_output_dir(cfg.output_dir)
-    with RunLock(run_dir):
-        return _locked_run(
-            cfg, run_dir, resume or resume_from is not None, resume_from, quiet, stop_after
-        )
+    with (
+        session(backend=cfg.train.dist_backend, device=cfg.train.device) as job,
+        RunLock(run_dir) if job.is_main else contextlib.nullcontext(),
+    ):
+        check_run(cfg, resume=resume, resume_from=resume_from, world_size=job.world_size)
+        job.barrier()  # every rank checked the directory before rank 0 writes to it
+        return _locked_run(cfg, run_dir, resume, resume_from, quiet, stop_after, job)
 
 
-def _locked_run(
-    cfg: RunConfig,
-    run_dir: Path,
-    resume: bool,
-    resume_from: int | None,
-    quiet: bool,
-    stop_after: int | None,
-) -> Path:
-    resolved = yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+def _resolved(cfg: RunConfig) -> str:
+    """The config as written to ``config.yaml`` (and compared on ``--resume``)."""
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+
+
+def _same_config(saved: str, resolved: str) -> bool:
+    """Whether a run's ``config.yaml`` is ``resolved`` once this version's defaults fill it in.
+
+    A run started by an earlier medcl lacks keys added since (e.g. ``logging``); their
+    defaults change nothing, so it resumes.
+    """
+    if saved == resolved:
+        return True
+    try:
+        return _resolved(validate_config(yaml.safe_load(saved))) == resolved
+    except (ConfigError, yaml.YAMLError, TypeError):
+        return False
+
+
+def check_run(
+    cfg: RunConfig, *, resume: bool, resume_from: int | None = None, world_size: int = 1
+) -> None:
+    """Every refusal :func:`run` can make before training, without writing anything.
+
+    ``medcl run --nproc N`` calls it before it starts the processes, so that a mistake is one
+    message rather than N failing processes.
+
+    Raises:
+        ConfigError: ``output_dir`` is not a writable folder, the strategy cannot train with
+            ``world_size`` processes, the run exists (without ``resume``), the checkpoint
+            ``resume_from`` does not exist, or the config differs from the run's.
+    """
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    resume = resume or resume_from is not None
+    check_output_dir(cfg.output_dir)
+    check_strategy(cfg.strategy.name, world_size)
+    resolved = _resolved(cfg)
     if (
         resume_from is not None
         and not (run_dir / "checkpoints" / f"exp-{resume_from:03d}").is_dir()
@@ -171,11 +212,23 @@ def _locked_run(
                 f"run directory {run_dir} already exists; pass --resume to continue it, "
                 "or choose another `name` (--set name=...) to start a new run."
             )
-        if (run_dir / "config.yaml").read_text() != resolved:
+        if not _same_config((run_dir / "config.yaml").read_text(), resolved):
             raise ConfigError(
                 f"--resume: the config differs from the one {run_dir} was started with "
                 f"({run_dir / 'config.yaml'}); resume with the same config."
             )
+
+
+def _locked_run(
+    cfg: RunConfig,
+    run_dir: Path,
+    resume: bool,
+    resume_from: int | None,
+    quiet: bool,
+    stop_after: int | None,
+    job: DistContext,
+) -> Path:
+    resolved = _resolved(cfg)
     threads = torch.get_num_threads()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -188,6 +241,7 @@ def _locked_run(
             resume_from=resume_from,
             quiet=quiet,
             stop_after=stop_after,
+            job=job,
         )
     finally:
         torch.set_num_threads(threads)  # a library call must not change the caller's setting
@@ -214,26 +268,31 @@ def _run(
     resume_from: int | None,
     quiet: bool,
     stop_after: int | None,
+    job: DistContext = SINGLE,
 ) -> Path:
     latest = run_dir / "checkpoints" / "latest.json"
     scenario, strategy, memory = build_components(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", resolved)
-    atomic_write_text(run_dir / "environment.json", json.dumps(environment(cfg), indent=1))
-    atomic_write_text(run_dir / "scenario.json", json.dumps(scenario.describe(), indent=1))
-    atomic_write_text(run_dir / "model.json", json.dumps(model_summary(cfg, strategy), indent=1))
+    if job.is_main:  # rank 0 alone writes; every rank reads checkpoints
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", resolved)
+        env = environment(cfg) | {"world_size": job.world_size, "dist_backend": job.backend}
+        atomic_write_text(run_dir / "environment.json", json.dumps(env, indent=1))
+        atomic_write_text(run_dir / "scenario.json", json.dumps(scenario.describe(), indent=1))
+        summary = model_summary(cfg, strategy)
+        atomic_write_text(run_dir / "model.json", json.dumps(summary, indent=1))
 
     state = RunState()
     if resume and (latest.exists() or resume_from is not None):
         state = _restore(run_dir, strategy, memory, experience=resume_from)
-        if resume_from is not None:  # from now on the run continues from this checkpoint
+        job.barrier()  # every rank has read `latest` before rank 0 may rewrite it
+        if resume_from is not None and job.is_main:  # the run continues from this checkpoint
             atomic_write_text(
                 latest,
                 json.dumps({"checkpoint": f"exp-{resume_from:03d}", "completed": resume_from}),
             )
-        if not quiet:
+        if not quiet and job.is_main:
             print(f"resuming {run_dir} after experience {state.completed}")
-    else:
+    elif job.is_main:
         state.baseline = untrained_baseline(strategy, scenario)
 
     monitor = CurveMonitor(
@@ -241,14 +300,25 @@ def _run(
         every=cfg.train.eval_every,
         max_samples=cfg.train.eval_max_samples,
         seed=cfg.seed,
+        amp=cfg.train.amp,
     )
     monitor.rows = state.curves
-    for exp in scenario:
-        if exp.index <= state.completed:
-            continue
-        _learn(run_dir, cfg, scenario, strategy, memory, state, monitor, exp, quiet=quiet)
-        if stop_after is not None and exp.index >= stop_after:
-            break
+    params = json.loads(cfg.model_dump_json())
+    logger = create_logger(
+        cfg.logging, run_dir, run_name=cfg.run_name, params=params, main=job.is_main
+    )
+    try:
+        for exp in scenario:
+            if exp.index <= state.completed:
+                continue
+            _learn(
+                run_dir, cfg, scenario, strategy, memory, state, monitor, exp,
+                quiet=quiet, job=job, logger=logger,
+            )  # fmt: skip
+            if stop_after is not None and exp.index >= stop_after:
+                break
+    finally:
+        logger.close()
     return run_dir
 
 
@@ -263,8 +333,14 @@ def _learn(
     exp: Experience,
     *,
     quiet: bool,
+    job: DistContext = SINGLE,
+    logger: ExperimentLogger | None = None,
 ) -> None:
-    """Train one experience, evaluate every experience, then checkpoint and write metrics."""
+    """Train one experience, evaluate every experience, then checkpoint and write metrics.
+
+    In a DDP job every rank trains; rank 0 alone evaluates, logs and writes.
+    """
+    curves_before = len(monitor.rows)
     stats = fit_experience(
         strategy,
         exp,
@@ -273,12 +349,18 @@ def _learn(
         memory=memory,
         cfg=cfg.train,
         replay_batch_size=cfg.memory.replay_batch_size,
-        monitor=monitor,
+        monitor=monitor if job.is_main else None,
         global_update=state.global_update,
         seed=cfg.seed * 1000 + exp.index,
         quiet=quiet,
+        dist=job,
+        logger=logger,
     )
-    evals = evaluate(strategy, scenario.experiences)
+    if not job.is_main:  # only the progress the loop needs
+        state.global_update += stats.updates
+        state.completed = exp.index
+        return
+    evals = evaluate(strategy, scenario.experiences, amp=cfg.train.amp)
     state.accuracy.append([e.accuracy for e in evals])
     state.task_accuracy.append([e.task_accuracy for e in evals])
     state.fit.append(
@@ -307,14 +389,34 @@ def _learn(
         json.dumps({"checkpoint": name, "completed": exp.index}),
     )
     atomic_write_text(run_dir / "scenario.json", json.dumps(scenario.describe(), indent=1))
-    write_metrics(run_dir, cfg, scenario, state, strategy)
+    metrics = write_metrics(run_dir, cfg, scenario, state, strategy)
+    seen_acc = float(np.mean(state.accuracy[-1][: exp.index + 1]))
+    if logger is not None:
+        _log_experience(logger, state, monitor.rows[curves_before:], metrics, seen_acc)
     if not quiet:
-        seen_acc = np.mean(state.accuracy[-1][: exp.index + 1])
         print(
             f"[{exp.index + 1}/{len(scenario)}] {exp.name}: {stats.updates} updates in "
             f"{stats.seconds:.1f}s ({stats.images_per_s:.0f} img/s); accuracy on seen "
             f"experiences {seen_acc:.3f}"
         )
+
+
+def _log_experience(
+    logger: ExperimentLogger,
+    state: RunState,
+    curves: list[dict[str, Any]],
+    metrics: dict[str, Any],
+    seen_acc: float,
+) -> None:
+    """Throughput, the experience's curve points and the accuracies after it (rank 0)."""
+    fit = state.fit[-1]
+    logger.log({"train/images_per_s": fit["images_per_s"]}, state.global_update)
+    for row in curves:
+        logger.log({f"curve/{k[:-4]}": row[k] for k in ("old_acc", "new_acc", "all_acc")}, row["update"])  # fmt: skip
+    after = len(state.accuracy) - 1  # experiences learned - 1
+    accs = {f"accuracy/exp_{j}": a for j, a in enumerate(state.accuracy[-1])}
+    summary = {f"summary/{k}": v for k, v in metrics["summary"].items() if isinstance(v, float)}
+    logger.log(accs | {"accuracy/seen": seen_acc} | summary, after)
 
 
 def _restore(
@@ -457,7 +559,15 @@ def update(
             every=cfg.train.eval_every,
             max_samples=cfg.train.eval_max_samples,
             seed=cfg.seed,
+            amp=cfg.train.amp,
         )
         monitor.rows = state.curves
-        _learn(run_dir, cfg, scenario, strategy, memory, state, monitor, scenario[-1], quiet=quiet)
+        logger = create_logger(cfg.logging, run_dir, run_name=cfg.run_name)
+        try:
+            _learn(
+                run_dir, cfg, scenario, strategy, memory, state, monitor, scenario[-1],
+                quiet=quiet, logger=logger,
+            )  # fmt: skip
+        finally:
+            logger.close()
     return run_dir

@@ -23,7 +23,10 @@ from tqdm.auto import tqdm
 from medcl.config import TrainConfig
 from medcl.data.experience import Experience
 from medcl.data.transforms import build_batch_augment, to_model_input
+from medcl.engine.device import bf16_available
+from medcl.engine.distributed import SINGLE, DistContext
 from medcl.engine.evaluate import CurveMonitor
+from medcl.engine.loggers import ExperimentLogger
 from medcl.engine.memory import ReplayMemory
 from medcl.strategies.base import Batch, ExperienceInfo, Strategy
 
@@ -75,6 +78,8 @@ def fit_experience(
     global_update: int = 0,
     seed: int = 0,
     quiet: bool = False,
+    dist: DistContext = SINGLE,
+    logger: ExperimentLogger | None = None,
 ) -> FitStats:
     """Train ``strategy`` on ``exp``: hooks, optimisation, curve points, memory update.
 
@@ -91,6 +96,11 @@ def fit_experience(
         seed: seeds this experience's shuffling, replay sampling and augmentation, so that a run
             resumed at this experience repeats it exactly.
         quiet: no progress bar.
+        dist: the data-parallel job (:mod:`medcl.engine.distributed`): each rank trains on its
+            shard of every global batch (``cfg.batch_size`` is global) through DDP; rank 0's
+            model and memory are broadcast at the end. Pass ``monitor`` on rank 0 only.
+        logger: logs the training loss (averaged over ranks) and lr every ``logger.every``
+            updates; every rank passes one built from the same config.
     """
     seed_everything(seed)
     g = torch.Generator().manual_seed(seed)
@@ -114,25 +124,27 @@ def fit_experience(
     if cfg.max_updates is not None:
         total = min(total, cfg.max_updates)
     params = list(strategy.trainable_parameters())
-    opt = make_optimizer(cfg, params) if params else None
-    sched = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
-        if opt is not None and cfg.scheduler == "cosine"
-        else None
-    )
+    # the strategy's own optimiser and schedule if it has one (SGM), else the run's
+    own = strategy.configure_optimizers(cfg, params, total) if params else None
+    opt, sched = own if own is not None else (None, None)
+    if own is None and params:
+        opt = make_optimizer(cfg, params)
+        if cfg.scheduler == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
 
     if monitor is not None and monitor.every:
         monitor.record(strategy, exp.index, global_update, 0)  # the level before any update
 
     # 3. the loop
     device = next(strategy.parameters()).device
-    amp = cfg.amp and device.type == "cuda"
+    amp = cfg.amp and bf16_available(device)
     strategy.train()
+    model = dist.wrap(strategy)  # DDP (after `grow`/`before_experience`: the final parameters)
     start, step, seen, epoch = time.perf_counter(), 0, 0, 0
     bar = tqdm(
         total=total,
         desc=f"exp {exp.index} {exp.name}",
-        disable=quiet or not params,
+        disable=quiet or not params or not dist.is_main,
         leave=False,
         dynamic_ncols=True,
     )
@@ -153,12 +165,16 @@ def fit_experience(
                 mx, my, me = memory.sample(n_replay, g)
                 x, y, e = torch.cat([x, mx]), torch.cat([y, my]), torch.cat([e, me])
                 rix = torch.cat([idx, torch.full_like(my, -1)])
-            x, y, e = augment(x).to(device), y.to(device), e.to(device)
+            # DDP: every rank built the same global batch; each keeps rows rank, rank + N, ...
+            n = len(y)
+            x, y, e, rix = dist.shard(x, y, e, rix)
+            # raw batch to the device first (uint8 is 4x smaller), then augment it there
+            x, y, e = augment(x.to(device)), y.to(device), e.to(device)
             batch = Batch(x=x, y=y, exp=e, replay=e != exp.index, index=rix.to(device))
 
-            # mixed precision only on accelerators: CPUs here have no fast bf16 (40x slower)
+            # bf16 only on CUDA devices that support it: CPUs here have no fast bf16 (40x slower)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = strategy(batch.x)  # (B, num_seen_classes)
+                logits = model(batch.x)  # (B, num_seen_classes); DDP-wrapped in a job
                 loss = strategy.loss(logits, batch) + strategy.penalty(batch, logits)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -166,15 +182,20 @@ def fit_experience(
                     "train.lr or check the strategy's hyper-parameters."
                 )
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            weight = dist.loss_weight(len(y), n)  # DDP averages gradients: weight by share
+            (loss * weight).backward()
             if cfg.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
             opt.step()
             if sched is not None:
                 sched.step()
             step += 1
-            seen += len(y)
+            seen += n
             strategy.after_update(step)
+            if logger is not None and logger.due(step):  # on every rank: the mean is collective
+                lr = opt.param_groups[0]["lr"]
+                mean_loss = dist.mean(loss.item() * weight)  # = the global batch's mean loss
+                logger.log({"train/loss": mean_loss, "train/lr": lr}, global_update + step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if monitor is not None and monitor.due(step):
@@ -183,11 +204,14 @@ def fit_experience(
     bar.close()
     seconds = time.perf_counter() - start
 
-    # 4. consolidation, then the memory (herding uses the consolidated features)
+    # 4. consolidation, then the memory (herding uses the consolidated features); under DDP
+    # every rank runs both from rank 0's state (BatchNorm statistics are per rank until here)
+    dist.sync(strategy)
     strategy.after_experience(exp, memory)
     strategy.eval()
     with torch.no_grad():
         memory.update(
-            exp, feature_fn=lambda im: strategy.features(to_model_input(im).to(device)).cpu()
+            exp, feature_fn=lambda im: strategy.features(to_model_input(im.to(device))).cpu()
         )
+    dist.sync(strategy, memory)  # every rank continues from exactly rank 0's model and memory
     return FitStats(updates=step, images=seen, seconds=seconds)

@@ -11,6 +11,7 @@ from medcl.export.exporters import (
     export_safetensors,
     export_torchscript,
     load_safetensors_model,
+    onnx_providers,
     rebuild_module,
 )
 from medcl.export.loading import ExportModule, guarded_module, load_run_strategy, run_metadata
@@ -39,6 +40,7 @@ __all__ = [
     "load_predictor",
     "load_run_strategy",
     "load_safetensors_model",
+    "onnx_providers",
     "predict_files",
     "prediction_rows",
     "rebuild_module",

@@ -19,9 +19,11 @@ __all__ = [
     "export_safetensors",
     "export_torchscript",
     "load_safetensors_model",
+    "onnx_providers",
     "rebuild_module",
 ]
 
+import functools
 import json
 import logging
 import os
@@ -146,12 +148,40 @@ def export_onnx(module: nn.Module, meta: dict[str, Any], path: str | Path) -> Pa
     return path
 
 
-def _onnx_session(path: Path):
+def onnx_providers(device: torch.device | str = "cpu") -> list[str]:
+    """ONNX Runtime execution providers for ``device``: CUDA first when ``device`` is a CUDA
+    device and ``CUDAExecutionProvider`` is installed (``onnxruntime-gpu``), else the CPU one
+    (for a CUDA device, a warning says so once per process)."""
+    import onnxruntime as ort
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        _warn_no_cuda_provider(tuple(ort.get_available_providers()))
+    return ["CPUExecutionProvider"]
+
+
+@functools.cache
+def _warn_no_cuda_provider(available: tuple[str, ...]) -> None:
+    warnings.warn(
+        f"onnxruntime has no CUDAExecutionProvider (available: {list(available)}); ONNX models "
+        "run on the CPU. Install onnxruntime-gpu for ONNX on CUDA, or use --backend torchscript.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _onnx_session(path: Path, device: torch.device | str = "cpu"):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    providers = onnx_providers(device)
+    if providers[0] == "CUDAExecutionProvider":
+        index = torch.device(device).index or 0
+        providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), opts, providers=providers)
 
 
 def export_safetensors(

@@ -6,7 +6,9 @@ and files go through the same MONAI pipeline as training (:func:`medcl.data.file
 Inputs are PNG/JPEG, DICOM files, DICOM series folders (3D models), NIfTI volumes, folders of
 images and CSV manifests (a ``path`` column, relative to the CSV). Every input gets one row:
 probabilities, predicted class and routed experience, or an ``error`` saying what is wrong with
-that file; a bad file never costs the other files their results.
+that file; a bad file never costs the other files their results. Models run on the device
+``load_predictor(device=...)`` names (``medcl predict --device auto|cpu|cuda``; ONNX through ONNX
+Runtime's CUDA provider when it is installed).
 
 Intensity follows the metadata's ``intensity.mode``: runs trained on files (manifests, class
 folders) rescale each image to [0, 1] exactly as training did ("minmax"); runs trained on 8-bit
@@ -38,11 +40,13 @@ import pandas as pd
 import torch
 
 from medcl.data.files import _inspect, load_image_files
+from medcl.engine.device import autocast, resolve_device
 from medcl.errors import ConfigError, DataError
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".nii", ".nii.gz", ".dcm")
 #: Which file of a bundle ``load_predictor`` runs.
 BACKENDS = ("onnx", "torchscript")
+_CPU = torch.device("cpu")
 
 
 @dataclass
@@ -55,20 +59,29 @@ class Predictor:
     source: str
 
 
-def _torch_fn(module) -> Callable:
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A model output as a CPU array; floating outputs (bf16 under autocast) as float32."""
+    return (t.float() if t.is_floating_point() else t).cpu().numpy()
+
+
+def _torch_fn(module, device: torch.device = _CPU, amp: bool = False) -> Callable:
+    """``fn(x)`` running ``module`` on ``device`` (inputs moved there, outputs back to NumPy),
+    under bf16 autocast when ``amp`` and the device supports it."""
+    module = module.to(device)
+
     def fn(x: torch.Tensor) -> tuple[np.ndarray, ...]:
-        with torch.no_grad():
-            return tuple(t.numpy() for t in module(x))
+        with torch.no_grad(), autocast(device, amp):
+            return tuple(_numpy(t) for t in module(x.to(device)))
 
     return fn
 
 
-def _ts(path: Path) -> Predictor:
+def _ts(path: Path, device: torch.device = _CPU, amp: bool = False) -> Predictor:
     extra = {"metadata.json": ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         try:
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
         except Exception as e:  # torch raises RuntimeError/ValueError for any damaged archive
             raise DataError(
                 f"{path} could not be loaded as TorchScript ({type(e).__name__}: "
@@ -77,10 +90,11 @@ def _ts(path: Path) -> Predictor:
             ) from None
     if not extra["metadata.json"]:
         raise ConfigError(f"{path}: TorchScript file without medcl metadata; export it again.")
-    return Predictor(_torch_fn(module.eval()), json.loads(extra["metadata.json"]), "torchscript")
+    meta = json.loads(extra["metadata.json"])
+    return Predictor(_torch_fn(module.eval(), device, amp), meta, f"torchscript ({device.type})")
 
 
-def _onnx(path: Path) -> Predictor:
+def _onnx(path: Path, device: torch.device = _CPU) -> Predictor:
     import onnx
 
     from medcl.export.exporters import _onnx_session
@@ -94,7 +108,7 @@ def _onnx(path: Path) -> Predictor:
     if "medcl_metadata" not in props:
         raise ConfigError(f"{path}: ONNX file without medcl metadata; export it again.")
     try:
-        sess = _onnx_session(path)
+        sess = _onnx_session(path, device)
     except Exception as e:  # onnxruntime's InvalidGraph / Fail
         msg = str(e).splitlines()[0] if str(e) else ""
         raise DataError(
@@ -103,7 +117,7 @@ def _onnx(path: Path) -> Predictor:
     return Predictor(
         lambda x: tuple(sess.run(None, {"image": x.numpy()})),
         json.loads(props["medcl_metadata"]),
-        "onnxruntime",
+        f"onnxruntime ({sess.get_providers()[0]})",
     )
 
 
@@ -113,6 +127,8 @@ def load_predictor(
     backend: str = "torchscript",
     experience: int | None = None,
     allow_partial: bool = False,
+    device: str = "cpu",
+    amp: bool = False,
 ) -> Predictor:
     """Load a run directory, bundle folder or ``.ts`` / ``.onnx`` / ``.safetensors`` file.
 
@@ -120,17 +136,32 @@ def load_predictor(
     directory, ``experience`` / ``allow_partial`` choose the model as in
     :func:`~medcl.export.exporters.export_run` (an unfinished run is otherwise an error).
 
+    Args:
+        model: the run directory, bundle folder or exported file.
+        backend: which file of a bundle runs.
+        experience: for a run directory, the model after this experience.
+        allow_partial: accept an unfinished run's last completed experience.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (see
+            :func:`medcl.engine.device.resolve_device`). PyTorch and TorchScript models run on
+            it; ONNX runs with ONNX Runtime's ``CUDAExecutionProvider`` when that is installed
+            (``onnxruntime-gpu``), else on the CPU provider (said once, as a warning).
+        amp: bf16 autocast for PyTorch / TorchScript models on a CUDA device that supports it
+            (outputs cast back to float32). Off by default: the OOD threshold was fitted on
+            float32 features.
+
     Raises:
+        ConfigError: an unknown backend or device, or ``cuda`` without a CUDA device.
         DataError: a TorchScript / ONNX file that cannot be loaded (damaged, not an export).
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {list(BACKENDS)}; got {backend!r}.")
+    dev = resolve_device(device, option="device")
     path = Path(model)
     if path.is_dir() and (path / "configs" / "metadata.json").is_file():
         return (
-            _onnx(path / "models" / "model.onnx")
+            _onnx(path / "models" / "model.onnx", dev)
             if backend == "onnx"
-            else _ts(path / "models" / "model.ts")
+            else _ts(path / "models" / "model.ts", dev, amp)
         )
     if path.is_dir() and (path / "config.yaml").is_file():
         from medcl.engine.rundir import select_experience
@@ -142,17 +173,17 @@ def load_predictor(
         scenario, strategy = load_run_strategy(path, experience=after)
         meta = run_metadata(path, scenario, strategy, experience=after)
         module = guarded_module(path, scenario, strategy, meta)
-        return Predictor(_torch_fn(module), meta, "pytorch")
+        return Predictor(_torch_fn(module, dev, amp), meta, f"pytorch ({dev.type})")
     suffix = path.suffix.lower()
     if path.is_file() and suffix in (".ts", ".pt"):
-        return _ts(path)
+        return _ts(path, dev, amp)
     if path.is_file() and suffix == ".onnx":
-        return _onnx(path)
+        return _onnx(path, dev)
     if path.is_file() and suffix == ".safetensors":
         from medcl.export.exporters import load_safetensors_model
 
         module, meta = load_safetensors_model(path)
-        return Predictor(_torch_fn(module), meta, "pytorch (safetensors)")
+        return Predictor(_torch_fn(module, dev, amp), meta, f"pytorch ({dev.type}, safetensors)")
     raise ConfigError(
         f"model {model}: expected a run directory, a bundle folder (configs/metadata.json) or a "
         ".ts/.onnx/.safetensors file from `medcl export`."

@@ -1,5 +1,10 @@
 """Compute cost: parameters, MACs (PyTorch's FlopCounterMode) and latency of a deployable model;
-training FLOPs counted per update (:class:`TrainingFlops`), for every method alike."""
+training FLOPs counted per update (:class:`TrainingFlops`), for every method alike.
+
+Inputs are created on the model's device, so a model on a GPU is counted and timed there;
+latency is measured with ``torch.utils.benchmark.Timer``, whose clock synchronises the
+accelerator (CUDA kernels run asynchronously: a plain wall clock would time only the launch).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,22 @@ __all__ = [
     "count_parameters",
     "layer_flops",
     "measure_latency",
+    "model_device",
 ]
 
-import time
 from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter or buffer (CPU for a stateless module)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -29,13 +42,14 @@ def count_parameters(model: nn.Module) -> int:
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one forward pass on a single input of ``input_shape`` (C, H, W[, D]).
 
-    Counted by ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2), not by hand.
+    Counted by ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2), not by hand, on an
+    input placed on the model's device.
     """
     was = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
     with counter:
-        model(torch.zeros(1, *input_shape))
+        model(torch.zeros(1, *input_shape, device=model_device(model)))
     model.train(was)
     return counter.get_total_flops() // 2
 
@@ -49,17 +63,19 @@ def measure_latency(
     repeats: int = 20,
     warmup: int = 3,
 ) -> float:
-    """Median seconds per forward pass of a batch (CPU wall clock)."""
+    """Median seconds per forward pass of a batch on the model's device.
+
+    Each of ``repeats`` passes is timed by ``torch.utils.benchmark.Timer`` (wall clock,
+    synchronised with CUDA when a GPU is present; the torch thread count of the caller), after
+    ``warmup`` untimed passes (cuDNN autotuning, allocator growth).
+    """
     was = model.training
     model.eval()
-    x = torch.zeros(batch_size, *input_shape)
+    x = torch.zeros(batch_size, *input_shape, device=model_device(model))
     for _ in range(warmup):
         model(x)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t)
+    timer = Timer("model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
+    times = [timer.timeit(number=1).median for _ in range(repeats)]
     model.train(was)
     return float(sorted(times)[len(times) // 2])
 
@@ -88,7 +104,7 @@ def layer_flops(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int
     model.eval()
     counter = FlopCounterMode(display=False)
     with counter:
-        model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+        model(torch.zeros(1, *input_shape, device=model_device(model)))
     model.train(was)
     counts = counter.get_flop_counts()
     root = type(model).__name__

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from medcl.reports.compare import align_rows, compare_tables
 from medcl.reports.failures import confident_errors, thumbnail_png
+from medcl.reports.predictions import SAFE_COLUMNS, Predictions
 from medcl.reports.report import Report, build_report, write_report
-from medcl.reports.results import SAFE_COLUMNS, Predictions, RunResults
+from medcl.reports.results import RunResults
 
 __all__ = [
     "SAFE_COLUMNS",

@@ -42,8 +42,10 @@ import numpy as np
 import pandas as pd
 
 from medcl.errors import DataError
-from medcl.metrics.clinical import _point, _replicates
-from medcl.reports.results import REPORT_METRICS, Predictions
+from medcl.metrics.clinical.bootstrap import _replicates
+from medcl.metrics.clinical.discrimination import _point
+from medcl.reports.predictions import Predictions
+from medcl.reports.results import REPORT_METRICS
 
 #: Metrics where a larger value is worse.
 LOWER_IS_BETTER = frozenset({"ece"})

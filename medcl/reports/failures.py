@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from medcl.errors import DataError
-from medcl.reports.results import Predictions
+from medcl.reports.predictions import Predictions
 
 
 def confident_errors(

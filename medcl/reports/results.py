@@ -13,25 +13,22 @@ functions of :mod:`medcl.metrics` (scikit-learn underneath, vectorised NumPy boo
 Privacy: per-row metadata is reduced on load to :data:`SAFE_COLUMNS` plus the columns the user
 names in ``safe_id_columns``; anything else the run stored (file paths, manifest columns that may
 hold names or ids) never reaches a frame, a plot or a report.
+
+Loading and checking the run's files is :class:`~medcl.reports.run_directory.RunDirectory`
+(the base class); :class:`~medcl.reports.predictions.Predictions` holds one model's test
+predictions.
 """
 
 from __future__ import annotations
 
 __all__ = ["REPORT_METRICS", "SAFE_COLUMNS", "Predictions", "RunResults"]
 
-import json
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cached_property
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from medcl.errors import DataError, MedclError, did_you_mean
+from medcl.errors import DataError
 from medcl.metrics.calibration import expected_calibration_error, reliability_table
 from medcl.metrics.clinical import DEFAULT_METRICS, confusion, per_group_metrics, site_heterogeneity
 from medcl.metrics.continual import (
@@ -40,88 +37,14 @@ from medcl.metrics.continual import (
     matrix_to_frame,
 )
 from medcl.metrics.stability import stability_metrics, summarize_stability
+from medcl.reports.predictions import SAFE_COLUMNS, Predictions
+from medcl.reports.run_directory import RunDirectory
 
-#: Per-row metadata that is never an identifier: kept in every frame and report.
-SAFE_COLUMNS = ("dataset", "site", "split", "experience")
 #: Metrics of the clinical tables: discrimination at the operating point plus top-label ECE.
 REPORT_METRICS = (*DEFAULT_METRICS, "ece")
-_AFTER = re.compile(r"after-(\d+)\.npz$")
 
 
-@dataclass(frozen=True)
-class Predictions:
-    """Test-set predictions of one model of the stream.
-
-    Attributes:
-        after: index of the last experience the model was trained on.
-        probs: ``(N, K)`` class probabilities over the ``K`` classes the model knows.
-        labels: ``(N,)`` global class ids (may be ``>= K`` for classes not learned yet).
-        experience: ``(N,)`` experience index of each test row.
-        meta: ``N`` rows of safe metadata (:data:`SAFE_COLUMNS` + user-approved id columns).
-    """
-
-    after: int
-    probs: np.ndarray
-    labels: np.ndarray
-    experience: np.ndarray
-    meta: pd.DataFrame
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    @property
-    def n_classes(self) -> int:
-        return int(self.probs.shape[1])
-
-    @property
-    def predicted(self) -> np.ndarray:
-        """``(N,)`` arg-max class."""
-        return self.probs.argmax(axis=1)
-
-    def predict(self, threshold: float | None = None) -> np.ndarray:
-        """``(N,)`` class at the operating point: arg-max, or binary ``p_1 >= threshold``."""
-        if threshold is None:
-            return self.predicted
-        if self.n_classes != 2 or not 0.0 <= threshold <= 1.0:
-            raise DataError(
-                f"threshold applies to binary models and must lie in [0, 1]; got "
-                f"threshold={threshold!r} for a {self.n_classes}-class model. Omit it to use "
-                "the arg-max."
-            )
-        return (self.probs[:, 1] >= threshold).astype(np.int64)
-
-    def scorable(self) -> np.ndarray:
-        """``(N,)`` bool: rows whose class the model can output (all rows but future classes)."""
-        return self.labels < self.n_classes
-
-    def subset(self, mask: np.ndarray) -> Predictions:
-        """The rows selected by a boolean mask or an index array."""
-        idx = np.flatnonzero(mask) if np.asarray(mask).dtype == bool else np.asarray(mask)
-        return Predictions(
-            self.after,
-            self.probs[idx],
-            self.labels[idx],
-            self.experience[idx],
-            self.meta.iloc[idx].reset_index(drop=True),
-        )
-
-
-def _read_json(path: Path, *, required: bool = True) -> dict[str, Any]:
-    if not path.is_file():
-        if required:
-            raise DataError(
-                f"{path} is missing; a run directory holds config.yaml, scenario.json, "
-                "metrics.json and predictions/ (written by `medcl run`). Point at the folder "
-                "`medcl run` printed."
-            )
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e}); was the run interrupted?") from e
-
-
-class RunResults:
+class RunResults(RunDirectory):
     """Read a run directory; every accessor returns a tidy frame or a plain dict.
 
     Args:
@@ -139,167 +62,6 @@ class RunResults:
             the final model's predictions file is missing or partial (the message names it).
         ConfigError: an unfinished run without ``experience`` / ``allow_partial``.
     """
-
-    def __init__(
-        self,
-        run_dir: str | Path,
-        *,
-        safe_id_columns: Sequence[str] = (),
-        experience: int | None = None,
-        allow_partial: bool = False,
-    ) -> None:
-        self.run_dir = Path(run_dir)
-        if not self.run_dir.is_dir():
-            raise DataError(
-                f"run directory {self.run_dir} does not exist; pass the folder that "
-                "`medcl run` printed (runs/<name>)."
-            )
-        self.safe_id_columns = tuple(str(c) for c in safe_id_columns)
-        if "patient_id" in self.safe_id_columns:
-            raise DataError(
-                "`patient_id` can never be marked safe: it is dropped when the run "
-                "is written. Use a de-identified study column instead."
-            )
-        cfg = self.run_dir / "config.yaml"
-        if not cfg.is_file():
-            raise DataError(f"{cfg} is missing; {self.run_dir} is not a medcl run directory.")
-        self.config: dict[str, Any] = yaml.safe_load(cfg.read_text()) or {}
-        self.scenario_info = _read_json(self.run_dir / "scenario.json")
-        self.metrics = _read_json(self.run_dir / "metrics.json")
-        self.environment = _read_json(self.run_dir / "environment.json", required=False)
-        self._cache: dict[int, Predictions] = {}
-        if not self.snapshots:
-            raise DataError(
-                f"{self.run_dir / 'predictions'} holds no after-NNN.npz files; the run "
-                "has not finished an experience yet."
-            )
-        from medcl.engine.rundir import select_experience
-
-        self._final = select_experience(
-            self.run_dir, experience, allow_partial=allow_partial, command="medcl report"
-        )
-        self._check_final()
-
-    def _check_final(self) -> None:
-        """The final model's predictions exist, are readable and cover every test row."""
-        k = self._final
-        path = self.run_dir / "predictions" / f"after-{k:03d}.npz"
-        earlier = [s for s in self.snapshots if s < k]
-        other = (
-            f"report the model after experience {earlier[-1]} instead with --experience "
-            f"{earlier[-1]}"
-            if earlier
-            else "start the run again"
-        )
-        if not path.is_file():
-            raise DataError(
-                f"{path} is missing: the test predictions of the model after experience {k}, "
-                f"which the report would describe as its final model. Resume the run to write "
-                f"it again (`medcl run {self.run_dir / 'config.yaml'} --resume-from "
-                f"{earlier[-1] if earlier else 0}`), or {other}."
-            )
-        try:
-            p = self.predictions(k)
-        except MedclError:
-            raise
-        except Exception as e:  # a truncated .npz: BadZipFile, EOFError, ValueError, ...
-            raise DataError(
-                f"{path} could not be read ({type(e).__name__}); it is partial or damaged. "
-                f"Resume the run to write it again, or {other}."
-            ) from None
-        expected = [int(e.get("test", 0)) for e in self.scenario_info.get("experiences", [])]
-        got = np.bincount(p.experience).tolist() if len(p.experience) else []
-        n = min(len(expected), max(len(got), k + 1))  # at least every experience up to k
-        short = [
-            (j, got[j] if j < len(got) else 0, expected[j])
-            for j in range(n)
-            if (got[j] if j < len(got) else 0) != expected[j]
-        ]
-        if short:
-            j, g, want = short[0]
-            raise DataError(
-                f"{path} is partial: it holds {g} test rows of experience {j} where "
-                f"scenario.json lists {want} ({len(short)} experience(s) differ). Resume the run "
-                f"to write it again, or {other}."
-            )
-
-    # -- what was run --------------------------------------------------------------------------
-    @property
-    def name(self) -> str:
-        return str(self.metrics.get("run") or self.config.get("name") or self.run_dir.name)
-
-    @cached_property
-    def snapshots(self) -> list[int]:
-        """Experience indices after which test predictions were saved, in order."""
-        files = (self.run_dir / "predictions").glob("after-*.npz")
-        return sorted(int(m.group(1)) for f in files if (m := _AFTER.search(f.name)))
-
-    @property
-    def final(self) -> int:
-        """The experience after which the reported ("final") model was saved."""
-        return self._final
-
-    @property
-    def previous(self) -> int | None:
-        """The model before the final one (``None`` for a single experience)."""
-        earlier = [s for s in self.snapshots if s < self._final]
-        return earlier[-1] if earlier else None
-
-    @property
-    def experience_names(self) -> list[str]:
-        names = [str(e["name"]) for e in self.scenario_info.get("experiences", [])]
-        n = max(len(self.metrics.get("accuracy_matrix") or []), self.final + 1)
-        return names + [f"experience {i}" for i in range(len(names), n)]
-
-    @property
-    def experience_sites(self) -> list[str]:
-        sites = [str(e.get("site", "")) for e in self.scenario_info.get("experiences", [])]
-        return sites + [""] * (len(self.experience_names) - len(sites))
-
-    def class_names(self, n_classes: int | None = None) -> list[str]:
-        """Names of the first ``n_classes`` global classes (default: all in the scenario)."""
-        names = [str(c) for c in self.scenario_info.get("class_names", [])]
-        n = len(names) if n_classes is None else n_classes
-        return (names + [f"class {k}" for k in range(len(names), n)])[:n]
-
-    # -- predictions ---------------------------------------------------------------------------
-    def predictions(self, after: int | None = None) -> Predictions:
-        """Test predictions of the model after experience ``after`` (default: the final model)."""
-        after = self.final if after is None else int(after)
-        if after not in self.snapshots:
-            raise DataError(
-                f"no predictions after experience {after} in {self.run_dir}; "
-                f"available: {self.snapshots}."
-            )
-        if after not in self._cache:
-            path = self.run_dir / "predictions" / f"after-{after:03d}.npz"
-            with np.load(path, allow_pickle=False) as z:
-                probs, labels, exp = z["probs"], z["labels"].astype(np.int64), z["experience"]
-            if probs.ndim != 2 or not len(probs) == len(labels) == len(exp):
-                raise DataError(
-                    f"{path} must hold probs (N, K), labels (N,) and experience (N,); got "
-                    f"shapes {probs.shape}, {labels.shape}, {exp.shape}. Re-run the evaluation."
-                )
-            csv = path.with_suffix(".csv")
-            meta = pd.read_csv(csv, keep_default_na=False) if csv.is_file() else pd.DataFrame()
-            if len(meta) != len(labels):
-                meta = pd.DataFrame(index=range(len(labels)))
-            missing = [c for c in self.safe_id_columns if c not in meta.columns]
-            if missing:
-                raise DataError(
-                    f"safe id column(s) {missing} are not in {csv.name}; "
-                    f"{did_you_mean(missing[0], meta.columns)}"
-                )
-            keep = [c for c in (*SAFE_COLUMNS, *self.safe_id_columns) if c in meta.columns]
-            meta = meta[keep].copy()
-            meta["experience"] = exp.astype(np.int64)
-            if "site" not in meta:
-                sites = np.asarray(self.experience_sites, dtype=object)
-                meta["site"] = sites[exp.astype(np.int64)]
-            self._cache[after] = Predictions(
-                after, probs.astype(np.float64), labels, exp.astype(np.int64), meta
-            )
-        return self._cache[after]
 
     # -- clinical metrics ----------------------------------------------------------------------
     def clinical(

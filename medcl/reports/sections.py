@@ -34,7 +34,8 @@ from medcl.metrics.stability import plot_stability_curves
 from medcl.reports import plots
 from medcl.reports.compare import align_rows, compare_predictions
 from medcl.reports.failures import confident_errors, thumbnail_png
-from medcl.reports.results import Predictions, RunResults
+from medcl.reports.predictions import Predictions
+from medcl.reports.results import RunResults
 
 
 def with_notes(fn: Callable[..., Any], notes: list[str], *args: Any, **kwargs: Any) -> Any:

@@ -7,6 +7,7 @@ experience (nothing else; a strategy never edits the trainer):
     before_experience(exp, memory) data-dependent set-up: snapshots, initialisation from data
     training_set(exp, past)        the samples to train on (default: the experience's train split)
     trainable_parameters()         what the optimiser updates
+    configure_optimizers(cfg, ...) the method's own optimiser/schedule (default: the run's)
     per epoch:  epoch_rows(epoch, n)  which rows of the training set to visit (default: all)
     per batch:  logits = forward(x);  loss = loss(logits, batch) + penalty(batch, logits)
                 after_update(step)
@@ -47,6 +48,7 @@ from medcl.registry import Registry
 from medcl.validation import validated_kwargs
 
 if TYPE_CHECKING:
+    from medcl.config import TrainConfig
     from medcl.data.experience import Experience
     from medcl.data.samples import SampleSet
     from medcl.engine.memory import ReplayMemory
@@ -185,6 +187,22 @@ class Strategy(nn.Module):
 
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
+
+    def configure_optimizers(
+        self, cfg: TrainConfig, params: list[nn.Parameter], total: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None] | None:
+        """The method's own optimiser and per-update schedule for an experience.
+
+        Args:
+            cfg: the run's optimisation settings.
+            params: :meth:`trainable_parameters` (non-empty).
+            total: updates this experience will make (the scheduler is stepped after each).
+
+        Returns:
+            ``(optimizer, scheduler or None)``, or None (default) for the run's
+            ``train.optimizer`` and ``train.scheduler``.
+        """
+        return None
 
     def features(self, x: Tensor) -> Tensor:
         """Penultimate features ``(B, F)`` (used by herding and data-driven initialisation)."""

@@ -70,7 +70,7 @@ class MCSGD(SubspaceStrategy):
             connectivity step (0: the memory's per-group quota).
         connect_epochs, connect_lr, connect_momentum, connect_batch_size: connectivity SGD.
         subset_size: random current-experience samples of the connectivity step.
-        bn, bn_samples: BatchNorm handling (see :class:`SubspaceStrategy`).
+        bn, bn_samples, stage1_replay: see :class:`~medcl.strategies.subspace.SubspaceStrategy`.
     """
 
     def __init__(
@@ -89,6 +89,7 @@ class MCSGD(SubspaceStrategy):
         subset_size: int = 500,
         bn: Literal["recompute", "batch"] = "recompute",
         bn_samples: int = 1024,
+        stage1_replay: bool = False,
     ) -> None:
         checks = [("p", p, 0 <= p <= 1), ("grid_points", grid_points, grid_points >= 1),
                   ("current_per_class", current_per_class, current_per_class >= 0),
@@ -105,7 +106,8 @@ class MCSGD(SubspaceStrategy):
                 f"connect_lr, connect_batch_size and subset_size; got {', '.join(bad)}. Fix "
                 "these options in the strategy section of the config."
             )
-        super().__init__(backbone, n_endpoints=1, bn=bn, bn_samples=bn_samples)
+        super().__init__(backbone, n_endpoints=1, bn=bn, bn_samples=bn_samples,
+                         stage1_replay=stage1_replay)  # fmt: skip
         self.p, self.grid_points, self.chain_rule = p, grid_points, chain_rule
         self.continue_from, self.current_per_class = continue_from, current_per_class
         self.connect_epochs, self.connect_lr = connect_epochs, connect_lr

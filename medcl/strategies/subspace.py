@@ -34,6 +34,12 @@ Reconstructions and deviations:
   as MC-SGD's ``track_running_stats=False`` networks) *(medcl)*. ``sampling="grid"`` replaces
   the random ``α`` by MC-SGD's ``K + 1`` points ``s ∈ {0, 1/K, …, 1}`` on the segment from the
   fixed vertex to the endpoints' midpoint, losses summed.
+- ``stage1_replay=True`` mixes the replay memory into stage 1 (ER, the trainer's replay batches,
+  as ``replay`` does) *(medcl)*. The paper's stage 1 sees experience τ only, which suits its
+  task-incremental benchmarks; in a class-incremental stream one short connectivity epoch cannot
+  restore the old classes' logits after stage 1 has trained them away (medmnist-cross3, 2 epochs:
+  midpoint A_T 0.17 without it vs 0.60 for replay; ``benchmarks/results/subspace.md``). The
+  benchmark chooses it on the validation splits.
 - The previous midpoint has no rows for classes new at τ: its head rows for them are taken from
   ŵ_{τ,mid} *(medcl)*.
 - **BatchNorm** ``bn="recompute"`` (default): ``γ, β`` are subspace tensors; the running
@@ -48,7 +54,7 @@ Reconstructions and deviations:
   probabilities averaged; ``k`` × MACs) instead of the midpoint: the sampled-point ensemble.
 
 Ablation switches: ``n_endpoints`` (2 line, 3 simplex), ``beta=0`` (no cosine penalty),
-``connect=False`` (stage 1 only), ``init``, ``bn``, ``sampling``; the buffer size is the
+``connect=False`` (stage 1 only), ``init``, ``bn``, ``sampling``, ``stage1_replay``; the buffer size is the
 ``memory.size`` of the config.
 """
 
@@ -94,6 +100,8 @@ class SubspaceStrategy(Strategy):
         n_endpoints: endpoints per tensor.
         bn: ``"recompute"`` (statistics re-estimated at the evaluated point) or ``"batch"``.
         bn_samples: samples of the current experience used to re-estimate them (plus the buffer).
+        stage1_replay: mix the replay memory into the trainer's batches (stage 1 / the
+            sequential chain); False trains on the experience alone, as the papers do.
         seed: seeds the endpoints' independent initialisation.
     """
 
@@ -104,9 +112,11 @@ class SubspaceStrategy(Strategy):
         n_endpoints: int,
         bn: Literal["recompute", "batch"] = "recompute",
         bn_samples: int = 1024,
+        stage1_replay: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__(backbone)
+        self.uses_memory = stage1_replay  # the trainer samples the memory only when True
         if n_endpoints < 1 or bn_samples < 1:
             raise ConfigError(
                 f"strategy {self.name!r}: need n_endpoints >= 1 and bn_samples >= 1; got "
@@ -182,7 +192,7 @@ class SubspaceConnectivity(SubspaceStrategy):
         grid_points: K for ``"grid"``.
         connect_epochs, connect_lr, connect_momentum, connect_batch_size: stage-2 SGD.
         subset_size: random samples of the current experience used in stage 2.
-        bn, bn_samples: BatchNorm handling (see :class:`SubspaceStrategy`).
+        bn, bn_samples, stage1_replay: see :class:`SubspaceStrategy`.
         inference: ``"midpoint"``, ``"endpoints"`` or ``"sampled"`` (an ensemble, k × MACs).
         ensemble_size: points of the ``"sampled"`` ensemble.
         seed: seeds endpoint initialisation and the sampled ensemble's points.
@@ -205,6 +215,7 @@ class SubspaceConnectivity(SubspaceStrategy):
         subset_size: int = 500,
         bn: Literal["recompute", "batch"] = "recompute",
         bn_samples: int = 1024,
+        stage1_replay: bool = False,
         inference: Literal["midpoint", "endpoints", "sampled"] = "midpoint",
         ensemble_size: int = 5,
         seed: int = 0,
@@ -225,7 +236,8 @@ class SubspaceConnectivity(SubspaceStrategy):
                 f"subset_size and ensemble_size; got {', '.join(bad)}. Fix these options in the "
                 "strategy section of the config."
             )
-        super().__init__(backbone, n_endpoints=n_endpoints, bn=bn, bn_samples=bn_samples, seed=seed)
+        super().__init__(backbone, n_endpoints=n_endpoints, bn=bn, bn_samples=bn_samples,
+                         stage1_replay=stage1_replay, seed=seed)  # fmt: skip
         self.beta, self.connect, self.init = beta, connect, init
         self.sampling, self.grid_points = sampling, grid_points
         self.connect_epochs, self.connect_lr = connect_epochs, connect_lr

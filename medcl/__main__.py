@@ -1,0 +1,8 @@
+"""``python -m medcl``: the ``medcl`` command (what ``torchrun -m medcl run ...`` starts)."""
+
+from __future__ import annotations
+
+from medcl.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
