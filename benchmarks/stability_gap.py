@@ -1,241 +1,311 @@
-"""Stability gap of vanilla rehearsal vs SGM and SGM minus each component (Harun & Kanan 2024).
+"""Stability gap of vanilla rehearsal vs SGM on a pretrained EfficientNet-Lite0 (issue 14).
 
-For each scenario every variant is trained with ``medcl.engine.run.run`` from
-``configs/<scenario>-sgm.yaml`` with the settings below (same backbone, memory, optimiser and
-update budget for all), evaluating old/new/all accuracy every ``--eval-every`` updates. A joint
-(cumulative) run gives the upper bound per experience: its old/new/all accuracy at the end of
-that experience (``--upper-bound 1.0`` uses 1.0 instead). Metrics come from
-:func:`medcl.metrics.stability.summarize_stability`, whose pre-update level is the previous
-experience's last evaluation (exact here: the update budget is a multiple of ``--eval-every``),
-so ``max_drop`` includes ``init_drop``, what growing/initialising the head costs before the
-first update.
+Harun & Kanan, TMLR 2024 report the stability gap falling from 0.300 (vanilla rehearsal) to 0.006
+with SGM. This script measures it on medmnist-cross3 and pneumonia-sites at 64 px:
 
-Targets (issue): SGM's stability gap <= 1/5 of vanilla's; SGM's final accuracy (ACC, mean over
-experiences) >= vanilla's - 0.5 points. Writes ``benchmarks/results/stability_gap.{json,md}`` and
-``stability_gap_<scenario>.png``; run directories (resumable) go to ``--work-dir``.
+- **Base model** (per stream and seed): offline ImageNet EfficientNet-Lite0 + a head trained on
+  experience 0 (learning rate and epochs chosen on experience 0's validation split). SGM, vanilla
+  and every ablation of a seed start from the same base.
+- **Arms**: ``rehearsal`` (vanilla) and ``sgm`` from :mod:`medcl.strategies.sgm`, each with the
+  same frozen front / plastic back, memory, AdamW + OneCycle + layer-wise decay and BatchNorm
+  policy; each arm's peak learning rate is chosen from ``--lrs`` by the final mean accuracy on the
+  *validation* splits (seed 0), then used for every seed. Ablations (seed 0) turn one SGM
+  component off.
+- **Upper bound** (seed 0): for each experience ``t``, the same network with back + head trained on
+  the union of experiences ``0..t`` to convergence (epoch kept by validation accuracy).
+- **Curves**: old/new/all accuracy every ``--eval-every`` updates on fixed test subsets of at most
+  ``--eval-samples`` images per experience; gaps from :mod:`medcl.metrics.stability`.
 
-    nice python benchmarks/stability_gap.py [--scenarios medmnist-cross3 pneumonia-sites]
-        [--variants vanilla sgm ...] [--max-updates 50] [--eval-every 5] [--quiet]
+Independent runs go to ``--jobs`` worker processes (``--threads`` torch threads each); results
+are merged by run id, so the order they finish in does not matter. Each finished run is stored
+in ``--work-dir`` (reused when re-run with identical settings) and the results files are
+rewritten: a run killed at a time limit still leaves a usable JSON. Writes ``stability_gap.json``,
+``stability_gap.md`` and ``stability_gap_<stream>.png`` to ``--out``.
+
+    nice python benchmarks/stability_gap.py [--device auto] [--jobs 2] [--out DIR] [--quick]
+
+Cost at the defaults (43 runs): about 10,100 CPU-seconds at one thread (estimated from timed
+pieces: 1.0-1.2 s per update of 128 images, 6.6 ms per evaluated image), i.e. about 85 minutes
+with ``--jobs 2`` on two idle cores; on one GPU ``--device cuda --jobs 8 --threads 2`` runs every
+independent job at once. ``--quick --out DIR`` is a smoke test (minutes; numbers meaningless).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import sys
 import time
 import warnings
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-import yaml
-from matplotlib.figure import Figure
+import torch
 from sklearn.exceptions import UndefinedMetricWarning
 
-from medcl.config import validate_config
-from medcl.engine.run import run
-from medcl.metrics.stability import plot_stability_curves, stability_metrics, summarize_stability
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, RESULTS, data_root, markdown_table, write_results
+from _common import REPO, RESULTS, data_root, json_text, machine
+from _stability_report import ABLATIONS, ARMS, STREAMS, chosen_lr, report, variants
+from _stability_tasks import init_worker, run_task
 
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "vanilla": ("rehearsal", {}),
-    "sgm": ("sgm", {}),
-    "sgm-no-init": ("sgm", {"data_driven_init": False}),
-    "sgm-no-soft": ("sgm", {"soft_targets": False}),
-    "sgm-no-lora": ("sgm", {"lora": False}),
-    "sgm-no-freeze": ("sgm", {"freeze_old_units": False}),
-    # the paper's literal init (no feature centring); only differs where new classes arrive
-    "sgm-literal-init": ("sgm", {"init_centering": False}),
+QUICK = {
+    "seeds": [0],
+    "lrs": [1.5e-3, 4.5e-3],
+    "updates": 6,
+    "eval_every": 3,
+    "eval_samples": 40,
+    "base_epochs": 2,
+    "joint_epochs": 1,
+    "joint_max_updates": 6,
 }
-NEW_CLASSES_ONLY = {"sgm-literal-init"}
-SGM_SWITCHES = ("data_driven_init", "init_centering", "soft_targets", "lora", "freeze_old_units")
 
 
-def config_for(scenario: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
-    raw = yaml.safe_load((REPO / "configs" / f"{scenario}-sgm.yaml").read_text())
-    name, options = ("joint", {}) if variant == "joint" else VARIANTS[variant]
-    shared = {"trainable_stages": args.trainable_stages} if name != "joint" else {}
-    lora = {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha} if name == "sgm" else {}
-    switches = {k: raw["strategy"][k] for k in SGM_SWITCHES} if name == "sgm" else {}
-    raw.update(
-        name=variant,
-        seed=args.seed,
-        output_dir=str(args.work_dir / scenario),
-        strategy={"name": name, **switches, **shared, **lora, **options},
-        model={"backbone": args.backbone, "small_input": True},
-        data={"root": str(data_root(args.root))},
-        memory={"size": args.memory_size if name != "joint" else 0, "selection": "random"},
-        train={
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "max_updates": args.max_updates,
-            "optimizer": args.optimizer,
-            "lr": args.lr,
-            "weight_decay": args.weight_decay,
-            "scheduler": "cosine",
-            "augment": "light",
-            "eval_every": args.eval_every,
-            "eval_max_samples": args.eval_max_samples,
-            "num_threads": args.threads,
-        },
-    )
-    return raw
+def common(args: argparse.Namespace, scenario: str, seed: int) -> dict[str, Any]:
+    return {
+        "scenario": scenario,
+        "image_size": args.image_size,
+        "root": str(data_root(args.root)),
+        "device": args.device,
+        "seed": seed,
+        "batch_size": args.batch_size,
+        "weight_decay": args.weight_decay,
+        "memory": args.memory,
+        "eval_every": args.eval_every,
+        "eval_samples": args.eval_samples,
+        "updates": args.updates,
+        "head_path": str(args.work_dir / f"base-{scenario}-s{seed}.pt"),
+    }
 
 
-def train(scenario: str, variant: str, args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:
-    """Run (or resume, or reuse) one variant; return its curves and metrics."""
-    cfg = validate_config(config_for(scenario, variant, args))
+def shared_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"trainable_stages": args.trainable_stages, "base": "head"}
+
+
+def arm(
+    args: argparse.Namespace,
+    sc: str,
+    variant: str,
+    strategy: str,
+    options: dict,
+    seed: int,
+    lr: float,
+) -> dict[str, Any]:
+    """A continual run from the base model of (``sc``, ``seed``)."""
+    return common(args, sc, seed) | {
+        "id": f"{sc}/{variant}/s{seed}/lr{lr:g}",
+        "kind": "arm",
+        "variant": variant,
+        "strategy": strategy,
+        "options": shared_options(args) | options,
+        "lr": lr,
+        "needs": [f"{sc}/base/s{seed}"],
+    }
+
+
+def plan(args: argparse.Namespace, done: dict[str, dict]) -> list[dict[str, Any]]:
+    """Every task that can be defined from the results so far, with the ids it needs."""
+    tasks: list[dict[str, Any]] = []
+    for sc in args.scenarios:
+        for seed in args.seeds:
+            tasks.append(
+                common(args, sc, seed)
+                | {
+                    "id": f"{sc}/base/s{seed}",
+                    "kind": "base",
+                    "options": shared_options(args),
+                    "base_epochs": args.base_epochs,
+                    "base_lrs": args.base_lrs,
+                    "needs": [],
+                }
+            )
+        for t in range(1, STREAMS[sc]):
+            tasks.append(
+                common(args, sc, 0)
+                | {
+                    "id": f"{sc}/joint/t{t}",
+                    "kind": "joint",
+                    "upto": t,
+                    "strategy": "rehearsal",
+                    "options": shared_options(args) | {"base": "plastic"},
+                    "lr": args.joint_lr,
+                    "joint_epochs": args.joint_epochs,
+                    "joint_max_updates": args.joint_max_updates,
+                    "needs": [],
+                }
+            )
+
+        seed0, lr_of = args.seeds[0], {}
+        for name, strategy in ARMS.items():
+            select = [arm(args, sc, name, strategy, {}, seed0, lr) for lr in args.lrs]
+            tasks += select
+            lr_of[name] = lr = chosen_lr([done.get(t["id"]) for t in select], args.lrs)
+            if lr is not None:
+                tasks += [arm(args, sc, name, strategy, {}, s, lr) for s in args.seeds[1:]]
+        for v in variants(args, sc):
+            strategy, options = ABLATIONS[v]
+            lr = lr_of["vanilla" if strategy == "rehearsal" else "sgm"]  # the arm's chosen rate
+            if lr is not None:
+                tasks.append(arm(args, sc, v, strategy, options, seed0, lr))
+    return tasks
+
+
+def _cache_path(args: argparse.Namespace, task: dict) -> Path:
+    return args.work_dir / (task["id"].replace("/", "__") + ".json")
+
+
+def _cached(args: argparse.Namespace, task: dict) -> dict | None:
+    path = _cache_path(args, task)
+    if args.fresh or not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    if stored.get("task") != json.loads(json.dumps(task)):
+        return None
+    if task["kind"] == "base" and not Path(task["head_path"]).is_file():
+        return None
+    return stored["result"]
+
+
+def _store(args: argparse.Namespace, task: dict, result: dict) -> None:
+    path = _cache_path(args, task)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json_text({"task": task, "result": result}))
+    tmp.replace(path)
+
+
+def execute(args: argparse.Namespace) -> tuple[dict[str, dict], dict[str, str]]:
+    """Run the plan to completion, re-planning as selections finish; write results as we go.
+
+    Returns:
+        ``(done, failed)``: results by run id, and the error of each run that raised.
+    """
+    done: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    submitted: set[str] = set()
     start = time.perf_counter()
-    run_dir = run(cfg, resume=True, quiet=args.quiet)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    metrics["bench_seconds"] = time.perf_counter() - start
-    metrics["kind"] = json.loads((run_dir / "scenario.json").read_text())["kind"]
-    return pd.read_csv(run_dir / "curves.csv"), metrics
+    pool = (
+        ProcessPoolExecutor(
+            max_workers=args.jobs,
+            mp_context=mp.get_context("spawn"),  # CUDA cannot be forked
+            initializer=init_worker,
+            initargs=(args.threads,),
+        )
+        if args.jobs > 1
+        else None
+    )
+    if pool is None:
+        init_worker(args.threads)
+    running: dict[Any, dict] = {}
+    try:
+        while True:
+            tasks = plan(args, done)
+            ready = [
+                t for t in tasks if t["id"] not in submitted and all(n in done for n in t["needs"])
+            ]
+            ready.sort(key=lambda t: ("base", "joint", "arm").index(t["kind"]))
+            for t in ready:
+                submitted.add(t["id"])
+                cached = _cached(args, t)
+                if cached is not None:
+                    done[t["id"]] = cached
+                    print(f"reused {t['id']}", flush=True)
+                elif pool is not None:
+                    running[pool.submit(run_task, t)] = t
+                else:
+                    running[t["id"]] = t
+            if ready and any(t["id"] in done for t in ready):
+                continue  # reused results may unlock more tasks
+            if not running:
+                break
+            if pool is not None:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                pairs = [(running.pop(f), f) for f in finished]
+            else:
+                task = running.pop(next(iter(running)))
+                pairs = [(task, None)]
+            for task, future in pairs:
+                try:
+                    result = future.result() if future is not None else run_task(task)
+                except Exception as e:  # one failed run must not lose the others
+                    failed[task["id"]] = f"{type(e).__name__}: {e}"
+                    print(f"FAILED {task['id']}: {failed[task['id']]}", flush=True)
+                    continue
+                done[task["id"]] = result
+                _store(args, task, result)
+                total = len({t["id"] for t in plan(args, done)})
+                print(
+                    f"[{len(done)}/{total}] {task['id']}: {result['seconds']:.0f} s "
+                    f"(elapsed {time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
+            report(args, done, machine(), partial=True, failed=failed)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return done, failed
 
 
-def upper_bounds(joint: pd.DataFrame) -> dict[str, dict[int, float]]:
-    """Joint model's old/new/all accuracy at its last evaluation of each experience >= 1."""
-    last = joint.sort_values("update").groupby("experience").tail(1).set_index("experience")
-    last = last.loc[last.index >= 1]
-    return {
-        k: {int(e): float(v) for e, v in last[f"{k}_acc"].items()} for k in ("old", "new", "all")
-    }
-
-
-def score(curves: pd.DataFrame, metrics: dict, bounds: dict | float) -> dict[str, Any]:
-    R = np.array(metrics["accuracy_matrix"])
-    row = summarize_stability(curves, upper_bound=bounds, tol=0.01)
-    row |= {
-        "final_acc": float(R[-1].mean()),
-        "train_seconds": float(sum(f["seconds"] for f in metrics["fit"])),
-    }
-    return row
-
-
-def scenario_block(scenario: str, args: argparse.Namespace) -> dict[str, Any]:
-    curves, metrics = {}, {}
-    for variant in [*args.variants, "joint"]:  # joint last: SGM vs vanilla shows up first
-        if (
-            variant in NEW_CLASSES_ONLY
-            and metrics
-            and next(iter(metrics.values()))["kind"] == "domain"
-        ):
-            continue  # no new classes after experience 0: identical to "sgm"
-        if not args.quiet:
-            print(f"== {scenario} / {variant}", flush=True)
-        curves[variant], metrics[variant] = train(scenario, variant, args)
-    bounds = upper_bounds(curves["joint"]) if args.upper_bound == "joint" else 1.0
-    rows = {v: score(curves[v], metrics[v], bounds) for v in curves}
-    per_exp = {
-        v: stability_metrics(curves[v], upper_bound=bounds).to_dict("records") for v in curves
-    }
-    fig = Figure(figsize=(4.2 * 4, 3.2 * 2), layout="constrained")
-    for i, v in enumerate(curves):
-        ax = fig.add_subplot(2, 4, i + 1)
-        plot_stability_curves(curves[v], ax, title=v)
-        ax.set_ylim(0, 1.02)
-    fig.suptitle(f"{scenario}: accuracy every {args.eval_every} updates (dashed: new experience)")
-    fig.savefig(RESULTS / f"stability_gap_{scenario}.png", dpi=110)
-    van, sgm = rows.get("vanilla"), rows.get("sgm")
-    targets = {}
-    if van and sgm:
-        targets = {
-            "stability_gap_ratio": (
-                sgm["stability_gap"] / van["stability_gap"] if van["stability_gap"] > 0 else np.nan
-            ),
-            "stability_gap_ratio_met": bool(sgm["stability_gap"] <= van["stability_gap"] / 5),
-            "final_acc_delta_points": 100 * (sgm["final_acc"] - van["final_acc"]),
-            "final_acc_met": bool(sgm["final_acc"] >= van["final_acc"] - 0.005),
-        }
-    return {
-        "upper_bound": bounds,
-        "summary": rows,
-        "per_experience": per_exp,
-        "targets": targets,
-        "accuracy_matrix": {v: metrics[v]["accuracy_matrix"] for v in curves},
-    }
-
-
-COLUMNS = [
-    "variant",
-    "stability_gap",
-    "plasticity_gap",
-    "continual_knowledge_gap",
-    "min_old_acc",
-    "max_drop",
-    "init_drop",
-    "updates_to_recover",
-    "n_not_recovered",
-    "final_acc",
-    "train_seconds",
-]
-
-
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scenarios", nargs="+", default=["medmnist-cross3", "pneumonia-sites"])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--upper-bound", choices=["joint", "1.0"], default="joint")
-    p.add_argument("--backbone", default="test_resnet")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS))
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
+    p.add_argument("--updates", type=int, default=60, help="updates per experience >= 1")
+    p.add_argument("--eval-every", type=int, default=6)
+    p.add_argument("--eval-samples", type=int, default=500, help="test images per experience")
+    p.add_argument("--batch-size", type=int, default=64, help="new images; as many replayed")
+    p.add_argument("--memory", type=int, default=500)
+    p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--trainable-stages", type=int, default=2)
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=8.0)
-    p.add_argument("--epochs", type=int, default=20, help="high: --max-updates is the budget")
-    p.add_argument("--max-updates", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--memory-size", type=int, default=200)
-    p.add_argument("--eval-every", type=int, default=5)
-    p.add_argument("--eval-max-samples", type=int, default=100)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-epochs", type=int, default=30)
+    p.add_argument("--base-lrs", type=float, nargs="+", default=[1e-3, 1e-2])
+    p.add_argument("--joint-lr", type=float, default=1.5e-3)
+    p.add_argument("--joint-epochs", type=int, default=6)
+    p.add_argument("--joint-max-updates", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--out", type=Path, default=None, help=f"default {RESULTS}")
+    p.add_argument("--work-dir", type=Path, default=None, help="default runs/stability_gap")
     p.add_argument("--root", default=None, help="MedMNIST folder (default: $MEDCL_DATA_ROOT)")
-    p.add_argument("--work-dir", type=Path, default=REPO / "runs" / "stability_gap")
-    p.add_argument("--quiet", action="store_true")
-    args = p.parse_args()
-    if args.quiet:  # T = 1 summaries after the first experience warn that BWT etc. are undefined
-        warnings.filterwarnings("ignore", category=UndefinedMetricWarning)
-    if args.max_updates % args.eval_every:
-        p.error("--max-updates must be a multiple of --eval-every (the last update is evaluated)")
-    if args.upper_bound == "1.0":
-        args.upper_bound = 1.0
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    results = {s: scenario_block(s, args) for s in args.scenarios}
-    md = [
-        f"# Stability gap: vanilla rehearsal vs SGM (seed {args.seed})",
-        "",
-        f"{args.backbone} (small input, 28 px), last {args.trainable_stages} stages plastic, "
-        f"{args.max_updates} updates/experience of {args.batch_size} new + {args.batch_size} "
-        f"replayed images, memory {args.memory_size}, {args.optimizer} lr {args.lr}; evaluation "
-        f"every {args.eval_every} updates on <= {args.eval_max_samples} test images per "
-        f"experience. Gaps are relative to the {args.upper_bound} upper bound; accuracies are "
-        "fractions; updates_to_recover: mean over experiences that recovered to within 1 point.",
-    ]
-    for s, r in results.items():
-        rows = [{"variant": v, **m} for v, m in r["summary"].items()]
-        md += [
-            "",
-            f"## {s}",
-            "",
-            markdown_table(rows, COLUMNS),
-            "",
-            f"targets: {r['targets']}",
-            "",
-            f"![{s}](stability_gap_{s}.png)",
-        ]
-    write_results(
-        "stability_gap",
-        {"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
-        "\n".join(md),
+    p.add_argument("--fresh", action="store_true", help="ignore stored runs")
+    p.add_argument("--quick", action="store_true", help="smoke scale (needs --out)")
+    args = p.parse_args(argv)
+    if args.quick:
+        if args.out is None:
+            p.error("--quick needs --out (benchmarks/results holds the full-scale numbers)")
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    unknown = [s for s in args.scenarios if s not in STREAMS]
+    if unknown:
+        p.error(f"--scenarios: {unknown} not supported; choose from {list(STREAMS)}")
+    if args.updates % args.eval_every:
+        p.error("--updates must be a multiple of --eval-every (the last update is evaluated)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available (use auto or cpu)")
+    if args.jobs < 1 or args.threads < 1:
+        p.error("--jobs and --threads must be >= 1")
+    args.out = args.out or RESULTS
+    args.work_dir = args.work_dir or (
+        args.out / "runs" if args.quick else REPO / "runs" / "stability_gap"
     )
-    if not args.quiet:
-        print("\n".join(md))
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    warnings.filterwarnings("ignore", category=UndefinedMetricWarning)
+    done, failed = execute(args)
+    missing = {t["id"] for t in plan(args, done)} - set(done)
+    print(report(args, done, machine(), partial=bool(missing), failed=failed))
+    if missing:
+        print(f"{len(missing)} run(s) missing: {sorted(missing)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

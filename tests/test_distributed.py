@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from medcl.cli import main
 from medcl.config import LoggingConfig, validate_config
 from medcl.engine.distributed import (
     REFUSED,
+    SINGLE,
     DistContext,
     check_strategy,
     resolve_backend,
@@ -299,3 +301,161 @@ def test_mlflow_is_optional(tmp_path):
         )
         log.log({"train/loss": 1.0}, 1)
         log.close()
+
+
+# -- the training step under DDP, in this process ---------------------------------------------
+
+
+def _stream():
+    """Two class-incremental experiences of 16x16 synthetic images (classes {0,1}, {2,3})."""
+    from medcl.data.experience import Experience, Scenario
+    from medcl.data.synthetic import make_synthetic
+
+    data = make_synthetic(num_classes=4, image_size=16, n_train=64, n_val=0, n_test=8, seed=0)
+
+    def experience(i: int, classes: tuple[int, ...]) -> Experience:
+        split = {k: s.subset(torch.nonzero(torch.isin(s.labels, torch.tensor(classes))).flatten())
+                 for k, s in data.items()}  # fmt: skip
+        return Experience(i, f"exp{i}", i, classes, "site", **split)
+
+    return Scenario("tiny", "class", tuple("abcd"), (experience(0, (0, 1)), experience(1, (2, 3))))
+
+
+def _strategy(name: str):
+    from medcl.models.backbones import create_backbone
+    from medcl.strategies import create_strategy
+
+    torch.manual_seed(0)
+    backbone = create_backbone("test_efficientnet_gn", in_chans=1, small_input=False)
+    return create_strategy(name, backbone, scenario_kind="class")
+
+
+def _fit(strategy, stream, index: int, job: DistContext, cfg, memory=None):
+    from medcl.engine.memory import ReplayMemory
+    from medcl.engine.trainer import fit_experience
+
+    exp = stream[index]
+    return fit_experience(
+        strategy, exp, past=stream.experiences[:index], memory=memory or ReplayMemory(0, seed=0),
+        cfg=cfg, num_seen_classes=stream.num_seen_classes(index), seed=index, quiet=True, dist=job,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A real gloo process group of one rank: DDP's reducer runs, in this process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        dist.destroy_process_group()
+
+
+def test_a_parameter_used_only_by_the_loss_trains_under_ddp(one_rank_group):
+    """DER's auxiliary classifier appears only in its loss: DDP wraps forward + loss, so the
+    reducer sees it as used (wrapping the forward alone: "marked ready twice" at the first
+    backward of experience 1)."""
+    from medcl.config import TrainConfig
+
+    cfg = TrainConfig(epochs=1, batch_size=16, max_updates=2, augment="none", device="cpu")
+    stream, der = _stream(), _strategy("der")
+    _fit(der, stream, 0, SINGLE, cfg)
+    job = DistContext(rank=0, world_size=2, backend="gloo")  # shards as rank 0 of 2
+    stats = _fit(der, stream, 1, job, cfg)
+    assert stats.updates == 2 and der.aux is not None
+    assert der.aux.weight.grad is not None and der.aux.weight.grad.abs().sum() > 0
+
+
+@dataclass(frozen=True)
+class _NoCollectives(DistContext):
+    """A rank's view of a job without a process group: sharding only (the data path)."""
+
+    def wrap(self, module):
+        return module
+
+    def sync(self, module, memory=None) -> None:
+        return None
+
+
+def test_ranks_augment_their_rows_as_one_process_would():
+    """Each row gets the augmentation draws it gets in one process: the shards of every
+    augmented global batch interleave back into the single-process batch (no two ranks share
+    draws)."""
+    from medcl.config import TrainConfig
+
+    cfg = TrainConfig(epochs=1, batch_size=16, max_updates=2, augment="standard", device="cpu")
+    stream = _stream()
+    seen: dict[int, list[torch.Tensor]] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for key, job in ((-1, SINGLE), (0, _NoCollectives(0, 2)), (1, _NoCollectives(1, 2))):
+            strategy, xs = _strategy("finetune"), []
+            loss = strategy.loss
+            strategy.loss = lambda logits, batch, xs=xs, loss=loss: (
+                xs.append(batch.x) or loss(logits, batch)
+            )
+            _fit(strategy, stream, 0, job, cfg)
+            seen[key] = xs
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen[-1]) == len(seen[0]) == len(seen[1]) == 2
+    for full, r0, r1 in zip(seen[-1], seen[0], seen[1], strict=True):
+        torch.testing.assert_close(r0, full[0::2])
+        torch.testing.assert_close(r1, full[1::2])
+        assert not torch.equal(r0, r1)
+
+
+def test_every_strategy_not_refused_takes_ddp_steps(one_rank_group):
+    """Each strategy that DDP does not refuse trains two experiences through DDP's reducer
+    (2 updates each, with a replay memory): no parameter is missed or marked ready twice."""
+    from medcl.config import TrainConfig
+    from medcl.engine.memory import ReplayMemory
+
+    cfg = TrainConfig(epochs=1, batch_size=16, max_updates=2, augment="none", device="cpu")
+    job = DistContext(rank=0, world_size=2, backend="gloo")
+    stream = _stream()
+    for name in sorted(set(list_strategies()) - set(REFUSED)):
+        strategy, memory = _strategy(name), ReplayMemory(20, seed=0)
+        for index in (0, 1):
+            stats = _fit(strategy, stream, index, job, cfg, memory=memory)
+            assert stats.updates == 2 or not list(strategy.trainable_parameters()), name
+
+
+def test_more_ranks_than_gpus_with_nccl_is_refused(monkeypatch):
+    """NCCL cannot put two ranks on one device: a clear error before the process group starts."""
+    from medcl.engine.distributed import session
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("MEDCL_DIST_BACKEND", raising=False)
+    for k, v in {
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+    }.items():
+        monkeypatch.setenv(k, v)
+    job = session(backend="auto", device="cuda")
+    with pytest.raises(ConfigError, match="2 processes on this machine but 1 CUDA device"):
+        job.__enter__()
+
+
+def test_mlflow_missing_is_refused_before_the_run_writes(tmp_path, monkeypatch):
+    """A logger that cannot start is refused up front: no half-made run directory."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a)
+    )
+    raw = yaml.safe_load(_write_config(tmp_path).read_text())
+    cfg = validate_config(raw | {"logging": {"mlflow": True}})
+    with pytest.raises(ConfigError, match="pip install mlflow"):
+        run(cfg, quiet=True)
+    assert not (tmp_path / "runs" / cfg.run_name).exists()

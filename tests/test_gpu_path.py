@@ -327,3 +327,59 @@ def test_exported_models_on_cuda(tiny_run):
     assert "CUDAExecutionProvider" in pred.source
     onnx = predict_files(pred, files)
     np.testing.assert_allclose(onnx[cols(onnx)], ref[cols(ref)], atol=1e-4)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("method", ["mean", "weighted", "ties"])
+def test_merging_state_dicts_on_cuda(method):
+    from medcl.models.merging import merge_state_dicts
+
+    states = [{"w": torch.full((3,), float(i), device="cuda")} for i in (1, 3)]
+    base = {"w": torch.zeros(3, device="cuda")}
+    out = merge_state_dicts(states, method=method, weights=[1.0, 1.0], base=base, density=1.0)
+    assert out["w"].device.type == "cuda"
+    want = torch.full((3,), 2.0, device="cuda")  # equal weights; TIES: agreeing signs, mean
+    torch.testing.assert_close(out["w"], want)
+
+
+@gpu
+@needs_cuda
+def test_every_strategy_trains_two_experiences_on_cuda():
+    """Each strategy, on CUDA with bf16 autocast and device-side augmentation: two experiences
+    (growth, consolidation, memory update, merging) and evaluation, without a device mismatch."""
+    from medcl.config import TrainConfig
+    from medcl.data.experience import Experience, Scenario
+    from medcl.data.synthetic import make_synthetic
+    from medcl.engine.memory import ReplayMemory
+    from medcl.engine.trainer import fit_experience
+    from medcl.strategies import create_strategy, list_strategies
+
+    data = make_synthetic(num_classes=4, image_size=16, n_train=64, n_val=0, n_test=16, seed=0)
+
+    def experience(i: int, classes: tuple[int, ...]) -> Experience:
+        split = {k: s.subset(torch.nonzero(torch.isin(s.labels, torch.tensor(classes))).flatten())
+                 for k, s in data.items()}  # fmt: skip
+        return Experience(i, f"exp{i}", i, classes, "site", **split)
+
+    stream = Scenario(
+        "tiny", "class", tuple("abcd"), (experience(0, (0, 1)), experience(1, (2, 3)))
+    )
+    cfg = TrainConfig(epochs=1, batch_size=16, max_updates=2, augment="light", device="cuda")
+    failed = {}
+    for name in list_strategies():
+        torch.manual_seed(0)
+        backbone = create_backbone("test_resnet", in_chans=1, small_input=False)
+        strategy = create_strategy(name, backbone, scenario_kind="class").cuda()
+        memory = ReplayMemory(20, seed=0)
+        try:
+            for i, exp in enumerate(stream):
+                fit_experience(
+                    strategy, exp, past=stream.experiences[:i], memory=memory, cfg=cfg,
+                    num_seen_classes=stream.num_seen_classes(i), seed=i, quiet=True,
+                )  # fmt: skip
+            probs = predict_proba(strategy, stream[1].test.images, amp=True)
+            assert probs.shape == (len(stream[1].test), 4) and torch.isfinite(probs).all()
+        except Exception as e:  # collect every strategy's failure, then report them together
+            failed[name] = f"{type(e).__name__}: {e}"[:400]
+    assert not failed, failed

@@ -9,8 +9,10 @@ on CPU). Per experience:
   generator is seeded from ``(seed, experience)``, as in a single-process run), and keeps the rows
   ``rank, rank + N, ...`` of each global batch (:meth:`DistContext.shard`): ``train.batch_size``
   and ``memory.replay_batch_size`` are **global**;
-* the model is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`, which averages the
-  gradients over ranks; each rank's loss is weighted by its share of the global batch
+* the training step (forward *and* loss, :class:`~medcl.engine.trainer.LossStep`, so that DDP
+  sees every parameter the loss uses) is wrapped in
+  :class:`~torch.nn.parallel.DistributedDataParallel`, which averages the gradients over ranks;
+  each rank's loss is weighted by its share of the global batch
   (:meth:`DistContext.loss_weight`), so the averaged gradient is the gradient of the global-batch
   mean loss, as in one process;
 * consolidation (``after_experience``) and the memory update run on every rank from identical
@@ -237,10 +239,17 @@ def session(*, backend: str = "auto", device: str = "auto") -> Iterator[DistCont
     if not dist.is_available():  # pragma: no cover - torch built without distributed
         raise ConfigError("this torch build has no torch.distributed; run in one process.")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    name = resolve_backend(backend, torch.device("cuda" if use_cuda else "cpu"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if name == "nccl" and local_world > torch.cuda.device_count():
+        raise ConfigError(
+            f"{local_world} processes on this machine but {torch.cuda.device_count()} CUDA "
+            "device(s): NCCL needs a device per process. Start at most one process per GPU "
+            f"(--nproc / --nproc-per-node), or set {BACKEND_ENV}=gloo to share devices."
+        )
     if use_cuda and torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0") or 0)
         torch.cuda.set_device(local % torch.cuda.device_count())
-    name = resolve_backend(backend, torch.device("cuda" if use_cuda else "cpu"))
     dist.init_process_group(backend=name, timeout=datetime.timedelta(minutes=30))
     try:
         yield current()

@@ -19,7 +19,13 @@ and is not a dependency of medcl (``pip install mlflow``).
 
 from __future__ import annotations
 
-__all__ = ["ExperimentLogger", "MLflowBackend", "TensorBoardBackend", "create_logger"]
+__all__ = [
+    "ExperimentLogger",
+    "MLflowBackend",
+    "TensorBoardBackend",
+    "check_logging",
+    "create_logger",
+]
 
 import math
 from collections.abc import Mapping, Sequence
@@ -65,6 +71,24 @@ class TensorBoardBackend:
         self.writer.close()
 
 
+_NO_MLFLOW = (
+    "logging.mlflow is true but MLflow is not installed; `pip install mlflow`, or set "
+    "logging.mlflow: false (TensorBoard logging does not need it)."
+)
+
+
+def check_logging(cfg: LoggingConfig) -> None:
+    """Refuse, before a run writes anything, a logging backend that cannot start.
+
+    Raises:
+        ConfigError: ``logging.mlflow`` is true and MLflow is not installed.
+    """
+    import importlib.util
+
+    if cfg.mlflow and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(_NO_MLFLOW)
+
+
 class MLflowBackend:
     """Metrics into an MLflow run named after the medcl run (imported only when configured).
 
@@ -86,10 +110,7 @@ class MLflowBackend:
         try:
             import mlflow
         except ImportError:
-            raise ConfigError(
-                "logging.mlflow is true but MLflow is not installed; `pip install mlflow`, or set "
-                "logging.mlflow: false (TensorBoard logging does not need it)."
-            ) from None
+            raise ConfigError(_NO_MLFLOW) from None
         self.mlflow = mlflow
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)

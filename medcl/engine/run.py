@@ -40,7 +40,7 @@ from medcl.engine.checkpoint import atomic_write_text, load_checkpoint, save_che
 from medcl.engine.cohort import extend_scenario
 from medcl.engine.distributed import SINGLE, DistContext, check_strategy, session
 from medcl.engine.evaluate import CurveMonitor, evaluate
-from medcl.engine.loggers import ExperimentLogger, create_logger
+from medcl.engine.loggers import ExperimentLogger, check_logging, create_logger
 from medcl.engine.memory import ReplayMemory
 from medcl.engine.rundir import (
     RunLock,
@@ -187,13 +187,15 @@ def check_run(
 
     Raises:
         ConfigError: ``output_dir`` is not a writable folder, the strategy cannot train with
-            ``world_size`` processes, the run exists (without ``resume``), the checkpoint
+            ``world_size`` processes, a configured logger cannot start (MLflow not installed),
+            the run exists (without ``resume``), the checkpoint
             ``resume_from`` does not exist, or the config differs from the run's.
     """
     run_dir = Path(cfg.output_dir) / cfg.run_name
     resume = resume or resume_from is not None
     check_output_dir(cfg.output_dir)
     check_strategy(cfg.strategy.name, world_size)
+    check_logging(cfg.logging)
     resolved = _resolved(cfg)
     if (
         resume_from is not None
@@ -360,7 +362,9 @@ def _learn(
         state.global_update += stats.updates
         state.completed = exp.index
         return
-    evals = evaluate(strategy, scenario.experiences, amp=cfg.train.amp)
+    # fp32 always: the accuracy matrix, predictions and clinical report must not depend on the
+    # device (bf16 autocast is for training and the every-k curves only)
+    evals = evaluate(strategy, scenario.experiences)
     state.accuracy.append([e.accuracy for e in evals])
     state.task_accuracy.append([e.task_accuracy for e in evals])
     state.fit.append(

@@ -7,7 +7,7 @@ uses the memory, and the strategy's hooks are called by name (see ``medcl.strate
 
 from __future__ import annotations
 
-__all__ = ["FitStats", "fit_experience", "make_optimizer", "seed_everything"]
+__all__ = ["FitStats", "LossStep", "fit_experience", "make_optimizer", "seed_everything"]
 
 import math
 import random
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from medcl.config import TrainConfig
@@ -59,6 +59,23 @@ def make_optimizer(cfg: TrainConfig, params: Iterable[nn.Parameter]) -> torch.op
         )
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class LossStep(nn.Module):
+    """``batch -> (logits, loss + penalty)``: one training step's forward as one module.
+
+    DDP wraps this module, not the strategy, so that every parameter the loss reaches is in the
+    graph of the wrapped forward's output. A parameter used only by ``loss``/``penalty`` (DER's
+    auxiliary classifier) would otherwise count as unused and be marked ready twice.
+    """
+
+    def __init__(self, strategy: Strategy) -> None:
+        super().__init__()
+        self.strategy = strategy
+
+    def forward(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        logits = self.strategy(batch.x)  # (B, num_seen_classes)
+        return logits, self.strategy.loss(logits, batch) + self.strategy.penalty(batch, logits)
 
 
 def experience_info(exp: Experience, num_seen_classes: int) -> ExperienceInfo:
@@ -139,7 +156,8 @@ def fit_experience(
     device = next(strategy.parameters()).device
     amp = cfg.amp and bf16_available(device)
     strategy.train()
-    model = dist.wrap(strategy)  # DDP (after `grow`/`before_experience`: the final parameters)
+    # DDP (after `grow`/`before_experience`: the final parameters) around forward + loss
+    train_step = dist.wrap(LossStep(strategy))
     start, step, seen, epoch = time.perf_counter(), 0, 0, 0
     bar = tqdm(
         total=total,
@@ -165,17 +183,18 @@ def fit_experience(
                 mx, my, me = memory.sample(n_replay, g)
                 x, y, e = torch.cat([x, mx]), torch.cat([y, my]), torch.cat([e, me])
                 rix = torch.cat([idx, torch.full_like(my, -1)])
-            # DDP: every rank built the same global batch; each keeps rows rank, rank + N, ...
+            # raw batch to the device first (uint8 is 4x smaller), then augment it there; the
+            # whole global batch, so that each row gets the draws it gets in one process
             n = len(y)
+            x = augment(x.to(device))
+            # DDP: every rank built the same global batch; each keeps rows rank, rank + N, ...
             x, y, e, rix = dist.shard(x, y, e, rix)
-            # raw batch to the device first (uint8 is 4x smaller), then augment it there
-            x, y, e = augment(x.to(device)), y.to(device), e.to(device)
+            y, e = y.to(device), e.to(device)
             batch = Batch(x=x, y=y, exp=e, replay=e != exp.index, index=rix.to(device))
 
             # bf16 only on CUDA devices that support it: CPUs here have no fast bf16 (40x slower)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(batch.x)  # (B, num_seen_classes); DDP-wrapped in a job
-                loss = strategy.loss(logits, batch) + strategy.penalty(batch, logits)
+                _logits, loss = train_step(batch)  # (B, num_seen_classes), (); DDP in a job
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss became {loss.item()} at update {step} of experience {exp.index}; lower "

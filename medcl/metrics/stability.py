@@ -42,7 +42,13 @@ On top of those, per experience:
 
 from __future__ import annotations
 
-__all__ = ["CURVE_COLUMNS", "plot_stability_curves", "stability_metrics", "summarize_stability"]
+__all__ = [
+    "CURVE_COLUMNS",
+    "plot_stability_curves",
+    "stability_metrics",
+    "summarize_stability",
+    "updates_to_reach",
+]
 
 import warnings
 from collections.abc import Mapping
@@ -290,6 +296,43 @@ def summarize_stability(
     out["updates_to_recover"] = float(recovered.mean()) if len(recovered) else float("nan")
     out["n_not_recovered"] = float((~table["recovered"]).sum())
     out["n_experiences"] = float(len(table))
+    return out
+
+
+def updates_to_reach(
+    curves: pd.DataFrame, targets: Mapping[int, float], *, column: str = "all_acc"
+) -> dict[int, float]:
+    """Updates into each experience until ``column`` first reaches a target accuracy.
+
+    Args:
+        curves: the frame :func:`stability_metrics` takes.
+        targets: ``{experience: accuracy}`` to reach (e.g. another method's final accuracy).
+        column: ``old_acc``, ``new_acc`` or ``all_acc``.
+
+    Returns:
+        ``{experience: updates}`` from the experience's first evaluation (offset 0, which counts
+        as 0 updates) to the first evaluation with ``column >= target``; ``inf`` when it never
+        does.
+
+    Raises:
+        DataError: an unknown column, or a target experience the curves do not contain.
+    """
+    if column not in CURVE_COLUMNS[2:]:
+        raise DataError(f"column must be one of {list(CURVE_COLUMNS[2:])}; got {column!r}.")
+    frame = _check_curves(curves)
+    groups = dict(tuple(frame.groupby("experience", sort=True)))
+    missing = [e for e in targets if e not in groups]
+    if missing:
+        raise DataError(
+            f"targets name experience(s) {missing} that the curves lack; they have "
+            f"{sorted(groups)}."
+        )
+    out = {}
+    for exp, target in targets.items():
+        g = groups[exp]
+        hit = np.flatnonzero(g[column].to_numpy() >= target)
+        upd = g["update"].to_numpy()
+        out[exp] = float(upd[hit[0]] - upd[0]) if hit.size else float("inf")
     return out
 
 

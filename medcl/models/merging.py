@@ -127,10 +127,15 @@ def merge_state_dicts(
             out[k] = states[-1][k].clone()  # counters (num_batches_tracked): no meaningful mean
             continue
         stacked = torch.stack([s[k].detach().float() for s in states])  # (T, *shape)
+        wk = w.to(stacked.device)  # (T,) beside the states (a model on CUDA merges there)
         if method == "ties":
-            b = base[k].detach().float() if base is not None else torch.zeros_like(stacked[0])
-            merged = b + scale * _ties(stacked - b, w, density)
+            b = (
+                base[k].detach().float().to(stacked.device)
+                if base is not None
+                else torch.zeros_like(stacked[0])
+            )
+            merged = b + scale * _ties(stacked - b, wk, density)
         else:
-            merged = torch.einsum("t,t...->...", w, stacked)
+            merged = torch.einsum("t,t...->...", wk, stacked)
         out[k] = merged.to(ref.dtype)
     return out

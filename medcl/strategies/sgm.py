@@ -1,47 +1,67 @@
 """SGM: stability-gap mitigation with rehearsal, and the vanilla rehearsal it is compared with.
 
 Harun & Kanan, "Overcoming the Stability Gap in Continual Learning", TMLR 2024 (arXiv
-2306.01904; authors' code github.com/yousuf907/SGM). The network is split into a frozen early
-part and plastic later blocks (``trainable_stages``); every batch mixes new data with replay.
-SGM adds four components, each switchable for ablations:
+2306.01904; authors' code github.com/yousuf907/SGM at 05aa8a6; "pitfall N" below refers to the
+project's method notes, shared/docs/methods/sgm.md, section 6). The backbone is split into a
+frozen front and a plastic back (:func:`medcl.models.plasticity.split_units`: from the
+``trainable_stages``-th last stage to the end); every batch mixes new data with replay. SGM adds
+four components, each switchable for ablations:
 
-1. ``data_driven_init``: each new output unit's weights are set to the mean of the L2-normalised
+1. ``data_driven_init``: each new output unit's row is the mean of the L2-normalised
    penultimate features of its class (new experience's training set, before any update).
-   With ``init_centering`` (default) each feature vector is first centred over its entries.
 2. ``soft_targets``: cross-entropy against dynamic soft targets. Per class ``c``, a running mean
    ``m_c`` of the softmax of the samples of class ``c`` predicted correctly so far in the
    experience (uniform ``1/C`` until there is one) is the base target of old-class samples;
    new-class samples use the model's current (detached) softmax. In both, the wrongly predicted
    class is set to ``1/C``, the true class to 1, and the vector is renormalised.
-3. ``lora``: LoRA (``peft``) on every conv/linear layer of the plastic blocks; only the adapters
-   train. After each experience the adapters are merged into the weights and re-initialised
-   (A: Kaiming, B: 0), so the module structure, and thus checkpoint keys, never change.
+3. ``lora``: LoRA (``peft``) on the pointwise (1x1) convolutions of the plastic blocks, rank 48,
+   ``alpha`` 1 (scale 1/48) as the authors'; only the adapters and the head train. After each
+   experience the adapters are merged and re-initialised (A: Kaiming, B: 0), so module
+   structure and checkpoint keys never change.
 4. ``freeze_old_units``: no gradient reaches the head rows of classes learned before.
 
-``rehearsal`` is the paper's vanilla baseline: same memory, same plastic blocks, hard targets,
-full fine-tuning, Linear-default initialisation of new units.
+``rehearsal`` is the paper's vanilla baseline: same base model, memory, plastic back, optimiser
+and BatchNorm policy; hard targets, full fine-tuning of the back, Linear-default new units.
 
-Deviations from the paper (all documented choices):
-- The paper starts from an ImageNet-pretrained network; here experience 0 plays that part: with
-  ``full_first_experience`` (default) it trains the whole network with hard targets, and SGM's
-  components act from experience 1 on. Set it False to adapt a pretrained backbone from the start.
-- ``init_centering``: the authors' penultimate features come out of ConvNeXt's final LayerNorm
-  (zero mean per sample). ResNet features (ReLU + pooling) are all positive, so every class mean
-  shares their common direction and a new unit wins on every input: on medmnist-cross3 the
-  literal rule (``init_centering: false``) cut old accuracy from 0.825 to 0.10 before any
-  update, centring to 0.685 (random rows: 0.66; 200 test images, test_resnet). Centred rows sum
-  to 0, so their logits are the same for raw and centred features.
-- Backbones are timm/MONAI ResNets, not ConvNeXt-V2 (LayerNorm). With LoRA every BatchNorm of
-  the backbone runs in eval mode (frozen statistics): the analogue of "only LoRA weights change".
-  Frozen stages run in eval mode for every variant, as the paper's frozen part does.
-- LoRA covers every conv/linear layer of the plastic stages (the authors': the two pointwise
-  linears of each ConvNeXt block); rank/alpha default to 8/8 (their merge scales by 1/48)
-  because these layers are narrow. The optimiser and schedule are the run's (paper: AdamW,
-  OneCycle, layer-wise LR decay 0.9).
+**BatchNorm policy (both arms, ``bn``).** Default ``"frozen"``: every BatchNorm runs in eval mode
+with its statistics fixed, in the front and in the back, for SGM and vanilla alike (vanilla still
+trains the back's affine parameters, as full fine-tuning does). ``"train"`` (ablation) lets the
+back's BatchNorms update their statistics from the mixed batches in both arms.
+
+**Optimiser (both arms, ``optimizer: adamw_onecycle``).** AdamW (``train.lr`` is the peak rate,
+``train.weight_decay`` the decoupled decay), OneCycle with ``warmup`` of the steps rising
+(PyTorch's defaults otherwise) and layer-wise decay: the head gets ``lr``, the ``d``-th unit from
+the end ``lr * layer_decay ** d``. ``optimizer: run`` uses the run's optimiser and schedule.
+
+**Base model (``base``).** ``head``: experience 0 fits only the head on the pretrained backbone
+(the paper's converged base network; benchmarks/stability_gap.py picks its budget on
+validation). ``full``: experience 0 trains everything (from-scratch backbones); ``plastic``: the
+back and head; ``none``: the SGM set-up applies from experience 0.
+
+Deviations and reconstructions (source in brackets):
+- Backbones are timm CNNs with BatchNorm (EfficientNet-Lite0 in the benchmark), not
+  ConvNeXt-V2 with LayerNorm [reconstruction]; hence the BatchNorm policy above
+  [docs/methods/sgm.md pitfall 1].
+- LoRA targets are the 1x1 convolutions of the back's blocks (timm ``conv_pw``/``conv_pwl``),
+  the analogue of ConvNeXt's ``pwconv1``/``pwconv2`` [official code: convnext_v2_lora.py];
+  ``conv_head`` is no block and stays frozen, like the authors' downsample layers. The rank is
+  capped at a layer's narrowest width [pitfall 2]. ``lora_targets: all`` adapts every conv.
+- Layer-wise decay is per unit (a block or a trailing layer), not per parameter tensor, and it is
+  applied: the authors' scalar OneCycle ``max_lr`` silently made it uniform [pitfall 3].
+- ``init_scale: old_rows`` (default) rescales each new row to the old rows' mean norm and sets its
+  bias so that it outranks the old classes' top logit on only ``init_quantile`` (5%) of the
+  replay memory's old exemplars (old biases' mean without a memory) [reconstruction: the literal
+  rule, ``none``, puts rows of norm <= 1 next to trained rows and positive ReLU features share
+  one direction, so new units win or lose on every input before any update; norm matching alone
+  made new units win on every old input in a smoke run; the benchmark measures ``init_drop``].
+  ``init_centering`` first centres each feature vector over its entries (the authors' features
+  leave a LayerNorm with zero mean per sample) [reconstruction].
 - ``C`` in the soft-target rule is the number of classes seen so far (the authors' head has all
-  classes of the stream from the start).
+  classes of the stream from the start) [pitfall 5].
 - Frozen rows are also restored after each step, so weight decay cannot move them (the authors'
-  gradient hook alone lets AdamW's decoupled decay shrink them).
+  gradient hook alone lets AdamW's decoupled decay shrink them) [pitfall 4].
+- The new-class data is cycled to reach the run's update budget [pitfall 6]; no augmentation in
+  the benchmark, as the authors'.
 - In domain-incremental streams every class is old after experience 0: data-driven init is a
   no-op, every sample uses the running-mean targets, and freezing fixes the whole head.
 """
@@ -49,7 +69,7 @@ Deviations from the paper (all documented choices):
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -58,16 +78,23 @@ from torch import Tensor, nn
 from medcl.data.transforms import to_model_input
 from medcl.errors import ConfigError
 from medcl.models.backbones import Backbone
+from medcl.models.plasticity import (
+    apply_bn_policy,
+    inject_lora,
+    layerwise_param_groups,
+    merge_lora,
+    onecycle,
+    split_units,
+)
+from medcl.models.plasticity import lora_targets as find_lora_targets
 from medcl.strategies.base import Batch, Classifier, Strategy, register_strategy
 
 if TYPE_CHECKING:
+    from medcl.config import TrainConfig
     from medcl.data.experience import Experience
     from medcl.engine.memory import ReplayMemory
 
 __all__ = ["SGM", "Rehearsal", "class_mean_init", "dynamic_soft_targets", "merge_lora"]
-
-_ADAPTER = "default"
-_LORA_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def dynamic_soft_targets(probs: Tensor, labels: Tensor, class_means: Tensor, n_old: int) -> Tensor:
@@ -115,31 +142,6 @@ def class_mean_init(
     return out
 
 
-@torch.no_grad()
-def merge_lora(module: nn.Module, *, unload: bool = False) -> int:
-    """Fold every LoRA delta into its base layer; re-initialise the adapter or remove it.
-
-    Args:
-        module: a module with ``peft`` LoRA layers (modified in place).
-        unload: replace each LoRA layer by its (merged) base layer instead of re-initialising.
-
-    Returns:
-        The number of layers merged.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    layers = [(n, m) for n, m in module.named_modules() if isinstance(m, LoraLayer)]
-    for name, layer in layers:
-        base = layer.get_base_layer()
-        base.weight += layer.get_delta_weight(_ADAPTER).to(base.weight.dtype)
-        if unload:
-            parent, _, child = name.rpartition(".")
-            setattr(module.get_submodule(parent) if parent else module, child, base)
-        else:
-            layer.reset_lora_parameters(_ADAPTER, True)  # A: Kaiming, B: 0 -> output unchanged
-    return len(layers)
-
-
 @register_strategy("sgm")
 class SGM(Strategy):
     """Stability-gap mitigation (see the module docstring).
@@ -147,16 +149,25 @@ class SGM(Strategy):
     Args:
         backbone: the feature extractor.
         data_driven_init: initialise new output units from class-mean features.
-        init_centering: centre each feature vector before the class means (ResNet features).
+        init_centering: centre each feature vector before the class means.
+        init_scale: ``old_rows``: scale new rows to the old rows' mean norm and calibrate their
+            biases on the memory; ``none``: the authors' literal rows (bias untouched).
+        init_quantile: with ``old_rows``, the fraction of old exemplars on which each new unit
+            may outrank the old classes' top logit right after initialisation.
         soft_targets: train against dynamic soft targets instead of hard labels.
-        lora: train LoRA adapters on the plastic blocks instead of their weights.
+        lora: train LoRA adapters on the back's pointwise convs instead of the back's weights.
         freeze_old_units: block gradients (and weight decay) to old classes' head rows.
-        trainable_stages: how many of the backbone's last stages are plastic (the rest and the
-            stem are frozen after experience 0); the head always trains.
-        lora_rank: LoRA rank ``r``.
+        trainable_stages: the plastic back starts at this many stages from the end.
+        lora_rank: LoRA rank ``r`` (capped per layer at its narrowest width).
         lora_alpha: LoRA ``alpha`` (the delta is scaled by ``alpha / r``).
-        full_first_experience: experience 0 trains the whole network with hard targets (the
-            paper's pretrained base model); False applies the SGM set-up from experience 0.
+        lora_targets: ``pointwise`` (1x1 convs of the back's blocks) or ``all`` conv/linear.
+        bn: BatchNorm policy of the back, ``frozen`` or ``train`` (the front is always frozen).
+        base: what experience 0 trains: ``head``, ``plastic``, ``full``, or ``none`` (SGM's
+            set-up from experience 0).
+        optimizer: ``adamw_onecycle`` (AdamW, OneCycle, layer-wise decay) or ``run`` (the run's
+            ``train.optimizer`` and ``train.scheduler``).
+        layer_decay: layer-wise learning-rate decay per unit from the head backwards.
+        warmup: fraction of each experience's updates in OneCycle's rising phase.
     """
 
     uses_memory = True
@@ -167,109 +178,135 @@ class SGM(Strategy):
         *,
         data_driven_init: bool = True,
         init_centering: bool = True,
+        init_scale: Literal["old_rows", "none"] = "old_rows",
+        init_quantile: float = 0.05,
         soft_targets: bool = True,
         lora: bool = True,
         freeze_old_units: bool = True,
         trainable_stages: int = 2,
-        lora_rank: int = 8,
-        lora_alpha: float = 8.0,
-        full_first_experience: bool = True,
+        lora_rank: int = 48,
+        lora_alpha: float = 1.0,
+        lora_targets: Literal["pointwise", "all"] = "pointwise",
+        bn: Literal["frozen", "train"] = "frozen",
+        base: Literal["head", "plastic", "full", "none"] = "full",
+        optimizer: Literal["adamw_onecycle", "run"] = "adamw_onecycle",
+        layer_decay: float = 0.9,
+        warmup: float = 0.3,
     ) -> None:
         super().__init__(backbone)
-        stages = backbone.stages()
-        if not 0 <= trainable_stages <= len(stages):
+        if not (0 < layer_decay <= 1 and 0 < warmup < 1 and 0 <= init_quantile <= 1):
             raise ConfigError(
-                f"strategy.trainable_stages must be in 0..{len(stages)} (backbone "
-                f"{backbone.name!r} has stages {[s.name for s in stages]}); got {trainable_stages}."
+                f"strategy.layer_decay must be in (0, 1], strategy.warmup in (0, 1) and "
+                f"strategy.init_quantile in [0, 1]; got layer_decay={layer_decay}, "
+                f"warmup={warmup}, init_quantile={init_quantile}."
             )
-        if lora and (trainable_stages == 0 or lora_rank < 1):
+        self._front, self._back = split_units(backbone, trainable_stages)
+        targets = find_lora_targets(self._back, kind=lora_targets) if lora else []
+        if lora and (lora_rank < 1 or not targets):
             raise ConfigError(
-                f"strategy.lora needs trainable_stages >= 1 and lora_rank >= 1; got "
-                f"trainable_stages={trainable_stages}, lora_rank={lora_rank}. Raise them or set "
+                f"strategy.lora needs lora_rank >= 1 and layers to adapt in the plastic back; got "
+                f"lora_rank={lora_rank}, trainable_stages={trainable_stages}, {len(targets)} "
+                f"{lora_targets} layers. Raise trainable_stages, use lora_targets: all, or set "
                 "lora: false."
             )
         self.data_driven_init, self.init_centering = data_driven_init, init_centering
-        self.soft_targets = soft_targets
-        self.lora, self.freeze_old_units = lora, freeze_old_units
-        self.trainable_stages, self.full_first_experience = trainable_stages, full_first_experience
-        self._plastic = [s.module for s in stages[len(stages) - trainable_stages :]]
+        self.init_scale, self.init_quantile, self.soft_targets = (
+            init_scale,
+            init_quantile,
+            soft_targets,
+        )
+        self.lora, self.freeze_old_units, self.bn = lora, freeze_old_units, bn
+        self.trainable_stages, self.base, self.optimizer = trainable_stages, base, optimizer
+        self.layer_decay, self.warmup = layer_decay, warmup
+        self.lora_targets_ = list(targets)
         if lora:
-            from peft import LoraConfig, inject_adapter_in_model
-
-            targets = [
-                f"net.{s.name}.{n}"
-                for s in stages[len(stages) - trainable_stages :]
-                for n, m in s.module.named_modules()
-                if isinstance(m, _LORA_TYPES)
-            ]
-            inject_adapter_in_model(
-                LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=targets), backbone
-            )
+            inject_lora(backbone, targets, rank=lora_rank, alpha=lora_alpha)
         self._adapting = False  # True while an experience is learned with the SGM set-up
         self._n_old = 0
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._frozen_rows: tuple[Tensor, Tensor] | None = None
         self._st_sum = self._st_count = torch.zeros(0)
+        self._diag: list[dict] = []
         self._set_trainable()
 
     # -- set-up ------------------------------------------------------------------------------
+    def _trained_units(self) -> list:
+        """Units whose weights train now: the back while adapting, else what ``base`` says."""
+        if self._adapting or self.base == "plastic":
+            return self._back
+        return [*self._front, *self._back] if self.base == "full" else []
+
     def _set_trainable(self) -> None:
-        """requires_grad for the current phase: everything but LoRA (base) or the plastic part."""
-        plastic = {id(p) for m in self._plastic for p in m.parameters()}
+        """requires_grad for the current phase: LoRA only (SGM) or the trained units' weights."""
+        trained = {id(p) for u in self._trained_units() for p in u.module.parameters()}
         for name, p in self.backbone.named_parameters():
             is_lora = "lora_" in name
-            if not self._adapting:
-                p.requires_grad_(not is_lora)
-            else:
-                p.requires_grad_(id(p) in plastic and (is_lora if self.lora else True))
+            want_lora = self._adapting and self.lora
+            p.requires_grad_(id(p) in trained and (is_lora if want_lora else not is_lora))
         self.head.requires_grad_(True)
 
     def train(self, mode: bool = True) -> SGM:
-        """Frozen parts keep eval mode (BatchNorm statistics fixed) while adapting."""
+        """The BatchNorm policy (front always eval; the back per ``bn``) while training."""
         super().train(mode)
-        if mode and self._adapting:
-            if self.lora:
-                self.backbone.eval()
-            else:
-                plastic = {id(m) for s in self._plastic for m in s.modules()}
-                for m in self.backbone.modules():
-                    if id(m) not in plastic and not list(m.children()):
-                        m.eval()
+        if mode and not (self.base == "full" and not self._adapting):
+            apply_bn_policy(self.backbone, self._trained_units(), self.bn)
         return self
 
     def before_experience(self, exp: Experience, memory: ReplayMemory) -> None:
         self._n_old = self.seen[-2].num_seen_classes if len(self.seen) > 1 else 0
-        self._adapting = self._n_old > 0 or not self.full_first_experience
+        self._adapting = self._n_old > 0 or self.base == "none"
         self._set_trainable()
         if not self._adapting:
             return
         num_classes = self.head.num_classes
         if self.data_driven_init and num_classes > self._n_old:
-            self._init_new_units(exp, list(range(self._n_old, num_classes)))
+            self._init_new_units(exp, list(range(self._n_old, num_classes)), memory)
         if self.freeze_old_units and self._n_old:
             self._freeze_rows(self._n_old)
         self._st_sum = self.head.weight.new_zeros(num_classes, num_classes).float()
         self._st_count = self.head.weight.new_zeros(num_classes).float()
 
     @torch.no_grad()
-    def _init_new_units(self, exp: Experience, classes: list[int]) -> None:
-        keep = torch.isin(exp.train.labels, torch.tensor(classes))
-        images, labels = exp.train.images[keep], exp.train.labels[keep]
+    def _eval_features(self, images: Tensor) -> Tensor:
+        """``(N, F)`` float32 penultimate features (eval mode) on the head's device."""
         was_training, device = self.training, self.head.weight.device
         self.eval()
         feats = torch.cat(
             [
-                self.features(to_model_input(images[i : i + 256]).to(device)).cpu()
+                self.features(to_model_input(images[i : i + 256].to(device))).float()
                 for i in range(0, len(images), 256)
             ]
-        )  # (N, F)
+        )
         self.train(was_training)
-        rows = class_mean_init(feats, labels, classes, center=self.init_centering)
-        self.head.weight[classes] = rows.to(self.head.weight)
+        return feats
+
+    @torch.no_grad()
+    def _init_new_units(self, exp: Experience, classes: list[int], memory: ReplayMemory) -> None:
+        keep = torch.isin(exp.train.labels, torch.tensor(classes))
+        feats = self._eval_features(exp.train.images[keep]).cpu()  # (N, F)
+        rows = class_mean_init(feats, exp.train.labels[keep], classes, center=self.init_centering)
+        w, b, n_old = self.head.weight, self.head.bias, self._n_old
+        info = {"experience": exp.index, "new_classes": classes}
+        info |= {"literal_row_norm": rows.norm(dim=1).tolist()}
+        rows = rows.to(w)
+        if self.init_scale == "old_rows" and n_old:
+            old_norm = w[:n_old].norm(dim=1).mean()
+            rows = F.normalize(rows, dim=1) * old_norm  # (K, F)
+            bias = b[:n_old].mean().expand(len(classes))
+            if len(memory):  # each new unit outranks the old prediction on few old exemplars
+                mf = self._eval_features(memory.gather(torch.arange(len(memory)))[0])  # (M, F)
+                top_old = (mf @ w[:n_old].T + b[:n_old]).max(1).values  # (M,)
+                margin = top_old[:, None] - mf @ rows.T  # (M, K): bias at which unit k ties
+                bias = torch.quantile(margin, self.init_quantile, dim=0)  # (K,)
+            b[classes] = bias
+            info["old_row_norm"] = float(old_norm)
+        w[classes] = rows
+        info["new_row_norm"] = w[classes].norm(dim=1).tolist()
+        self._diag.append(info)
 
     def _freeze_rows(self, n_old: int) -> None:
         """Zero the gradient of rows ``< n_old``; keep a copy to undo weight decay."""
-        mask = torch.ones(self.head.num_classes, 1)
+        mask = torch.ones(self.head.num_classes, 1, device=self.head.weight.device)
         mask[:n_old] = 0
         self._hooks = [
             self.head.weight.register_hook(lambda g: g * mask.to(g)),
@@ -279,6 +316,22 @@ class SGM(Strategy):
             self.head.weight[:n_old].detach().clone(),
             self.head.bias[:n_old].detach().clone(),
         )
+
+    def configure_optimizers(
+        self, cfg: TrainConfig, params: list[nn.Parameter], total: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None] | None:
+        """AdamW + OneCycle with layer-wise decay (``optimizer: adamw_onecycle``), else None."""
+        if self.optimizer == "run":
+            return None
+        units = [*self._front, *self._back]
+        depth_of = {
+            id(p): len(units) - i for i, u in enumerate(units) for p in u.module.parameters()
+        }
+        groups = layerwise_param_groups(
+            params, depth_of, lr=cfg.lr, decay=self.layer_decay, weight_decay=cfg.weight_decay
+        )
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return opt, onecycle(opt, total, warmup=self.warmup)
 
     # -- training ----------------------------------------------------------------------------
     def loss(self, logits: Tensor, batch: Batch) -> Tensor:
@@ -297,7 +350,7 @@ class SGM(Strategy):
             correct = (probs.argmax(1) == batch.y).float()  # (B,)
             self._st_sum.index_add_(0, batch.y, probs * correct[:, None])
             self._st_count.index_add_(0, batch.y, correct)
-        return -(target * logits.log_softmax(1)).sum(1).mean()
+        return -(target * logits.float().log_softmax(1)).sum(1).mean()
 
     @torch.no_grad()
     def after_update(self, step: int) -> None:
@@ -312,6 +365,10 @@ class SGM(Strategy):
         self._hooks, self._frozen_rows = [], None
         if self.lora:
             merge_lora(self.backbone)
+
+    def diagnostics(self) -> dict:
+        """Data-driven init per experience: new classes, literal/new/old row norms."""
+        return {"init": list(self._diag)}
 
     # -- inference ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -333,12 +390,24 @@ class Rehearsal(SGM):
 
     Args:
         backbone: the feature extractor.
-        trainable_stages: how many of the backbone's last stages train after experience 0.
-        full_first_experience: experience 0 trains the whole network.
+        trainable_stages: the plastic back starts at this many stages from the end.
+        bn: BatchNorm policy of the back (the same rule as SGM's).
+        base: what experience 0 trains (as SGM's).
+        optimizer: ``adamw_onecycle`` or ``run`` (as SGM's).
+        layer_decay: layer-wise learning-rate decay (as SGM's).
+        warmup: OneCycle warm-up fraction (as SGM's).
     """
 
     def __init__(
-        self, backbone: Backbone, *, trainable_stages: int = 2, full_first_experience: bool = True
+        self,
+        backbone: Backbone,
+        *,
+        trainable_stages: int = 2,
+        bn: Literal["frozen", "train"] = "frozen",
+        base: Literal["head", "plastic", "full", "none"] = "full",
+        optimizer: Literal["adamw_onecycle", "run"] = "adamw_onecycle",
+        layer_decay: float = 0.9,
+        warmup: float = 0.3,
     ) -> None:
         super().__init__(
             backbone,
@@ -347,5 +416,9 @@ class Rehearsal(SGM):
             lora=False,
             freeze_old_units=False,
             trainable_stages=trainable_stages,
-            full_first_experience=full_first_experience,
+            bn=bn,
+            base=base,
+            optimizer=optimizer,
+            layer_decay=layer_decay,
+            warmup=warmup,
         )
