@@ -282,6 +282,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [s for s in args.scenarios if s not in STREAMS]
     if unknown:
         p.error(f"--scenarios: {unknown} not supported; choose from {list(STREAMS)}")
+    if args.updates < 1 or args.eval_every < 1 or args.eval_samples < 1:
+        p.error("--updates, --eval-every and --eval-samples must be >= 1")
     if args.updates % args.eval_every:
         p.error("--updates must be a multiple of --eval-every (the last update is evaluated)")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -358,3 +358,51 @@ def test_sgm_and_rehearsal_train_on_cuda(stream):
         assert torch.equal(s.head.weight[:2], w_old) is (name == "sgm")
         out = s.eval().predict(inputs(stream[1]).cuda())
         assert out.shape == (16, 4) and torch.isfinite(out).all()
+
+
+def test_lora_targets_all_skips_grouped_convs_and_trains_conv_head(stream, trained):
+    """``all`` must not hand depthwise convs to peft (it raises) and must train conv_head's LoRA."""
+    base_s, memory = trained
+    s = make(lora_targets="all")
+    assert "net.conv_head" in s.lora_targets_
+    assert all(s.backbone.get_submodule(t).get_base_layer().groups == 1 for t in s.lora_targets_)
+    s.rebuild(base_s.seen)
+    start(s, stream[1], memory)
+    trains = {n for n, p in s.named_parameters() if p.requires_grad}
+    assert "backbone.net.conv_head.lora_B.default.weight" in trains
+    opt, _ = s.configure_optimizers(CFG, list(s.trainable_parameters()), 10)
+    head_lora = s.backbone.get_submodule("net.conv_head").lora_B["default"].weight
+    depth = next(g["depth"] for g in opt.param_groups if any(p is head_lora for p in g["params"]))
+    assert depth == 2  # conv_head: second unit from the end (bn2 is 1), not the head's depth 0
+
+
+def test_trainer_runs_the_strategys_onecycle_schedule(stream, sgm0):
+    """fit_experience uses configure_optimizers: the logged head lr warms up, then anneals."""
+
+    class Lrs:
+        def __init__(self) -> None:
+            self.lrs: list[float] = []
+
+        def due(self, update: int) -> bool:
+            return True
+
+        def log(self, values, step: int) -> None:
+            self.lrs.append(values["train/lr"])
+
+    s, memory = sgm0
+    log = Lrs()
+    cfg = TrainConfig(epochs=10, batch_size=8, max_updates=8, lr=0.01, augment="none")
+    fit_experience(
+        s,
+        stream[1],
+        past=stream[:1],
+        num_seen_classes=4,
+        memory=memory,
+        cfg=cfg,
+        seed=1,
+        quiet=True,
+        logger=log,
+    )
+    peak = log.lrs.index(max(log.lrs))
+    assert len(log.lrs) == 8 and 0 < peak < 7
+    assert max(log.lrs) == pytest.approx(0.01, rel=0.1) and log.lrs[-1] < 0.01 / 10

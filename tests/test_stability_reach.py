@@ -37,3 +37,35 @@ def test_errors_name_the_problem():
         updates_to_reach(CURVES, {1: 0.5}, column="acc")
     with pytest.raises(DataError, match=r"experience\(s\) \[3\]"):
         updates_to_reach(CURVES, {3: 0.5})
+
+
+def test_benchmark_targets_divide_by_vanillas_measured_updates():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    report = importlib.import_module("_stability_report")
+    summary = {
+        "sgm": {"stability_gap": 0.02, "final_acc": 0.8, "updates_to_vanilla_final": 30.0},
+        "vanilla": {"stability_gap": 0.4, "final_acc": 0.7, "total_updates": 100.0},
+    }
+    got = {t["name"].split(": ")[1]: t for t in report.targets("s", {"summary": summary})}
+    assert got["stability gap SGM / vanilla"]["value"] == pytest.approx(0.05)
+    assert got["final accuracy SGM - vanilla"]["value"] == pytest.approx(0.1)
+    reach = got["SGM updates to vanilla's final accuracy / vanilla's updates"]
+    assert reach["value"] == pytest.approx(0.3) and reach["met"]
+    assert not any(np.isfinite(t["value"]) for t in report.targets("s", {"summary": {}}))
+
+
+@pytest.mark.parametrize("flag", ["--eval-every", "--updates", "--eval-samples"])
+def test_benchmark_rejects_non_positive_budgets(flag, capsys):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = importlib.import_module("stability_gap")
+    with pytest.raises(SystemExit) as e:
+        bench.parse([flag, "0"])
+    assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err

@@ -90,7 +90,9 @@ def lora_targets(
     ``pointwise`` takes the ungrouped 1x1 convs inside blocks (units with sub-modules), outside
     squeeze-excitation modules (timm's ``conv_pw``/``conv_pwl``, ResNet bottleneck
     ``conv1``/``conv3`` and ``downsample``): the analogue of ConvNeXt's ``pwconv1``/``pwconv2``
-    that SGM adapts; a trailing single layer such as ``conv_head`` is not a block.
+    that SGM adapts; a trailing single layer such as ``conv_head`` is not a block. ``all``
+    takes every linear and ungrouped conv layer (peft cannot adapt a depthwise conv at these
+    ranks, nor merge one).
     """
     out = []
     for u in units:
@@ -103,7 +105,7 @@ def lora_targets(
             elif isinstance(m, nn.Conv2d | nn.Conv3d | nn.Conv1d):
                 pointwise = all(k == 1 for k in m.kernel_size) and m.groups == 1
                 in_se = any(part in ("se", "attn") for part in path.split("."))
-                if kind == "all" or (pointwise and not in_se):
+                if m.groups == 1 and (kind == "all" or (pointwise and not in_se)):
                     out.append(path)
     return out
 

@@ -45,9 +45,13 @@ Deviations and reconstructions (source in brackets):
 - LoRA targets are the 1x1 convolutions of the back's blocks (timm ``conv_pw``/``conv_pwl``),
   the analogue of ConvNeXt's ``pwconv1``/``pwconv2`` [official code: convnext_v2_lora.py];
   ``conv_head`` is no block and stays frozen, like the authors' downsample layers. The rank is
-  capped at a layer's narrowest width [pitfall 2]. ``lora_targets: all`` adapts every conv.
+  capped at a layer's narrowest width [pitfall 2]. ``lora_targets: all`` adapts every
+  ungrouped conv (and ``conv_head``).
 - Layer-wise decay is per unit (a block or a trailing layer), not per parameter tensor, and it is
-  applied: the authors' scalar OneCycle ``max_lr`` silently made it uniform [pitfall 3].
+  applied by default [issue 14]: the authors' scalar OneCycle ``max_lr`` silently made it
+  uniform, so what they ran is ``layer_decay: 1`` [pitfall 3].
+- Vanilla rehearsal uses the same AdamW + OneCycle + layer-wise decay as SGM [issue 14]; the
+  authors' vanilla baseline has no scheduler [official code: model_vanilla.py].
 - ``init_scale: old_rows`` (default) rescales each new row to the old rows' mean norm and sets its
   bias so that it outranks the old classes' top logit on only ``init_quantile`` (5%) of the
   replay memory's old exemplars (old biases' mean without a memory) [reconstruction: the literal
@@ -221,6 +225,8 @@ class SGM(Strategy):
         self.lora_targets_ = list(targets)
         if lora:
             inject_lora(backbone, targets, rank=lora_rank, alpha=lora_alpha)
+            # a unit that is itself a target (``lora_targets: all``: conv_head) is now wrapped
+            self._front, self._back = split_units(backbone, trainable_stages)
         self._adapting = False  # True while an experience is learned with the SGM set-up
         self._n_old = 0
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
