@@ -87,6 +87,12 @@ m, env = json.loads((run / 'metrics.json').read_text()), json.loads((run / 'envi
 tb = sorted(p.name for p in (run / 'tensorboard').iterdir())
 out = {'world_size': env.get('world_size'), 'dist_backend': env.get('dist_backend'), 'cuda': env.get('cuda'),
        'summary': m['summary'], 'accuracy_matrix': m['accuracy_matrix'], 'fit': m['fit'], 'tensorboard_files': tb}
+T = len(m['accuracy_matrix'])
+out['targets'] = [
+    {'name': 'DDP world size', 'value': out['world_size'], 'goal': '== 2', 'met': out['world_size'] == 2},
+    {'name': 'experiences completed', 'value': T, 'goal': '== 2', 'met': T == 2},
+    {'name': 'TensorBoard event files (rank 0 only)', 'value': len(tb), 'goal': '== 1', 'met': len(tb) == 1},
+]
 pathlib.Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
 print(json.dumps(out['summary']), out['world_size'], out['dist_backend'])
 " "$WORK/runs/ddp-gpu" "$OUT/ddp_run.json"

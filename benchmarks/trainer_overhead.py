@@ -131,6 +131,14 @@ def main() -> None:
             "median": med,
             "ratio": ratio,
             "device": args.device,
+            "targets": [
+                {
+                    "name": "medcl / plain PyTorch throughput (median)",
+                    "value": ratio,
+                    "goal": ">= 0.9",
+                    "met": bool(ratio >= 0.9),
+                }
+            ],
         },
         md,
         out=args.out,

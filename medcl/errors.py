@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataError", "MedclError", "did_you_mean"]
+__all__ = ["ConfigError", "DataError", "MedclError", "check_options", "did_you_mean"]
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 
 class MedclError(Exception):
@@ -18,6 +19,19 @@ class ConfigError(MedclError, ValueError):
 
 class DataError(MedclError, ValueError):
     """A data file, manifest or array is missing, corrupt or malformed."""
+
+
+def check_options(component: str, rule: str, checks: Iterable[tuple[str, Any, bool]]) -> None:
+    """Raise one :class:`ConfigError` naming every ``(name, value, ok)`` check that failed.
+
+    ``rule`` states what every option needs (e.g. ``"lr > 0 and batch_size >= 1"``).
+    """
+    bad = [f"{name}={value}" for name, value, ok in checks if not ok]
+    if bad:
+        raise ConfigError(
+            f"{component}: need {rule}; got {', '.join(bad)}. Fix these options in the strategy "
+            "section of the config."
+        )
 
 
 def did_you_mean(name: str, choices: Iterable[str], *, max_listed: int = 25) -> str:

@@ -139,6 +139,17 @@ class TrainingFlops:
         self.layers_ = layer_flops(model, self.input_shape)
         self.total_ = 0.0
 
+    @classmethod
+    def refreshed(
+        cls, counter: TrainingFlops | None, model: nn.Module, input_shape: tuple[int, ...]
+    ) -> TrainingFlops:
+        """``counter`` re-profiled for ``model`` (its head may have grown), or a new counter when
+        there is none or the input shape changed (called before each experience)."""
+        if counter is None or counter.input_shape != tuple(input_shape):
+            return cls(model, input_shape)
+        counter.reprofile(model)
+        return counter
+
     def reprofile(self, model: nn.Module) -> None:
         """Re-measure the per-layer FLOPs (after a head grew, for instance)."""
         self.layers_ = layer_flops(model, self.input_shape)

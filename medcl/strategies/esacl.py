@@ -213,12 +213,10 @@ class EsaCL(Strategy):
 
     # -- training ----------------------------------------------------------------------------
     def before_experience(self, exp: Experience, memory: ReplayMemory) -> None:
-        shape = tuple(exp.train.images.shape[1:])
         model = Classifier(self.backbone, self.head)
-        if self.counter is None or self.counter.input_shape != shape:
-            self.counter = TrainingFlops(model, shape)
-        else:
-            self.counter.reprofile(model)  # the head grew
+        self.counter = TrainingFlops.refreshed(
+            self.counter, model, tuple(exp.train.images.shape[1:])
+        )
         self.masks.apply_()
         if self.sdp and self.shrink != "none":
             self._next_candidates()

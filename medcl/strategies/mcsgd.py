@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from medcl.data.samples import SampleSet
-from medcl.errors import ConfigError
+from medcl.errors import check_options
 from medcl.models.backbones import Backbone
 from medcl.models.subspace import subspace_tensors
 from medcl.models.subspace_connectivity import connectivity_stage
@@ -98,14 +98,12 @@ class MCSGD(SubspaceStrategy):
                   ("connect_momentum", connect_momentum, 0 <= connect_momentum < 1),
                   ("connect_batch_size", connect_batch_size, connect_batch_size >= 1),
                   ("subset_size", subset_size, subset_size >= 1)]  # fmt: skip
-        bad = [f"{k}={v}" for k, v, ok in checks if not ok]
-        if bad:
-            raise ConfigError(
-                "strategy 'mcsgd': need 0 <= p <= 1, 0 <= connect_momentum < 1, "
-                "current_per_class >= 0, connect_epochs >= 0 and positive grid_points, "
-                f"connect_lr, connect_batch_size and subset_size; got {', '.join(bad)}. Fix "
-                "these options in the strategy section of the config."
-            )
+        check_options(
+            f"strategy {self.name!r}",
+            "0 <= p <= 1, 0 <= connect_momentum < 1, current_per_class >= 0, connect_epochs >= 0 "
+            "and positive grid_points, connect_lr, connect_batch_size and subset_size",
+            checks,
+        )
         super().__init__(backbone, n_endpoints=1, bn=bn, bn_samples=bn_samples,
                          stage1_replay=stage1_replay)  # fmt: skip
         self.p, self.grid_points, self.chain_rule = p, grid_points, chain_rule

@@ -134,12 +134,10 @@ class SparCL(Strategy):
 
     # -- training ----------------------------------------------------------------------------
     def before_experience(self, exp: Experience, memory: ReplayMemory) -> None:
-        shape = tuple(exp.train.images.shape[1:])
         model = Classifier(self.backbone, self.head)
-        if self.counter is None or self.counter.input_shape != shape:
-            self.counter = TrainingFlops(model, shape)
-        else:
-            self.counter.reprofile(model)
+        self.counter = TrainingFlops.refreshed(
+            self.counter, model, tuple(exp.train.images.shape[1:])
+        )
         self._step, self._refresh = 0, True
 
     def epoch_rows(self, epoch: int, num_rows: int) -> Tensor:

@@ -69,7 +69,7 @@ import torch
 from torch import Tensor, nn
 
 from medcl.data.transforms import to_model_input
-from medcl.errors import ConfigError
+from medcl.errors import ConfigError, check_options
 from medcl.models.backbones import Backbone
 from medcl.models.subspace import (
     SubspacePoint,
@@ -228,14 +228,12 @@ class SubspaceConnectivity(SubspaceStrategy):
                   ("connect_batch_size", connect_batch_size, connect_batch_size >= 1),
                   ("subset_size", subset_size, subset_size >= 1),
                   ("ensemble_size", ensemble_size, ensemble_size >= 1)]  # fmt: skip
-        bad = [f"{k}={v}" for k, v, ok in checks if not ok]
-        if bad:
-            raise ConfigError(
-                "strategy 'subspace': need n_endpoints >= 2, beta >= 0, 0 <= connect_momentum < 1, "
-                "connect_epochs >= 0 and positive grid_points, connect_lr, connect_batch_size, "
-                f"subset_size and ensemble_size; got {', '.join(bad)}. Fix these options in the "
-                "strategy section of the config."
-            )
+        check_options(
+            f"strategy {self.name!r}",
+            "n_endpoints >= 2, beta >= 0, 0 <= connect_momentum < 1, connect_epochs >= 0 and "
+            "positive grid_points, connect_lr, connect_batch_size, subset_size and ensemble_size",
+            checks,
+        )
         super().__init__(backbone, n_endpoints=n_endpoints, bn=bn, bn_samples=bn_samples,
                          stage1_replay=stage1_replay, seed=seed)  # fmt: skip
         self.beta, self.connect, self.init = beta, connect, init
