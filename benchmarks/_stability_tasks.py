@@ -29,10 +29,10 @@ from torch import nn
 
 from medcl.config import TrainConfig
 from medcl.data.experience import Experience
+from medcl.data.memory import ReplayMemory
 from medcl.data.samples import SampleSet
 from medcl.data.transforms import to_model_input
 from medcl.engine.evaluate import evaluate, predict_proba
-from medcl.engine.memory import ReplayMemory
 from medcl.engine.trainer import experience_info, fit_experience, seed_everything
 from medcl.models.backbones import create_backbone
 from medcl.models.plasticity import onecycle

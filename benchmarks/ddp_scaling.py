@@ -52,9 +52,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     torch.set_num_threads(args.threads)
     from medcl.config import TrainConfig
     from medcl.data.experience import Experience
+    from medcl.data.memory import ReplayMemory
     from medcl.data.synthetic import make_synthetic
     from medcl.engine.distributed import session
-    from medcl.engine.memory import ReplayMemory
     from medcl.engine.trainer import fit_experience
     from medcl.models.backbones import create_backbone
     from medcl.strategies import create_strategy

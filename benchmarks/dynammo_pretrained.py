@@ -46,7 +46,8 @@ from _common import markdown_table, write_results
 
 from medcl.config import RunConfig
 from medcl.engine.evaluate import evaluate
-from medcl.engine.run import restore_run, run
+from medcl.engine.resume import restore_run
+from medcl.engine.run import run
 from medcl.metrics.compute import count_macs
 from medcl.models.backbones import create_backbone
 from medcl.strategies import ExperienceInfo, create_strategy

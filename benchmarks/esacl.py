@@ -41,7 +41,9 @@ from _common import RESULTS, data_root, json_text, machine, markdown_table
 
 from medcl.config import validate_config
 from medcl.data.transforms import to_model_input
-from medcl.engine.run import build_components, restore_run, run
+from medcl.engine.components import build_components
+from medcl.engine.resume import restore_run
+from medcl.engine.run import run
 from medcl.engine.trainer import fit_experience
 from medcl.metrics.compute import TrainingFlops
 from medcl.models.backbones import create_backbone

@@ -26,10 +26,10 @@ from _common import data_root, markdown_table, write_results
 
 from medcl.config import TrainConfig
 from medcl.data.experience import Experience
+from medcl.data.memory import ReplayMemory
 from medcl.data.samples import SampleSet
 from medcl.data.scenarios import build_scenario
 from medcl.engine.evaluate import predict_proba
-from medcl.engine.memory import ReplayMemory
 from medcl.engine.trainer import fit_experience, seed_everything
 from medcl.models.backbones import create_backbone
 from medcl.strategies import create_strategy

@@ -45,7 +45,8 @@ from _common import RESULTS, data_root, json_text, machine, markdown_table
 
 from medcl.config import validate_config
 from medcl.engine.evaluate import evaluate
-from medcl.engine.run import restore_run, run
+from medcl.engine.resume import restore_run
+from medcl.engine.run import run
 
 SCENARIOS = ["medmnist-cross3", "pneumonia-sites"]
 MULTI_SEED = {"replay", "subspace-line", "ensemble"}

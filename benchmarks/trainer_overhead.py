@@ -25,9 +25,9 @@ from _common import data_root, markdown_table, write_results
 from medcl.config import TrainConfig
 from medcl.data.experience import Experience
 from medcl.data.medmnist_source import load_medmnist
+from medcl.data.memory import ReplayMemory
 from medcl.data.samples import SampleSet
 from medcl.data.transforms import to_model_input
-from medcl.engine.memory import ReplayMemory
 from medcl.engine.trainer import fit_experience
 from medcl.models.backbones import create_backbone
 from medcl.strategies import create_strategy

@@ -25,7 +25,7 @@ _EXPORTS = {
     "list_strategies": "medcl.strategies",
     "load_config": "medcl.config",
     "run": "medcl.engine.run",
-    "update": "medcl.engine.run",
+    "update": "medcl.engine.update",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -8,7 +8,9 @@ or strategy's own signature when the run is built).
 from __future__ import annotations
 
 __all__ = [
+    "CacheMode",
     "DataConfig",
+    "EvalConfig",
     "LoggingConfig",
     "MemoryConfig",
     "ModelConfig",
@@ -17,20 +19,32 @@ __all__ = [
     "StrategyConfig",
     "TrainConfig",
     "apply_overrides",
+    "config_changes",
     "load_config",
+    "read_yaml",
 ]
 
 import difflib
+import json
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medcl.errors import ConfigError
 from medcl.validation import format_validation_error
+
+#: How file cohorts are held (``data.cache``, a file source's ``cache``; see medcl.data.cache).
+CacheMode = Literal["auto", "memory", "persistent"]
 
 
 class _Strict(BaseModel):
@@ -82,15 +96,64 @@ class TrainConfig(_Strict):
         None, gt=0, description="clip the gradient norm (None = off)"
     )
     augment: Literal["none", "light", "standard"] = "light"
-    eval_every: int = Field(0, ge=0, description="evaluate old/new/all every k updates (0 = off)")
-    eval_max_samples: int = Field(200, ge=1)
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+    eval_every: int = Field(
+        0, ge=0, description="old/new/all accuracy curves every k updates (0 = off; see eval)"
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the training step (same weights and checkpoints; off by "
+        "default: see benchmarks/results/end_to_end.md)",
+    )
+    channels_last: bool = Field(
+        False,
+        description="NHWC memory format for 2D models and batches (same weights and "
+        "checkpoints; off by default: see benchmarks/results/end_to_end.md)",
+    )
+    num_threads: int | Literal["auto"] = Field(
+        "auto",
+        description="torch CPU threads: a count, or 'auto' = the cores other processes leave "
+        "free at the run's start (kept on --resume; see medcl.engine.threads)",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="bf16 autocast on CUDA (never on CPU: no fast bf16 there)")
     dist_backend: Literal["auto", "nccl", "gloo"] = Field(
         "auto",
         description="process-group backend under torchrun: auto = NCCL on CUDA, gloo on CPU "
         "($MEDCL_DIST_BACKEND overrides it)",
+    )
+
+    @field_validator("num_threads", mode="before")
+    @classmethod
+    def _threads(cls, value: Any) -> int | str:
+        if value is None:  # older runs wrote null for "torch's default": resume keeps it
+            return "auto"
+        if value == "auto" or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        ):
+            return value
+        raise ValueError(
+            "must be 'auto' (the cores other processes leave free) or a whole number of threads "
+            ">= 1; write e.g. `num_threads: 1` under `train:` (--set train.num_threads=1)",
+        )
+
+
+class EvalConfig(_Strict):
+    """Evaluation: the every-k curves (``train.eval_every``) and the test sets after each
+    experience."""
+
+    curve_subset: int | None = Field(
+        200,
+        ge=1,
+        description="rows of each test set on the every-k curves: a fixed, seeded, "
+        "class-stratified subset (null = whole test sets). 200 bounds a point's 95% CI "
+        "half-width by 7 accuracy points (5 with two experiences pooled); the test sets are "
+        "evaluated in full after each experience",
+    )
+    batch_size: int = Field(
+        128,
+        ge=1,
+        description="images per forward pass when scoring (evaluation, curves, herding "
+        "features), separate from train.batch_size",
     )
 
 
@@ -128,7 +191,7 @@ class DataConfig(_Strict):
 
     root: Path | None = None
     download: bool = False
-    cache: Literal["auto", "memory", "persistent"] = Field(
+    cache: CacheMode = Field(
         "auto",
         description="file cohorts: 'memory' (decode into RAM), 'persistent' (MONAI "
         "PersistentDataset under cache_dir + a disk-backed tensor: larger than RAM), or 'auto' "
@@ -141,12 +204,9 @@ class DataConfig(_Strict):
         None, ge=0, description="decoding worker processes (default: min(4, CPUs))"
     )
 
-    def file_cache(self, output_dir: Path) -> AbstractContextManager[Any]:
-        """The :func:`medcl.data.cache.file_cache` block a run loads its file sources in."""
-        from medcl.data.cache import file_cache
-
-        folder = self.cache_dir if self.cache_dir is not None else output_dir / ".cache" / "data"
-        return file_cache(self.cache, cache_dir=folder, workers=self.workers)
+    def cache_folder(self, output_dir: Path) -> Path:
+        """The persistent cache folder of a run writing to ``output_dir``."""
+        return self.cache_dir if self.cache_dir is not None else output_dir / ".cache" / "data"
 
 
 class RunConfig(_Strict):
@@ -157,6 +217,7 @@ class RunConfig(_Strict):
     strategy: StrategyConfig
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     memory: MemoryConfig = MemoryConfig()
     data: DataConfig = DataConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -164,6 +225,20 @@ class RunConfig(_Strict):
     @property
     def run_name(self) -> str:
         return self.name or f"{self.scenario.name}-{self.strategy.name}-s{self.seed}"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, raw: Any) -> Any:
+        """``train.eval_max_samples`` (runs written before ``eval``) is ``eval.curve_subset``."""
+        train = raw.get("train") if isinstance(raw, Mapping) else None
+        if isinstance(train, Mapping) and "eval_max_samples" in train:
+            raw = dict(raw)
+            raw["train"] = {k: v for k, v in train.items() if k != "eval_max_samples"}
+            section = raw.get("eval")
+            section = dict(section) if isinstance(section, Mapping) else {}
+            section.setdefault("curve_subset", train["eval_max_samples"])
+            raw["eval"] = section
+        return raw
 
 
 def _suggest_key(loc: Sequence[str | int]) -> str:
@@ -205,6 +280,47 @@ def validate_config(raw: Mapping[str, Any], *, source: str = "config") -> RunCon
         raise ConfigError("\n".join(lines)) from None
 
 
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train.lr": 0.1, ...}``: every value of a nested mapping under its dotted key."""
+    if not isinstance(node, Mapping) or not node:
+        return {prefix.removesuffix("."): node}
+    return {
+        k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}{key}.").items()
+    }
+
+
+#: Settings a resumed run may change: they decide how fast it runs, not what it learns (a thread
+#: count unlike the first start's is reported on resume, see medcl.engine.threads).
+RESUMABLE = ("train.num_threads",)
+
+
+def config_changes(saved: Any, current: RunConfig) -> list[str]:
+    """The settings that differ between a run's saved config and ``current``.
+
+    ``saved`` (a run's ``config.yaml``, parsed) is first filled in with this version's
+    defaults, so a key added to medcl since the run was written changes nothing; the
+    :data:`RESUMABLE` settings are not compared.
+
+    Returns:
+        ``["train.lr: 0.05 -> 0.1", ...]`` (dotted keys, JSON values, ``(not set)`` when a key
+        is absent on one side); empty when the two configs are the same.
+    """
+    try:
+        old = json.loads(validate_config(saved).model_dump_json())
+    except ConfigError:  # written by another medcl version: compare it as it stands
+        old = saved if isinstance(saved, Mapping) else {}
+    a, b = _leaves(old), _leaves(json.loads(current.model_dump_json()))
+
+    def show(key: str, side: dict[str, Any]) -> str:
+        return json.dumps(side[key], default=str) if key in side else "(not set)"
+
+    absent = object()
+    keys = dict.fromkeys(k for k in [*b, *a] if k not in RESUMABLE)  # the current config's order
+    return [
+        f"{k}: {show(k, a)} -> {show(k, b)}" for k in keys if a.get(k, absent) != b.get(k, absent)
+    ]
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` overrides (values parsed as YAML: ``3``, ``true``, ``[1, 2]``)."""
     for item in overrides:
@@ -217,7 +333,14 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {p!r} is not a section.")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or " ".join(str(e).split())
+            raise ConfigError(
+                f"--set {key}: the value {value!r} is not valid YAML ({problem}); quote it, "
+                f"e.g. --set '{key}=\"{value}\"'."
+            ) from None
     return raw
 
 
@@ -240,25 +363,48 @@ def _duplicate_keys(node: yaml.Node, path: tuple[str, ...] = ()):
             yield from _duplicate_keys(value, (*path, str(i)))
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML config, apply overrides, validate.
+def _yaml_syntax_error(path: Path, e: yaml.YAMLError) -> str:
+    """One line naming the file and, for a marked error, the line and column."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark = e.problem_mark
+        context = f" ({e.context}, line {e.context_mark.line + 1})" if e.context_mark else ""
+        return (
+            f"{path} is not valid YAML: {e.problem} at line {mark.line + 1}, column "
+            f"{mark.column + 1}{context}. Fix the syntax there (e.g. a missing space after ':', "
+            "a tab used for indentation, an unclosed bracket or quote)."
+        )
+    return f"{path} is not valid YAML ({' '.join(str(e).split())}). Fix the syntax."
+
+
+def read_yaml(path: str | Path, *, what: str = "config file", example: str = "") -> Any:
+    """Read a YAML file that holds settings (a run config, the gate's criteria).
+
+    Args:
+        path: the file.
+        what: how messages name it (``"gate criteria file"``).
+        example: where to find an example, for the message (default: ``configs/``).
+
+    Returns:
+        The parsed YAML (``None`` for an empty file).
 
     Raises:
-        ConfigError: missing/unreadable file, bad YAML, a key given twice, unknown key, wrong
-            type.
+        ConfigError: missing or unreadable file, bad YAML (the message names the file, line and
+            column), or a key given twice.
     """
     path = Path(path)
     if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise ConfigError(f"config file {str(path)!r} {what}; see configs/ for examples.")
+        state = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(
+            f"{what} {str(path)!r} {state}; {example or 'see configs/ for examples'}."
+        )
     try:
         text = path.read_text()
         dups = list(_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader)))
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        raise ConfigError(_yaml_syntax_error(path, e)) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} could not be read ({e}).") from None
+        raise ConfigError(f"{what} {path} could not be read ({e}).") from None
     if dups:
         raise ConfigError(
             "\n".join(
@@ -267,6 +413,20 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
                 for key, first, again in dups
             )
         )
+    return raw
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config, apply overrides, validate.
+
+    Nothing heavy is imported (no torch, MONAI or timm): a mistake is reported at once.
+
+    Raises:
+        ConfigError: missing/unreadable file, bad YAML, a key given twice, unknown key, wrong
+            type.
+    """
+    path = Path(path)
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{path} must be a YAML mapping at the top level; got {type(raw).__name__}."

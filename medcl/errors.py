@@ -34,17 +34,21 @@ def check_options(component: str, rule: str, checks: Iterable[tuple[str, Any, bo
         )
 
 
-def did_you_mean(name: str, choices: Iterable[str], *, max_listed: int = 25) -> str:
+def did_you_mean(
+    name: str, choices: Iterable[str], *, max_listed: int = 25, quote: bool = False
+) -> str:
     """Return ``"did you mean 'x'? available: a, b"`` for an unknown ``name``.
 
-    Long choice lists (e.g. every timm model) show only the closest matches.
+    Long choice lists (e.g. every timm model) show only the closest matches. ``quote`` lists
+    each choice as ``'a', 'b'``: for names from data (class names) that may hold a comma.
     """
     choices = sorted(set(choices))
     close = difflib.get_close_matches(
         name, choices, n=5 if len(choices) > max_listed else 1, cutoff=0.5
     )
     hint = f"did you mean {close[0]!r}? " if close else ""
+    show = repr if quote else str
     if len(choices) > max_listed:
-        near = f" (closest: {', '.join(close)})" if len(close) > 1 else ""
+        near = f" (closest: {', '.join(map(show, close))})" if len(close) > 1 else ""
         return f"{hint}{len(choices)} choices{near}"
-    return f"{hint}available: {', '.join(choices) if choices else '(none)'}"
+    return f"{hint}available: {', '.join(map(show, choices)) if choices else '(none)'}"

@@ -23,6 +23,9 @@ Rules, each judged on a confidence bound, never on a point estimate alone:
   model knows.
 - ``forgetting`` (``ceiling`` only): the run's average forgetting (a point value; no CI).
 
+Every metric is a fraction: ``value`` lies in [0, 1] and ``margin`` in [0, 0.5] (write 0.10
+for 10 %); anything else, an unknown key, metric or rule is refused when the file is loaded.
+
 ``where``: ``overall``, ``sites`` (each experience/site) or ``overall_and_sites``. A metric that
 is undefined on a group fails its criterion (nothing is shown, so nothing is accepted).
 
@@ -37,30 +40,42 @@ __all__ = ["Criterion", "GateCriteria", "GateResult", "deployed_model", "load_cr
 
 import datetime as _dt
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from medcl.errors import ConfigError, DataError
+from medcl.config import read_yaml
+from medcl.engine.layout import RunLayout
+from medcl.errors import ConfigError, DataError, did_you_mean
+from medcl.metrics.clinical.spec import METRICS as CLINICAL_METRICS
+from medcl.metrics.clinical.spec import why_undefined
 
-_METRICS = Literal[
-    "auroc",
-    "sensitivity",
-    "specificity",
-    "ppv",
-    "npv",
-    "f1",
-    "balanced_accuracy",
-    "accuracy",
-    "ece",
-    "forgetting",
-]
+#: What a criterion can judge: every clinical metric, and the run's average forgetting.
+METRICS = (*CLINICAL_METRICS, "forgetting")
+RULES = ("non_inferiority", "floor", "ceiling")
+#: Largest non-inferiority margin: a larger one accepts nearly any model.
+MAX_MARGIN = 0.5
 _OVERALL_ONLY = {"accuracy", "ece"}
+_SHOWN = {"auroc": "AUROC", "ece": "ECE", "ppv": "PPV", "npv": "NPV", "f1": "F1"}
+
+
+def _fraction_hint(value: float) -> str:
+    """``": write 0.10 for 10 %"`` for a value that looks like a percentage, else ``""``."""
+    x = f"{value / 100:.2f}" if value == round(value) else f"{value / 100:g}"
+    return f": write {x} for {value:g} %" if 1 < value <= 100 else ""
 
 
 class Criterion(BaseModel):
@@ -68,20 +83,49 @@ class Criterion(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    metric: _METRICS
-    rule: Literal["non_inferiority", "floor", "ceiling"]
-    margin: float | None = Field(None, ge=0)
+    metric: str
+    rule: str
+    margin: float | None = None
     value: float | None = None
     class_name: str = Field("macro", alias="class")
     where: Literal["overall", "sites", "overall_and_sites"] = "overall_and_sites"
     name: str | None = None
 
+    @field_validator("metric", "rule")
+    @classmethod
+    def _known(cls, value: str, info: ValidationInfo) -> str:
+        choices = {"metric": METRICS, "rule": RULES}[info.field_name]
+        if value not in choices:
+            raise ValueError(f"unknown {info.field_name} {value!r}; {did_you_mean(value, choices)}")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Criterion:
-        if self.rule == "non_inferiority" and self.margin is None:
-            raise ValueError("rule non_inferiority needs `margin` (e.g. 0.02)")
-        if self.rule in ("floor", "ceiling") and self.value is None:
-            raise ValueError(f"rule {self.rule} needs `value` (e.g. 0.8)")
+        shown = _SHOWN.get(self.metric, self.metric)
+        if self.rule == "non_inferiority":
+            if self.value is not None:
+                raise ValueError(
+                    f"rule non_inferiority takes `margin`, not `value`; write margin: {self.value}"
+                )
+            if self.margin is None:
+                raise ValueError("rule non_inferiority needs `margin` (e.g. 0.02)")
+            if not 0 <= self.margin <= MAX_MARGIN:
+                raise ValueError(
+                    f"`margin`: got {self.margin:g}; a margin is the largest drop in {shown} "
+                    f"accepted, a fraction in [0, {MAX_MARGIN}]{_fraction_hint(self.margin)}"
+                )
+        else:
+            if self.margin is not None:
+                raise ValueError(
+                    f"rule {self.rule} takes `value`, not `margin`; write value: {self.margin}"
+                )
+            if self.value is None:
+                raise ValueError(f"rule {self.rule} needs `value` (e.g. 0.8)")
+            if not 0 <= self.value <= 1:
+                raise ValueError(
+                    f"`value`: got {self.value:g}; {shown} is a fraction in [0, 1]"
+                    f"{_fraction_hint(self.value)}"
+                )
         if self.metric == "forgetting" and self.rule != "ceiling":
             raise ValueError("forgetting takes rule ceiling only (a point value from the run)")
         pooled = _OVERALL_ONLY | {"balanced_accuracy", "forgetting"}
@@ -109,24 +153,47 @@ class GateCriteria(BaseModel):
     threshold: float | None = Field(None, ge=0, le=1)
 
 
+def _problem(err: dict[str, Any], raw: Any) -> str:
+    """One validation error as ``criteria[2] (ece): <rule, value received, fix>``."""
+    loc = err["loc"]
+    names = [f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc]
+    items = raw.get("criteria") if isinstance(raw, dict) else None
+    if loc[0] == "criteria" and len(loc) > 1 and isinstance(items, list):  # name its metric
+        item = items[loc[1]]
+        names[1] += f" ({item['metric']})" if isinstance(item, dict) and "metric" in item else ""
+    where = "".join(names).lstrip(".")
+    if err["type"] == "extra_forbidden":
+        model = Criterion if loc[0] == "criteria" else GateCriteria
+        keys = [f.alias or name for name, f in model.model_fields.items()]
+        place = f" in {''.join(names[:-1]).lstrip('.')}" if len(loc) > 1 else ""
+        return f"unknown key `{loc[-1]}`{place}; {did_you_mean(str(loc[-1]), keys)}"
+    if err["type"] == "missing":
+        return f"missing required key `{where}`"
+    got = "" if err["type"] == "value_error" else f" (got {err.get('input')!r})"
+    return f"{where or 'file'}: {err['msg'].removeprefix('Value error, ')}{got}"
+
+
 def load_criteria(path: str | Path) -> GateCriteria:
-    """Read and validate ``criteria.yaml``; a mistake is a :class:`ConfigError` naming it."""
+    """Read and validate ``criteria.yaml``; a mistake is a :class:`ConfigError` naming it.
+
+    Raises:
+        ConfigError: missing file, bad YAML (file and line), a key given twice, an unknown
+            key, metric or rule (with the closest valid name), a value outside [0, 1] or a
+            margin outside [0, 0.5] (with the fraction meant, for a percentage).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"gate criteria file {path} does not exist; write one (see medcl.gate).")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    raw = read_yaml(
+        path,
+        what="gate criteria file",
+        example="write one (example: configs/gate/criteria.yaml; rules: medcl.gate)",
+    )
     try:
         return GateCriteria.model_validate(raw or {})
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'file'}: {err['msg']}" for err in e.errors()
-        )
+        problems = "; ".join(_problem(err, raw) for err in e.errors())
         raise ConfigError(
-            f"{path}: invalid gate criteria ({problems}). Each criterion needs `metric`, `rule` "
-            "and `margin` (non_inferiority) or `value` (floor/ceiling)."
+            f"{path}: invalid gate criteria: {problems}. Fix the file (example: "
+            "configs/gate/criteria.yaml; rules: medcl.gate)."
         ) from None
 
 
@@ -141,7 +208,7 @@ class GateResult:
 
 def deployed_model(run_dir: str | Path) -> int | None:
     """The experience index the run's ``deployed.json`` points at (None: no pointer)."""
-    path = Path(run_dir) / "deployed.json"
+    path = RunLayout(run_dir).deployed
     if not path.is_file():
         return None
     try:
@@ -183,8 +250,9 @@ def _judge(c: Criterion, group: str, row: pd.Series | None, lower_better: bool) 
     else:
         est, lo, hi = row["value"], row["ci_low"], row["ci_high"]
         ok = (lo >= c.value) if c.rule == "floor" else (hi <= c.value)
-    if not all(np.isfinite([est, lo, hi])):
-        return _row(c, group, est, lo, hi, False, "undefined on this group")
+    if not all(np.isfinite([est, lo, hi])):  # null in the record, with the reason
+        why = why_undefined(c.metric, c.class_name)
+        return _row(c, group, est, lo, hi, False, f"undefined on this group: {why}")
     return _row(c, group, float(est), float(lo), float(hi), bool(ok))
 
 
@@ -196,7 +264,9 @@ def evaluate_criteria(
     criteria: GateCriteria, new_run: str | Path, deployed_run: str | Path, deployed_after: int
 ) -> pd.DataFrame:
     """One row per criterion x group: estimate, bound, limit, PASS/FAIL."""
-    from medcl.reports.compare import LOWER_IS_BETTER, compare_predictions
+    from sklearn.exceptions import UndefinedMetricWarning
+
+    from medcl.reports.compare import LOWER_IS_BETTER, compare_run_predictions
     from medcl.reports.results import RunResults
 
     new, old = RunResults(new_run), RunResults(deployed_run)
@@ -207,15 +277,12 @@ def evaluate_criteria(
         "threshold": criteria.threshold,
     }
     after, before = new.predictions(), old.predictions(deployed_after)
-    paired = compare_predictions(
-        before,
-        after,
-        experience_names=new.experience_names,
-        experience_sites=new.experience_sites,
-        class_names=new.class_names(after.n_classes),
-        **opts,
-    )
-    own = new.clinical(**opts)
+    with warnings.catch_warnings():
+        # a metric undefined on a group (e.g. a class absent from a site) is NaN; a criterion
+        # judged on it fails with the reason in its note (_judge), so the warning is not shown
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        paired = compare_run_predictions(new, before, after, **opts)
+        own = new.clinical(**opts)
     rows = []
     for c in criteria.criteria:
         if c.metric == "forgetting":
@@ -295,8 +362,9 @@ def run_gate(
         "decided": now,
         "table": table,
     }
-    _atomic_json(run_dir / "gate" / f"after-{new.final:03d}.json", record)
-    report = run_dir / "report.json"
+    files, relative = RunLayout(run_dir), RunLayout(Path())
+    _atomic_json(files.gate_after(new.final), record)
+    report = files.report_json
     if report.is_file():
         data = json.loads(report.read_text())
         data["gate"] = [
@@ -305,7 +373,7 @@ def run_gate(
         data["gate"].append(record)
         _atomic_json(report, data)
     if decision == "PASS":
-        pointer = run_dir / "deployed.json"
+        pointer = files.deployed
         history = json.loads(pointer.read_text()).get("history", []) if pointer.is_file() else []
         if pointer.is_file():
             history.append(
@@ -315,8 +383,8 @@ def run_gate(
             pointer,
             {
                 "after": new.final,
-                "checkpoint": f"checkpoints/exp-{new.final:03d}",
-                "gate": f"gate/after-{new.final:03d}.json",
+                "checkpoint": relative.checkpoint(new.final).as_posix(),
+                "gate": relative.gate_after(new.final).as_posix(),
                 "since": now,
                 "history": history,
             },

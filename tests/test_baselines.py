@@ -14,10 +14,10 @@ from torch import nn
 
 from medcl.config import RunConfig, TrainConfig, validate_config
 from medcl.data.experience import Experience, Scenario
+from medcl.data.memory import ReplayMemory
 from medcl.data.synthetic import make_synthetic
 from medcl.data.transforms import to_model_input
 from medcl.engine.checkpoint import load_checkpoint, save_checkpoint
-from medcl.engine.memory import ReplayMemory
 from medcl.engine.run import run
 from medcl.engine.trainer import experience_info, fit_experience
 from medcl.errors import ConfigError
@@ -117,14 +117,17 @@ def batch_of(exp: Experience, n: int = 8) -> Batch:
 # -- every method: learns, and survives a checkpoint ---------------------------------------------
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", ["ewc", "lwf", "der"])
 def test_learns_synthetic_stream(name, trained):
     _, accs, _ = trained(name)
-    # 4 classes in all (chance 0.25); each experience is learned well right after training on it
+    # 4 classes in all (chance 0.25; 0.5 between one experience's 2 classes); each experience
+    # is learned well right after training on it. Measured over seeds 0-2 on default and avx2:
+    # experience 0 0.97-0.98, experience 1 0.86-0.98 (all three methods)
     assert accs[0][0] > 0.8, accs
-    assert accs[1][1] > 0.8, accs
+    assert accs[1][1] > 0.7, accs
     if name == "der":  # replay + frozen extractors keep the first experience
-        assert accs[1][0] > 0.6, accs
+        assert accs[1][0] > 0.6, accs  # measured 0.86-0.94; EWC, LwF: 0.0
 
 
 @pytest.mark.parametrize("name", ["ewc", "lwf", "der"])
@@ -243,6 +246,7 @@ def test_ewc_online_accumulates_decayed_fisher():
     torch.testing.assert_close(s.terms[0].anchor("head.weight"), s.head.weight.detach())
 
 
+@pytest.mark.numerics
 def test_ewc_pulls_consolidated_weights_towards_the_anchor(trained):
     # same start (the state after experience 0) and seed, with and without the penalty
     ewc, _, first = trained("ewc")
@@ -253,7 +257,7 @@ def test_ewc_pulls_consolidated_weights_towards_the_anchor(trained):
         sum(t.penalty(dict(s.named_parameters())) for t in s._active_terms()).item()
         for s in (ewc, free)
     ]
-    assert drift[0] < 0.5 * drift[1], drift
+    assert drift[0] < 0.5 * drift[1], drift  # ratio measured 0.02-0.05, seeds 0-2, both paths
 
 
 # -- LwF -----------------------------------------------------------------------------------------

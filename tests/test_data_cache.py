@@ -22,7 +22,7 @@ from medcl.data.cache import file_cache
 from medcl.data.disk import disk_folder, disk_tensor
 from medcl.data.files import load_manifest
 from medcl.data.samples import SampleSet, make_meta
-from medcl.engine.run import build_components
+from medcl.engine.components import build_components
 from medcl.errors import ConfigError
 
 CT_SMALL = Path(pydicom.data.get_testdata_file("CT_small.dcm"))

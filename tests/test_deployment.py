@@ -20,7 +20,7 @@ from PIL import Image
 
 from medcl.cli import main
 from medcl.config import validate_config
-from medcl.data.files import load_image_files
+from medcl.data.decode import load_image_files
 from medcl.data.preprocessing import Preprocessing
 from medcl.engine.run import run
 from medcl.errors import ConfigError
@@ -195,19 +195,21 @@ def test_format_and_backend_are_choices_in_help(capsys, monkeypatch):
 # --- out-of-distribution guard -------------------------------------------------------------
 
 
+@pytest.mark.numerics
 def test_ood_guard_flags_an_mr_and_keeps_in_distribution_images(deployed, tmp_path):
     from medcl.data.medmnist_source import load_medmnist
 
-    test = load_medmnist("breastmnist", "test", root=deployed["root"]).images[:40, 0].numpy()
-    for i, img in enumerate(test):
-        Image.fromarray(img).save(tmp_path / f"id-{i:02d}.png")
+    test = load_medmnist("breastmnist", "test", root=deployed["root"]).images[:, 0].numpy()
+    for i, img in enumerate(test):  # all 156 test images: a share of 40 swung by 0.2 with the seed
+        Image.fromarray(img).save(tmp_path / f"id-{i:03d}.png")
     shutil.copy(MR_SMALL, tmp_path / "mr.dcm")
     pred = load_predictor(deployed["bundle"], backend="onnx")
     df = predict_files(pred, [tmp_path], reject_ood=True).set_index("input")
     mr = df.loc[str(tmp_path / "mr.dcm")]
     assert mr["ood"] and "DICOM Modality MR" in mr["ood_reason"] and mr["predicted_class"] == ""
     in_dist = df.drop(index=str(tmp_path / "mr.dcm"))
-    # threshold at 5% false alarms on validation: held-out test images are rarely flagged
+    # threshold at 5% false alarms on validation: held-out test images are rarely flagged.
+    # Measured 0.10-0.17 over run seeds 0-4 on default and avx2 (first 40 images: 0.08-0.28)
     assert in_dist["ood"].mean() <= 0.25
     kept = in_dist[~in_dist["ood"]]
     assert (kept["predicted_class"] != "").all()
@@ -272,7 +274,10 @@ def _criteria(path: Path, criteria: list[dict]) -> Path:
     return path
 
 
+@pytest.mark.numerics
 def test_gate_fail_keeps_the_pointer_and_pass_moves_it(deployed, tmp_path, capsys):
+    # measured over run seeds 0-2 on default and avx2: AUROC 0.48-0.59 (the 0.99 floor fails),
+    # AUROC change from model 0 >= -0.26 at the lowest per-site CI bound (the 0.5 margin passes)
     run_dir = deployed["dir"]
     strict = _criteria(
         tmp_path / "strict.yaml",

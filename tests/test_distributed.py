@@ -34,6 +34,7 @@ from medcl.engine.distributed import (
 )
 from medcl.engine.loggers import create_logger
 from medcl.engine.run import run
+from medcl.engine.rundir import read_environments
 from medcl.errors import ConfigError
 from medcl.strategies import list_strategies
 
@@ -57,9 +58,9 @@ CONFIG = {
         "lr": 0.05,
         "augment": "none",
         "eval_every": 4,
-        "eval_max_samples": 32,
         "device": "cpu",
     },
+    "eval": {"curve_subset": 32},
     "memory": {"size": 40, "selection": "random"},
     "logging": {"every": 2},
 }
@@ -146,6 +147,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_two_processes_match_one_process(runs):
     one = json.loads((runs["one"] / "metrics.json").read_text())
     two = json.loads((runs["two"] / "metrics.json").read_text())
@@ -157,7 +159,7 @@ def test_two_processes_match_one_process(runs):
     np.testing.assert_allclose(p2, p1, atol=PROB_ATOL)
     # accuracies: a test image whose top-2 probabilities lie within the rounding may flip
     np.testing.assert_allclose(two["accuracy_matrix"], one["accuracy_matrix"], atol=1 / 24 + 1e-9)
-    env = json.loads((runs["two"] / "environment.json").read_text())
+    [env] = read_environments(runs["two"])  # one start
     assert (env["world_size"], env["dist_backend"]) == (2, "gloo")
 
 
@@ -331,7 +333,7 @@ def _strategy(name: str):
 
 
 def _fit(strategy, stream, index: int, job: DistContext, cfg, memory=None):
-    from medcl.engine.memory import ReplayMemory
+    from medcl.data.memory import ReplayMemory
     from medcl.engine.trainer import fit_experience
 
     exp = stream[index]
@@ -415,7 +417,7 @@ def test_every_strategy_not_refused_takes_ddp_steps(one_rank_group):
     """Each strategy that DDP does not refuse trains two experiences through DDP's reducer
     (2 updates each, with a replay memory): no parameter is missed or marked ready twice."""
     from medcl.config import TrainConfig
-    from medcl.engine.memory import ReplayMemory
+    from medcl.data.memory import ReplayMemory
 
     cfg = TrainConfig(epochs=1, batch_size=16, max_updates=2, augment="none", device="cpu")
     job = DistContext(rank=0, world_size=2, backend="gloo")

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from medcl.config import TrainConfig
 from medcl.data.experience import Experience
+from medcl.data.memory import ReplayMemory
 from medcl.data.samples import SampleSet, make_meta
-from medcl.engine.memory import ReplayMemory
 from medcl.engine.trainer import fit_experience
 from medcl.errors import ConfigError
 from medcl.metrics.compute import count_macs

@@ -12,10 +12,10 @@ from torch import nn
 
 from medcl.config import TrainConfig
 from medcl.data.experience import Experience, Scenario
+from medcl.data.memory import ReplayMemory
 from medcl.data.synthetic import make_synthetic
 from medcl.data.transforms import to_model_input
 from medcl.engine.checkpoint import load_checkpoint, save_checkpoint
-from medcl.engine.memory import ReplayMemory
 from medcl.engine.trainer import fit_experience
 from medcl.errors import ConfigError
 from medcl.metrics.compute import TrainingFlops

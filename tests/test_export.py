@@ -17,13 +17,18 @@ import pydicom
 import pydicom.data
 import pytest
 import torch
+import yaml
 from PIL import Image
+from test_cli_errors import snapshot
+from test_engine import _write_cohort_manifest, tiny_config
 
+import medcl.data.scenarios
 from medcl.cli import main
 from medcl.config import validate_config
-from medcl.data.files import load_image_files
+from medcl.data.decode import load_image_files
 from medcl.engine.evaluate import predict_proba
 from medcl.engine.run import run
+from medcl.engine.update import update
 from medcl.errors import ConfigError, MedclError
 from medcl.export import (
     ExportModule,
@@ -132,6 +137,118 @@ def test_safetensors_rebuilds_without_unpickling(runs, name, tmp_path, monkeypat
         assert (module(x)[0] - r["module"](x)[0]).abs().max() <= 1e-6
     want = json.loads(json.dumps(run_metadata(r["dir"], r["scenario"], r["strategy"])))
     assert {k: meta[k] for k in want} == want and meta["ood"]["threshold"] > 0
+
+
+def _forbid_loading_data(monkeypatch) -> None:
+    def no_data(*args, **kwargs):
+        raise AssertionError("the training data was loaded")
+
+    monkeypatch.setattr(medcl.data.scenarios, "build_scenario", no_data)
+
+
+def _without_data(run_dir: Path, folder: Path, monkeypatch) -> Path:
+    """A copy of ``run_dir`` whose data root (config and ``$MEDCL_DATA_ROOT``) is an empty folder."""
+    dst = folder / run_dir.name
+    shutil.copytree(run_dir, dst)
+    (folder / "empty").mkdir()
+    raw = yaml.safe_load((dst / "config.yaml").read_text())
+    raw["data"]["root"] = str(folder / "empty")
+    (dst / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.setenv("MEDCL_DATA_ROOT", str(folder / "empty"))
+    return dst
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_export_and_predict_load_the_model_without_the_data(runs, name, tmp_path, monkeypatch):
+    r = runs[name]  # its bundle export fitted and cached the OOD guard
+    run_dir = _without_data(r["dir"], tmp_path, monkeypatch)
+    _forbid_loading_data(monkeypatch)
+    module, meta = load_safetensors_model(export_run(run_dir, "safetensors", tmp_path / "m.st"))
+    pred = load_predictor(run_dir)
+    x = _real_images(r)
+    with torch.no_grad():
+        want, route, _ = r["module"](x)  # the model restored with its data
+        got = module(x)
+    assert (got[0] - want).abs().max() <= 1e-6 and torch.equal(got[1], route)
+    probs, got_route, _ = pred.fn(x)
+    assert np.abs(probs - want.numpy()).max() <= 1e-6 and (got_route == route.numpy()).all()
+    # the same metadata as the export made with the data: preprocessing, classes, guard, sources
+    exported = read_bundle_metadata(r["bundle"])
+    for m in (meta, pred.meta):
+        assert {k: v for k, v in m.items() if k != "run"} == {
+            k: v for k, v in exported.items() if k not in ("run", "rebuild")
+        }
+    want_meta = json.loads(json.dumps(run_metadata(r["dir"], r["scenario"], r["strategy"])))
+    assert {k: meta[k] for k in want_meta if k != "run"} == {
+        k: v for k, v in want_meta.items() if k != "run"
+    }
+
+
+def test_without_data_or_a_fitted_guard_export_says_where_it_looked(
+    runs, tmp_path, monkeypatch, capsys
+):
+    run_dir = _without_data(runs["finetune"]["dir"], tmp_path, monkeypatch)
+    shutil.rmtree(run_dir / "ood")  # fitting the guard needs training images
+    before = snapshot(run_dir)
+    assert main(["export", str(run_dir), "-f", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "breastmnist.npz" in err and "MEDCL_DATA_ROOT" in err, err
+    assert str(tmp_path / "empty") in err
+    assert snapshot(run_dir) == before
+
+
+def test_a_run_directory_without_data_facts_is_restored_with_its_data(runs, tmp_path, monkeypatch):
+    r = runs["dynammo"]
+    run_dir = tmp_path / r["dir"].name
+    shutil.copytree(r["dir"], run_dir)
+    record = json.loads((run_dir / "model.json").read_text())
+    del record["scenario"]  # as written before medcl recorded the data facts
+    (run_dir / "model.json").write_text(json.dumps(record))
+    calls = []
+    build = medcl.data.scenarios.build_scenario
+    monkeypatch.setattr(
+        medcl.data.scenarios, "build_scenario", lambda *a, **k: calls.append(1) or build(*a, **k)
+    )
+    module, meta = load_safetensors_model(export_run(run_dir, "safetensors", tmp_path / "m.st"))
+    assert calls  # the old path: the data was loaded to restore the model
+    x = _real_images(r)
+    with torch.no_grad():
+        assert (module(x)[0] - r["module"](x)[0]).abs().max() <= 1e-6
+    exported = read_bundle_metadata(r["bundle"])
+    assert {k: v for k, v in meta.items() if k != "run"} == {
+        k: v for k, v in exported.items() if k not in ("run", "rebuild")
+    }
+
+
+def test_a_run_updated_with_a_cohort_exports_without_the_data(tmp_path, monkeypatch):
+    raw = tiny_config(tmp_path, strategy={"name": "dynammo", "retune_epochs": 1})
+    run_dir = run(validate_config(raw), quiet=True)
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    names = json.loads((run_dir / "scenario.json").read_text())["class_names"]
+    update(
+        run_dir, str(_write_cohort_manifest(cohort, names)), site="b", new_classes=True, quiet=True
+    )
+    x = torch.rand((4, 1, 16, 16), generator=torch.Generator().manual_seed(0))
+    want = {}
+    for k in (0, 2):  # before and after the cohort joined (class names, sources, routes differ)
+        module, meta = load_safetensors_model(
+            export_run(run_dir, "safetensors", tmp_path / f"with-{k}.st", experience=k)
+        )
+        with torch.no_grad():
+            want[k] = (module(x), meta)
+    shutil.rmtree(cohort)  # the cohort's files are gone
+    _forbid_loading_data(monkeypatch)
+    for k in (0, 2):
+        module, meta = load_safetensors_model(
+            export_run(run_dir, "safetensors", tmp_path / f"without-{k}.st", experience=k)
+        )
+        with torch.no_grad():
+            got = module(x)
+        assert all(torch.equal(a, b) for a, b in zip(got, want[k][0], strict=True))
+        assert meta == want[k][1]
+    assert len(want[2][1]["class_names"]) == len(want[0][1]["class_names"]) + 1
+    assert [h["site"] for h in want[2][1]["history"]][-1] == "b"
 
 
 def test_bundle_layout_and_metadata_round_trip(runs):

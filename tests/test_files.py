@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from medcl.data.files import load_folder, load_manifest, split_by_patient
+from medcl.data.files import load_folder, load_manifest
 from medcl.data.samples import META_COLUMNS
 from medcl.data.sources import load_source
+from medcl.data.splitting import split_by_patient
 from medcl.errors import ConfigError, DataError
 
 CT_SMALL = Path(pydicom.data.get_testdata_file("CT_small.dcm"))

@@ -350,8 +350,8 @@ def test_every_strategy_trains_two_experiences_on_cuda():
     (growth, consolidation, memory update, merging) and evaluation, without a device mismatch."""
     from medcl.config import TrainConfig
     from medcl.data.experience import Experience, Scenario
+    from medcl.data.memory import ReplayMemory
     from medcl.data.synthetic import make_synthetic
-    from medcl.engine.memory import ReplayMemory
     from medcl.engine.trainer import fit_experience
     from medcl.strategies import create_strategy, list_strategies
 

@@ -285,6 +285,33 @@ def test_heterogeneity_by_hand() -> None:
         assert np.isnan(site_heterogeneity(table.iloc[[0, 2]])["q"])
 
 
+def test_heterogeneity_leaves_out_a_constant_group_with_a_reason() -> None:
+    # site c predicts one class for every sample: under stratified resampling its accuracy is
+    # the same in every resample, so its bootstrap se is rounding noise (~1e-16). That used to
+    # give an infinite weight and a `RuntimeWarning: divide by zero` from tau^2.
+    rng = np.random.default_rng(0)
+    n = 300
+    y, p = rng.integers(0, 5, n), rng.dirichlet(np.ones(5), n)
+    sites = np.array(["a", "b", "c"])[np.arange(n) % 3]
+    p[sites == "c"] = [0.9, 0.025, 0.025, 0.025, 0.025]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        table = per_group_metrics(y, p, sites, ["accuracy"], n_resamples=200)
+    row = table[(table.group == "c") & (table["class"] == "overall")]
+    assert 0 <= float(row.se.iloc[0]) < 1e-12  # the degenerate case this test is about
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        het = site_heterogeneity(table, metric="accuracy", class_name="overall")
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    notes = [str(w.message) for w in caught if issubclass(w.category, UndefinedMetricWarning)]
+    assert len(notes) == 1 and "['c'] left out" in notes[0] and "se = 0" in notes[0]
+    assert het["n_groups"] == 2 and all(np.isfinite(v) for v in het.values())
+    without_c = site_heterogeneity(
+        table[table.group != "c"], metric="accuracy", class_name="overall"
+    )
+    assert het == pytest.approx(without_c)
+
+
 def test_accumulator_matches_functional_api() -> None:
     torch = pytest.importorskip("torch")
     y, p = multiclass(120, c=3)

@@ -60,7 +60,6 @@ TRAIN = {
     "lr": 0.05,
     "augment": "none",
     "eval_every": 2,
-    "eval_max_samples": 16,
     "num_threads": 1,  # a tiny net on a shared machine: one thread avoids spin-wait contention
 }
 FAST = {"max_updates": 2, "eval_every": 0}
@@ -75,6 +74,7 @@ def _run(out: Path, name: str, scenario: dict, *, seed: int = 0, train: dict | N
             "scenario": scenario,
             "strategy": {"name": "finetune"},
             "train": TRAIN | (train or {}),
+            "eval": {"curve_subset": 16},
             "memory": {"size": 0},
             "model": {"backbone": "test_resnet", "small_input": True},
         }

@@ -15,8 +15,8 @@ from torch import nn
 
 from medcl.config import TrainConfig
 from medcl.data.experience import Experience
+from medcl.data.memory import ReplayMemory
 from medcl.data.samples import SampleSet, make_meta
-from medcl.engine.memory import ReplayMemory
 from medcl.engine.trainer import experience_info, fit_experience
 from medcl.errors import ConfigError
 from medcl.models.backbones import create_backbone

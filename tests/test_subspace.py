@@ -18,9 +18,9 @@ import medcl.strategies.mcsgd as mcsgd_module
 import medcl.strategies.subspace as subspace_module
 from medcl.config import TrainConfig, validate_config
 from medcl.data.experience import Experience
+from medcl.data.memory import ReplayMemory
 from medcl.data.transforms import to_model_input
 from medcl.engine.checkpoint import load_checkpoint, save_checkpoint
-from medcl.engine.memory import ReplayMemory
 from medcl.engine.run import run
 from medcl.engine.trainer import fit_experience
 from medcl.errors import ConfigError
@@ -56,9 +56,9 @@ def new_strategy(name: str, **params):
     return create_strategy(name, backbone, scenario_kind="class", **params)
 
 
-def fit(strategy, exp: Experience, memory: ReplayMemory) -> None:
+def fit(strategy, exp: Experience, memory: ReplayMemory, cfg: TrainConfig = CFG) -> None:
     n = STREAM.num_seen_classes(exp.index)
-    fit_experience(strategy, exp, past=STREAM.experiences[: exp.index], memory=memory, cfg=CFG,
+    fit_experience(strategy, exp, past=STREAM.experiences[: exp.index], memory=memory, cfg=cfg,
                    num_seen_classes=n, seed=exp.index, quiet=True)  # fmt: skip
 
 
@@ -68,15 +68,17 @@ def images_of(exp: Experience, n: int = 32) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def trained():
-    """``trained(name, **opts) -> (strategy, midpoint after experience 0)``, each trained once."""
+    """``trained(name, epochs=3, **opts) -> (strategy, midpoint after experience 0)``, each
+    trained once."""
     cache: dict[tuple, tuple] = {}
 
-    def get(name: str, **opts) -> tuple:
-        key = (name, *sorted(opts.items()))
+    def get(name: str, *, epochs: int = CFG.epochs, **opts) -> tuple:
+        key = (name, epochs, *sorted(opts.items()))
         if key not in cache:
             strategy, memory, first = new_strategy(name, **opts), ReplayMemory(16, seed=0), None
+            cfg = CFG.model_copy(update={"epochs": epochs})
             for exp in STREAM:
-                fit(strategy, exp, memory)
+                fit(strategy, exp, memory, cfg)
                 if first is None and hasattr(strategy, "midpoint"):
                     first = strategy.midpoint()
             cache[key] = strategy, first
@@ -164,28 +166,38 @@ def test_straight_through_gives_each_endpoint_the_gradient_at_the_point():
 # -- Subspace-Connectivity -------------------------------------------------------------------------
 
 
+@pytest.mark.numerics
 def test_endpoints_differ_after_training_and_stream_is_learned(trained):
-    strategy, _ = trained("subspace")
+    # 6 epochs (48 updates per experience): after 3, the accuracy below ranged 0.73-0.89 with
+    # the seed (0-2) and the CPU kernel path
+    strategy, _ = trained("subspace", epochs=6)
     net = strategy.network()
     e0, e1 = endpoint_values(net, 0), endpoint_values(net, 1)
     diff = sum(float((e0[k] - e1[k]).norm()) for k in e0)
+    # measured 1.14-1.22 x the endpoint norm over seeds 0-4 on default and avx2
     assert diff > 0.1 * sum(float(e0[k].norm()) for k in e0)
     with torch.no_grad():
-        assert float(cosine_penalty(net, 0, 1)) < 0.1  # far from parallel
-    pred = strategy.eval().predict(images_of(STREAM[1])).argmax(1)
-    assert float((pred == STREAM[1].test.labels[:32]).float().mean()) > 0.8
+        assert float(cosine_penalty(net, 0, 1)) < 0.1  # far from parallel; measured < 1e-3
+    x, y = to_model_input(STREAM[1].test.images), STREAM[1].test.labels  # all 64 test images
+    pred = strategy.eval().predict(x).argmax(1)
+    # measured 0.86-0.97 over seeds 0-4 on default and avx2; chance 0.5 between the
+    # experience's 2 classes (0.25 over all 4)
+    assert float((pred == y).float().mean()) > 0.7
     diag = strategy.diagnostics()
     assert diag["connectivity_steps"] > 0 and diag["endpoint_cos2"]["0-1"] < 0.1
 
 
+@pytest.mark.numerics
 def test_batch_statistics_option_keeps_no_running_buffers():
     strategy, memory = new_strategy("subspace", bn="batch"), ReplayMemory(16, seed=0)
     fit(strategy, STREAM[0], memory)
     bns = [m for m in strategy.deployable_model().modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(m.running_mean is None and not m.track_running_stats for m in bns)
     assert not any("running_" in k for k in strategy.state_dict())
-    pred = strategy.eval().predict(images_of(STREAM[0])).argmax(1)
-    assert float((pred == STREAM[0].test.labels[:32]).float().mean()) > 0.8
+    x, y = to_model_input(STREAM[0].test.images), STREAM[0].test.labels  # all 64, one batch
+    pred = strategy.eval().predict(x).argmax(1)
+    # measured 0.92-1.0 over seeds 0-4 on default and avx2; chance 0.5 (2 classes)
+    assert float((pred == y).float().mean()) > 0.75
 
 
 @pytest.mark.parametrize("opts", [{}, {"n_endpoints": 3}])
@@ -236,11 +248,13 @@ def old_task_loss(strategy) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_connectivity_lowers_old_task_loss_at_the_midpoint(trained):
     """Same seed, same stage 1: only the connectivity stage differs."""
     kw = {"connect_epochs": 5, "connect_lr": 0.02}
     connected, _ = trained("subspace", **kw)
     alone, _ = trained("subspace", connect=False, **kw)
+    # ratio measured 0.17-0.37 over seeds 0-4 on default and avx2
     assert old_task_loss(connected) < 0.8 * old_task_loss(alone)
 
 

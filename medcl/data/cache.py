@@ -14,7 +14,15 @@ file source it loads with :func:`file_cache`; a source mapping can still set its
 
 from __future__ import annotations
 
-__all__ = ["CACHE_MODES", "FileCache", "choose_cache", "current_file_cache", "file_cache"]
+__all__ = [
+    "CACHE_MODES",
+    "CacheMode",
+    "FileCache",
+    "choose_cache",
+    "current_file_cache",
+    "file_cache",
+    "run_file_cache",
+]
 
 import contextlib
 import logging
@@ -23,14 +31,17 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, get_args
 
+from medcl.config import CacheMode
 from medcl.data.disk import available_memory
 from medcl.errors import ConfigError
 
-CacheMode = Literal["auto", "memory", "persistent"]
+if TYPE_CHECKING:
+    from medcl.config import RunConfig
+
 #: Values of ``data.cache`` / a file source's ``cache`` option.
-CACHE_MODES = ("auto", "memory", "persistent")
+CACHE_MODES: tuple[str, ...] = get_args(CacheMode)
 #: ``auto`` goes to disk above this fraction of the RAM available.
 AUTO_FRACTION = 0.5
 log = logging.getLogger(__name__)
@@ -98,6 +109,14 @@ def file_cache(
         yield setting
     finally:
         _CURRENT.reset(token)
+
+
+def run_file_cache(cfg: RunConfig) -> contextlib.AbstractContextManager[FileCache]:
+    """The :func:`file_cache` block a run loads its file sources in: the config's
+    ``data.cache`` / ``data.cache_dir`` (default ``<output_dir>/.cache/data``) / ``data.workers``.
+    """
+    folder = cfg.data.cache_folder(cfg.output_dir)
+    return file_cache(cfg.data.cache, cache_dir=folder, workers=cfg.data.workers)
 
 
 def choose_cache(setting: FileCache, nbytes: int, *, where: str) -> FileCache:

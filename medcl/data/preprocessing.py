@@ -257,15 +257,3 @@ class Preprocessing:
                 return parser.get_parsed_content("preprocessing")
         finally:
             logger.setLevel(level)
-
-
-def image_size_of(size: int | Sequence[int] | None, spatial_dims: int) -> tuple[int, ...] | None:
-    """``28`` -> ``(28, 28)`` for 2D; a sequence is checked against ``spatial_dims``."""
-    if size is None:
-        return None
-    out = (int(size),) * spatial_dims if isinstance(size, int) else tuple(int(s) for s in size)
-    if len(out) != spatial_dims or min(out) < 1:
-        raise ConfigError(
-            f"image_size must be a positive int or {spatial_dims} positive ints; got {size!r}."
-        )
-    return out

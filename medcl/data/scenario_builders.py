@@ -12,6 +12,7 @@ from __future__ import annotations
 
 __all__ = [
     "SPLITS",
+    "SourceOptions",
     "SourceSpec",
     "class_incremental",
     "cross_dataset",
@@ -20,12 +21,16 @@ __all__ = [
     "plan_class_groups",
     "resolve_source",
     "task_incremental",
+    "with_source_options",
 ]
 
 import dataclasses
+import functools
+import inspect
 import itertools
+import typing
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +69,64 @@ def resolve_source(
 def describe_source(src: SourceData) -> dict[str, str]:
     """``{"dataset": name, **info}`` for :attr:`Scenario.sources` (licence, citation, ...)."""
     return {"dataset": src.name, **{k: str(v) for k, v in src.info.items()}}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SourceOptions:
+    """How a generic builder loads its sources: the keyword parameters each one ends with.
+
+    A builder decorated with :func:`with_source_options` takes them as keywords (they close its
+    signature) and receives them as one ``source`` argument.
+
+    Attributes:
+        image_size, channels: resize / convert the sources (default: as stored).
+        root, download, seed: see :func:`~medcl.data.scenarios.build_scenario`.
+    """
+
+    image_size: int | None = None
+    channels: int | None = None
+    root: str | Path | None = None
+    download: bool = False
+    seed: int = 0
+
+    def load(self, spec: SourceSpec) -> SourceData:
+        """:func:`resolve_source` of ``spec`` with these options."""
+        return resolve_source(
+            spec,
+            root=self.root,
+            download=self.download,
+            seed=self.seed,
+            image_size=self.image_size,
+            channels=self.channels,
+        )
+
+
+def with_source_options(build: Callable[..., Scenario]) -> Callable[..., Scenario]:
+    """``build(*, <own parameters>, source: SourceOptions)`` as a builder taking all as keywords.
+
+    The builder's signature and annotations list ``build``'s own parameters, then the fields of
+    :class:`SourceOptions` (what :func:`~medcl.data.scenarios.build_scenario` validates against
+    and ``help()`` shows); a call gathers the fields it is given into ``source``.
+    """
+    shared = dataclasses.fields(SourceOptions)
+    own = [p for p in inspect.signature(build).parameters.values() if p.name != "source"]
+    tail = [
+        inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type
+        )
+        for f in shared
+    ]
+    hints = typing.get_type_hints(build) | typing.get_type_hints(SourceOptions)
+
+    @functools.wraps(build)
+    def builder(**params: Any) -> Scenario:
+        source = SourceOptions(**{f.name: params.pop(f.name) for f in shared if f.name in params})
+        return build(source=source, **params)
+
+    params = [*own, *tail]
+    builder.__signature__ = inspect.Signature(params, return_annotation="Scenario")  # type: ignore[attr-defined]
+    builder.__annotations__ = {p.name: hints[p.name] for p in params} | {"return": Scenario}
+    return builder
 
 
 def make_experience(
@@ -154,17 +217,14 @@ def plan_class_groups(
     return [list(order[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
+@with_source_options
 def class_incremental(
     *,
     dataset: SourceSpec,
     classes_per_experience: int | list[int] | None = None,
     order: list[int] | None = None,
     splits: list[list[int]] | None = None,
-    image_size: int | None = None,
-    channels: int | None = None,
-    root: str | Path | None = None,
-    download: bool = False,
-    seed: int = 0,
+    source: SourceOptions,
 ) -> Scenario:
     """One dataset's classes split into experiences; the task id is unknown at test time.
 
@@ -180,15 +240,13 @@ def class_incremental(
         A ``kind="class"`` scenario: global id ``g`` is the ``g``-th class of the order; each
         experience's ``task_id`` is its index and ``site`` the dataset name.
     """
-    src = resolve_source(
-        dataset, root=root, download=download, seed=seed, image_size=image_size, channels=channels
-    )
+    src = source.load(dataset)
     groups = plan_class_groups(
         len(src.class_names),
         classes_per_experience=classes_per_experience,
         order=order,
         splits=splits,
-        seed=seed,
+        seed=source.seed,
     )
     flat = [c for g in groups for c in g]
     to_global = {local: g for g, local in enumerate(flat)}
@@ -210,38 +268,18 @@ def class_incremental(
         kind="class",
         class_names=class_names,
         experiences=tuple(experiences),
-        seed=seed,
+        seed=source.seed,
         sources=(describe_source(src),),
     )
 
 
-def task_incremental(
-    *,
-    dataset: SourceSpec,
-    classes_per_experience: int | list[int] | None = None,
-    order: list[int] | None = None,
-    splits: list[list[int]] | None = None,
-    image_size: int | None = None,
-    channels: int | None = None,
-    root: str | Path | None = None,
-    download: bool = False,
-    seed: int = 0,
-) -> Scenario:
+@functools.wraps(class_incremental, assigned=("__annotations__",))  # its signature and types
+def task_incremental(**params: Any) -> Scenario:
     """Class groups as in class-incremental, with the task id (experience index) known at test time.
 
     Same arguments as :func:`class_incremental`; returns a ``kind="task"`` scenario.
     """
-    scenario = class_incremental(
-        dataset=dataset,
-        classes_per_experience=classes_per_experience,
-        order=order,
-        splits=splits,
-        image_size=image_size,
-        channels=channels,
-        root=root,
-        download=download,
-        seed=seed,
-    )
+    scenario = class_incremental(**params)
     return dataclasses.replace(scenario, name="task-incremental", kind="task")
 
 
@@ -252,15 +290,8 @@ def _harmonise(s: SampleSet, channels: int, dtype: torch.dtype) -> SampleSet:
     return s.to_dtype(dtype)
 
 
-def cross_dataset(
-    *,
-    datasets: list[SourceSpec],
-    image_size: int | None = None,
-    channels: int | None = None,
-    root: str | Path | None = None,
-    download: bool = False,
-    seed: int = 0,
-) -> Scenario:
+@with_source_options
+def cross_dataset(*, datasets: list[SourceSpec], source: SourceOptions) -> Scenario:
     """One dataset per experience on a shared label space (each dataset's classes offset).
 
     Args:
@@ -276,17 +307,12 @@ def cross_dataset(
     """
     if not datasets:
         raise ConfigError("`scenario.datasets` must list at least one dataset; got [].")
-    sources = [
-        resolve_source(
-            d, root=root, download=download, seed=seed, image_size=image_size, channels=channels
-        )
-        for d in datasets
-    ]
+    sources = [source.load(d) for d in datasets]
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise ConfigError(f"`scenario.datasets` lists {dup!r} twice; got {names}. List each once.")
-    target = channels or max(s.splits["train"].channels for s in sources)
+    target = source.channels or max(s.splits["train"].channels for s in sources)
     dtypes = {s.splits["train"].images.dtype for s in sources}
     dtype = torch.uint8 if dtypes == {torch.uint8} else torch.float32  # mixed: all float in [0, 1]
     experiences, class_names = [], []
@@ -314,6 +340,6 @@ def cross_dataset(
         kind="cross-dataset",
         class_names=tuple(class_names),
         experiences=tuple(experiences),
-        seed=seed,
+        seed=source.seed,
         sources=tuple(describe_source(s) for s in sources),
     )

@@ -3,246 +3,221 @@
 Registered by :mod:`medcl.data.scenarios` under the keys of :data:`PRESETS`; described for
 readers in ``datasets/scenarios.md``. Each preset's first docstring line is what
 ``medcl scenarios list`` prints.
+
+A preset is written as data: its builder, its description and the parameters it accepts with
+their defaults (:func:`preset`); nothing re-passes the builder's keywords.
 """
 
 from __future__ import annotations
 
-__all__ = ["PRESETS"]
+__all__ = ["PRESETS", "preset", "synthetic_source"]
 
+import functools
+import inspect
+import operator
+import types
+import typing
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 from medcl.data.experience import Scenario
-from medcl.data.scenario_builders import (
-    SourceSpec,
-    class_incremental,
-    cross_dataset,
-)
+from medcl.data.scenario_builders import class_incremental, cross_dataset
 from medcl.data.scenario_sites import domain_incremental
 from medcl.data.sources import SourceData, load_source
 
-Root = str | Path | None
+#: Parameters every builder receives from :func:`~medcl.data.scenarios.build_scenario`.
+_CONTEXT = ("root", "download", "seed")
 
 
-def medmnist_cross3(
+def synthetic_source(
     *,
-    datasets: list[SourceSpec] = ("pneumoniamnist", "breastmnist", "retinamnist"),
-    image_size: int = 28,
-    channels: int = 3,
-    root: Root = None,
-    download: bool = False,
+    num_classes: int,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    image_size: int,
+    channels: int,
+    spatial_dims: int,
     seed: int = 0,
-) -> Scenario:
-    """PneumoniaMNIST -> BreastMNIST -> RetinaMNIST: 3 datasets, 9 classes, 28 px RGB.
-
-    Chest X-ray (2 classes), breast ultrasound (2) and fundus DR grade (5), one experience each,
-    on one 9-class label space (offsets 0, 2, 4); grayscale images repeated to 3 channels.
-    """
-    return cross_dataset(
-        datasets=list(datasets),
-        image_size=image_size,
-        channels=channels,
-        root=root,
-        download=download,
-        seed=seed,
-    )
-
-
-def adrenal_vessel_3d(
-    *,
-    datasets: list[SourceSpec] = ("adrenalmnist3d", "vesselmnist3d"),
-    image_size: int = 28,
-    channels: int = 1,
-    root: Root = None,
-    download: bool = False,
-    seed: int = 0,
-) -> Scenario:
-    """AdrenalMNIST3D -> VesselMNIST3D: cross-dataset 3D volumes, 4 classes, 28^3.
-
-    Adrenal-gland shape masks from CT (normal / hyperplasia), then brain-vessel segments from
-    MRA (vessel / aneurysm): two experiences, classes 0-1 and 2-3.
-    """
-    return cross_dataset(
-        datasets=list(datasets),
-        image_size=image_size,
-        channels=channels,
-        root=root,
-        download=download,
-        seed=seed,
-    )
-
-
-def pneumonia_sites(
-    *,
-    dataset: SourceSpec = "pneumoniamnist",
-    n_sites: int = 4,
-    shift_strength: float = 1.0,
-    shifts: list[dict[str, float]] | None = None,
-    image_size: int | None = None,
-    channels: int | None = None,
-    root: Root = None,
-    download: bool = False,
-    seed: int = 0,
-) -> Scenario:
-    """PneumoniaMNIST over 4 simulated sites with different acquisition shifts (domain-incremental).
-
-    Every split is partitioned class-stratified into 4 sites; site 0 is the reference
-    acquisition, sites 1-3 get low contrast + noise, low resolution + blur, bias field + gamma.
-    """
-    return domain_incremental(
-        dataset=dataset,
-        n_sites=n_sites,
-        shifts=shifts,
-        shift_strength=shift_strength,
-        image_size=image_size,
-        channels=channels,
-        root=root,
-        download=download,
-        seed=seed,
-    )
-
-
-def breast_sites(
-    *,
-    dataset: SourceSpec = "breastmnist@64",
-    n_sites: int = 3,
-    shift_strength: float = 1.0,
-    shifts: list[dict[str, float]] | None = None,
-    image_size: int | None = None,
-    channels: int | None = None,
-    root: Root = None,
-    download: bool = False,
-    seed: int = 0,
-) -> Scenario:
-    """BreastMNIST (64 px) over 3 simulated ultrasound sites (domain-incremental, small).
-
-    Site 0 reference, site 1 low contrast + speckle-like noise, site 2 low resolution + blur.
-    """
-    return domain_incremental(
-        dataset=dataset,
-        n_sites=n_sites,
-        shifts=shifts,
-        shift_strength=shift_strength,
-        image_size=image_size,
-        channels=channels,
-        root=root,
-        download=download,
-        seed=seed,
-    )
-
-
-def retina_ci(
-    *,
-    dataset: SourceSpec = "retinamnist",
-    classes_per_experience: int | list[int] = (2, 2, 1),
-    order: list[int] | None = None,
-    root: Root = None,
-    download: bool = False,
-    seed: int = 0,
-) -> Scenario:
-    """RetinaMNIST class-incremental: DR grades 0-4 in 3 experiences of 2, 2 and 1 grades.
-
-    The grade order is a permutation seeded by ``seed`` unless ``order`` is given (e.g.
-    ``[0, 1, 2, 3, 4]`` for increasing severity).
-    """
-    return class_incremental(
-        dataset=dataset,
-        classes_per_experience=classes_per_experience,
-        order=order,
-        root=root,
-        download=download,
-        seed=seed,
-    )
-
-
-def _synthetic(
-    k: int, dims: int, size: int, channels: int, n: tuple[int, int, int], seed: int
 ) -> SourceData:
-    """The synthetic source with ``n = (train, val, test)`` images *per class*."""
+    """The synthetic source with ``n_train`` / ``n_val`` / ``n_test`` images *per class*."""
     spec = {
-        "num_classes": k,
-        "spatial_dims": dims,
-        "image_size": size,
+        "num_classes": num_classes,
+        "spatial_dims": spatial_dims,
+        "image_size": image_size,
         "channels": channels,
-        "n_train": n[0] * k,
-        "n_val": n[1] * k,
-        "n_test": n[2] * k,
+        "n_train": n_train * num_classes,
+        "n_val": n_val * num_classes,
+        "n_test": n_test * num_classes,
     }
     return load_source({"synthetic": spec}, seed=seed)
 
 
-def synthetic_ci(
+def _without_none(hint: Any, default: Any) -> Any:
+    """``int | None`` -> ``int`` when the preset's default is not None (None means nothing)."""
+    args = typing.get_args(hint)
+    if default is None or not isinstance(hint, types.UnionType) or type(None) not in args:
+        return hint
+    return functools.reduce(operator.or_, [a for a in args if a is not type(None)])
+
+
+def preset(
+    name: str,
+    builder: Callable[..., Scenario],
+    doc: str,
     *,
-    num_classes: int = 4,
-    classes_per_experience: int | list[int] = 2,
-    order: list[int] | None = None,
-    n_train: int = 32,
-    n_val: int = 8,
-    n_test: int = 16,
-    image_size: int = 16,
-    channels: int = 1,
-    spatial_dims: int = 2,
-    root: Root = None,
-    download: bool = False,
-    seed: int = 0,
-) -> Scenario:
-    """Synthetic learnable 2D classes, class-incremental (tiny and fast: for tests and demos).
+    dataset_from: Callable[..., SourceData] | None = None,
+    **defaults: Any,
+) -> Callable[..., Scenario]:
+    """A named scenario: ``builder`` with ``defaults``, accepting exactly those parameters.
 
-    ``n_train``/``n_val``/``n_test`` are images per class; the data and the class order both
-    follow ``seed``. No files needed.
+    Args:
+        name: the registered name (``"retina-ci"``), for the function's name.
+        builder: the generic builder it calls.
+        doc: the description; its first line is what ``medcl scenarios list`` prints.
+        dataset_from: builds the builder's ``dataset`` from the parameters it names (and
+            ``seed``), e.g. :func:`synthetic_source`; the others go to ``builder``.
+        **defaults: the parameters the preset accepts (besides ``root``, ``download``,
+            ``seed``), in order, with their defaults; their types are the builder's (or
+            ``dataset_from``'s).
+
+    Returns:
+        A scenario builder whose signature lists those parameters, for
+        :func:`~medcl.data.scenarios.build_scenario` to validate against.
     """
-    src = _synthetic(
-        num_classes, spatial_dims, image_size, channels, (n_train, n_val, n_test), seed
-    )
-    return class_incremental(
-        dataset=src,
-        classes_per_experience=classes_per_experience,
-        order=order,
-        root=root,
-        download=download,
-        seed=seed,
-    )
+    hints = typing.get_type_hints(builder)
+    to_source: set[str] = set()
+    if dataset_from is not None:
+        hints |= typing.get_type_hints(dataset_from)
+        to_source = set(inspect.signature(dataset_from).parameters) - {"seed"}
+    context = inspect.signature(builder).parameters
+    params = [
+        inspect.Parameter(
+            k, inspect.Parameter.KEYWORD_ONLY, default=v, annotation=_without_none(hints[k], v)
+        )
+        for k, v in defaults.items()
+    ] + [context[k].replace(annotation=hints[k]) for k in _CONTEXT]
+    signature = inspect.Signature(params, return_annotation=Scenario)
+
+    def build(**kwargs: Any) -> Scenario:
+        bound = signature.bind(**kwargs)  # an unknown parameter is a TypeError, as for a def
+        bound.apply_defaults()
+        args = dict(bound.arguments)
+        if dataset_from is not None:
+            source = {k: args.pop(k) for k in list(args) if k in to_source}
+            args["dataset"] = dataset_from(seed=args["seed"], **source)
+        return builder(**args)
+
+    build.__signature__ = signature  # type: ignore[attr-defined]
+    build.__annotations__ = {p.name: p.annotation for p in params} | {"return": Scenario}
+    build.__name__ = build.__qualname__ = name.replace("-", "_")
+    build.__doc__ = inspect.cleandoc(doc)
+    return build
 
 
-def synthetic_sites(
-    *,
-    num_classes: int = 3,
-    n_sites: int = 3,
-    shift_strength: float = 1.0,
-    n_train: int = 32,
-    n_val: int = 8,
-    n_test: int = 16,
-    image_size: int = 16,
-    channels: int = 1,
-    spatial_dims: int = 2,
-    root: Root = None,
-    download: bool = False,
-    seed: int = 0,
-) -> Scenario:
-    """Synthetic learnable 2D classes over simulated sites, domain-incremental (tiny and fast).
+#: The synthetic presets' images (per class, before any site partition).
+_SYNTHETIC_IMAGES = {
+    "n_train": 32,
+    "n_val": 8,
+    "n_test": 16,
+    "image_size": 16,
+    "channels": 1,
+    "spatial_dims": 2,
+}
 
-    ``n_train``/``n_val``/``n_test`` are images per class before the site partition.
-    """
-    src = _synthetic(
-        num_classes, spatial_dims, image_size, channels, (n_train, n_val, n_test), seed
-    )
-    return domain_incremental(
-        dataset=src,
-        n_sites=n_sites,
-        shift_strength=shift_strength,
-        root=root,
-        download=download,
-        seed=seed,
-    )
+#: What the MedMNIST site presets leave to the config besides the dataset and ``n_sites``.
+_SITE_OPTIONS = {"shift_strength": 1.0, "shifts": None, "image_size": None, "channels": None}
 
+_PRESETS = [
+    preset(
+        "medmnist-cross3",
+        cross_dataset,
+        """PneumoniaMNIST -> BreastMNIST -> RetinaMNIST: 3 datasets, 9 classes, 28 px RGB.
+
+        Chest X-ray (2 classes), breast ultrasound (2) and fundus DR grade (5), one experience
+        each, on one 9-class label space (offsets 0, 2, 4); grayscale images repeated to 3
+        channels.
+        """,
+        datasets=("pneumoniamnist", "breastmnist", "retinamnist"),
+        image_size=28,
+        channels=3,
+    ),
+    preset(
+        "adrenal-vessel-3d",
+        cross_dataset,
+        """AdrenalMNIST3D -> VesselMNIST3D: cross-dataset 3D volumes, 4 classes, 28^3.
+
+        Adrenal-gland shape masks from CT (normal / hyperplasia), then brain-vessel segments
+        from MRA (vessel / aneurysm): two experiences, classes 0-1 and 2-3.
+        """,
+        datasets=("adrenalmnist3d", "vesselmnist3d"),
+        image_size=28,
+        channels=1,
+    ),
+    preset(
+        "pneumonia-sites",
+        domain_incremental,
+        """PneumoniaMNIST over 4 simulated sites with different acquisition shifts (domain-incremental).
+
+        Every split is partitioned class-stratified into 4 sites; site 0 is the reference
+        acquisition, sites 1-3 get low contrast + noise, low resolution + blur, bias field +
+        gamma.
+        """,
+        dataset="pneumoniamnist",
+        n_sites=4,
+        **_SITE_OPTIONS,
+    ),
+    preset(
+        "breast-sites",
+        domain_incremental,
+        """BreastMNIST (64 px) over 3 simulated ultrasound sites (domain-incremental, small).
+
+        Site 0 reference, site 1 low contrast + speckle-like noise, site 2 low resolution + blur.
+        """,
+        dataset="breastmnist@64",
+        n_sites=3,
+        **_SITE_OPTIONS,
+    ),
+    preset(
+        "retina-ci",
+        class_incremental,
+        """RetinaMNIST class-incremental: DR grades 0-4 in 3 experiences of 2, 2 and 1 grades.
+
+        The grade order is a permutation seeded by ``seed`` unless ``order`` is given (e.g.
+        ``[0, 1, 2, 3, 4]`` for increasing severity).
+        """,
+        dataset="retinamnist",
+        classes_per_experience=(2, 2, 1),
+        order=None,
+    ),
+    preset(
+        "synthetic-ci",
+        class_incremental,
+        """Synthetic learnable 2D classes, class-incremental (tiny and fast: for tests and demos).
+
+        ``n_train``/``n_val``/``n_test`` are images per class; the data and the class order
+        both follow ``seed``. No files needed.
+        """,
+        dataset_from=synthetic_source,
+        num_classes=4,
+        classes_per_experience=2,
+        order=None,
+        **_SYNTHETIC_IMAGES,
+    ),
+    preset(
+        "synthetic-sites",
+        domain_incremental,
+        """Synthetic learnable 2D classes over simulated sites, domain-incremental (tiny and fast).
+
+        ``n_train``/``n_val``/``n_test`` are images per class before the site partition.
+        """,
+        dataset_from=synthetic_source,
+        num_classes=3,
+        n_sites=3,
+        shift_strength=1.0,
+        **_SYNTHETIC_IMAGES,
+    ),
+]
 
 #: Registered name -> builder.
-PRESETS: dict[str, Callable[..., Scenario]] = {
-    "medmnist-cross3": medmnist_cross3,
-    "adrenal-vessel-3d": adrenal_vessel_3d,
-    "pneumonia-sites": pneumonia_sites,
-    "breast-sites": breast_sites,
-    "retina-ci": retina_ci,
-    "synthetic-ci": synthetic_ci,
-    "synthetic-sites": synthetic_sites,
-}
+PRESETS: dict[str, Callable[..., Scenario]] = {fn.__name__.replace("_", "-"): fn for fn in _PRESETS}

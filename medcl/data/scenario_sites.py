@@ -10,17 +10,17 @@ from __future__ import annotations
 __all__ = ["domain_incremental", "stratified_partition"]
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 
 from medcl.data.experience import Scenario
 from medcl.data.scenario_builders import (
     SPLITS,
+    SourceOptions,
     SourceSpec,
     describe_source,
     make_experience,
-    resolve_source,
+    with_source_options,
 )
 from medcl.data.shifts import SiteShift, apply_site_shift, default_site_shifts, site_seed
 from medcl.data.sources import SourceData
@@ -116,6 +116,7 @@ def _custom_shift(name: str, fields: Mapping[str, float], *, seed: int) -> SiteS
     return SiteShift(name=name, seed=seed, **fields)
 
 
+@with_source_options
 def domain_incremental(
     *,
     dataset: SourceSpec,
@@ -124,11 +125,7 @@ def domain_incremental(
     site_column: str = "site",
     shifts: list[dict[str, float]] | None = None,
     shift_strength: float = 1.0,
-    image_size: int | None = None,
-    channels: int | None = None,
-    root: str | Path | None = None,
-    download: bool = False,
-    seed: int = 0,
+    source: SourceOptions,
 ) -> Scenario:
     """The same classes at every site; one experience per site (real or simulated).
 
@@ -153,9 +150,7 @@ def domain_incremental(
     Returns:
         A ``kind="domain"`` scenario; every experience has all classes and ``task_id`` 0.
     """
-    src = resolve_source(
-        dataset, root=root, download=download, seed=seed, image_size=image_size, channels=channels
-    )
+    src = source.load(dataset)
     real = _site_values(src, site_column)
     if real is not None:
         if n_sites is not None:
@@ -179,7 +174,7 @@ def domain_incremental(
         site_of = {}
         for j, split in enumerate(SPLITS):
             part = stratified_partition(
-                src.splits[split].labels.numpy(), n, rng=np.random.default_rng((seed, j))
+                src.splits[split].labels.numpy(), n, rng=np.random.default_rng((source.seed, j))
             )
             site_of[split] = np.asarray(names, dtype=object)[part]
     if shifts is not None:
@@ -188,12 +183,12 @@ def domain_incremental(
                 f"`scenario.shifts` must give one shift per site ({len(names)}); got {len(shifts)}."
             )
         site_shifts = [
-            _custom_shift(n, s, seed=site_seed(seed, i))
+            _custom_shift(n, s, seed=site_seed(source.seed, i))
             for i, (n, s) in enumerate(zip(names, shifts, strict=True))
         ]
     elif real is None:
         site_shifts = default_site_shifts(
-            len(names), seed=seed, strength=shift_strength, names=names
+            len(names), seed=source.seed, strength=shift_strength, names=names
         )
     else:
         site_shifts = [SiteShift(name=n) for n in names]
@@ -217,6 +212,6 @@ def domain_incremental(
         kind="domain",
         class_names=tuple(src.class_names),
         experiences=tuple(experiences),
-        seed=seed,
+        seed=source.seed,
         sources=(info,),
     )

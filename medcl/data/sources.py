@@ -172,8 +172,7 @@ def _files(kind: str, opts: Mapping[str, Any], seed: int) -> SourceData:
     fn = load_manifest if kind == "manifest" else load_folder
     opts = dict(opts)
     path = Path(opts.pop(kind)).expanduser()
-    opts = _options(fn, opts, kind)
-    opts.setdefault("seed", seed)
+    opts.setdefault("seed", seed)  # an unknown option is refused by FileOptions, by its name
     class_names, splits = fn(path, **opts)
     n = sum(len(s) for s in splits.values())
     return SourceData(

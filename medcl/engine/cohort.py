@@ -12,14 +12,19 @@ from __future__ import annotations
 
 __all__ = ["extend_scenario", "match_classes"]
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
+from medcl.data.cache import run_file_cache
 from medcl.data.experience import Experience, Scenario
 from medcl.data.labels import label_key
-from medcl.errors import ConfigError, did_you_mean
+from medcl.data.samples import SampleSet
+from medcl.errors import ConfigError, DataError, did_you_mean
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from medcl.config import RunConfig
@@ -67,7 +72,8 @@ def match_classes(
             unknown.append(local)
     if unknown and not new_classes:
         listed = "; ".join(
-            f"{cohort_names[i]!r} ({counts[i]} rows; {did_you_mean(cohort_names[i], run_names)})"
+            f"{cohort_names[i]!r} ({counts[i]} rows; "
+            f"{did_you_mean(cohort_names[i], run_names, quote=True)})"
             for i in unknown
         )
         raise ConfigError(
@@ -81,6 +87,35 @@ def match_classes(
     return names, mapping
 
 
+def _check_channels(spec: str, train: SampleSet, found: int, want: int, cfg: RunConfig) -> None:
+    """Accept a cohort whose channel count differs from the run's only when nothing is lost.
+
+    Grey images repeated to the run's 3 channels lose nothing (cross-dataset scenarios do the
+    same); colour averaged to grey does, so it needs the run's own ``scenario.channels``.
+
+    Raises:
+        DataError: colour images for a 1-channel run that did not ask for the conversion.
+    """
+    kind = {1: "greyscale", 3: "RGB"}
+    if found == 1 or cfg.scenario.options.get("channels") == want:
+        log.info(
+            "--data %r: %d-channel images converted to the run's %d channels",
+            spec,
+            found,
+            want,
+        )
+        return
+    paths = train.meta["path"] if "path" in train.meta.columns and len(train.meta) else []
+    example = f", e.g. {paths[0]}" if len(paths) else ""
+    raise DataError(
+        f"--data {spec!r}: the cohort's images have {found} channels "
+        f"({kind.get(found, 'multi-channel')}{example}); the run was trained on {want}-channel "
+        f"({kind.get(want, 'multi-channel')}) images, and colour is never dropped silently. "
+        "Convert the images to single-channel greyscale first (e.g. with PIL: "
+        "Image.open(f).convert('L').save(f)), or train a run on images like these."
+    )
+
+
 def extend_scenario(
     scenario: Scenario,
     spec: str,
@@ -88,6 +123,7 @@ def extend_scenario(
     *,
     cfg: RunConfig,
     new_classes: bool = False,
+    replay: bool = False,
 ) -> Scenario:
     """``scenario`` plus one experience from the source ``spec`` (a new cohort).
 
@@ -97,22 +133,34 @@ def extend_scenario(
         site: the cohort's site name (default: the source's name).
         cfg: the run's config (data root, seed).
         new_classes: accept classes the run has not seen (see the module docstring).
+        replay: the run learned this cohort already (:func:`~medcl.engine.resume.restore_run`):
+            load it exactly as then, converted to the run's channels without a check.
 
     Raises:
         ConfigError: other image dimensionality, or classes that do not match.
+        DataError: colour images for a 1-channel run (see :func:`_check_channels`), or a bad
+            source (e.g. a manifest without rows).
     """
     from medcl.data.sources import load_source
 
     shape = scenario.input_shape
-    with cfg.data.file_cache(cfg.output_dir):
-        src = load_source(
-            spec,
-            root=cfg.data.root,
-            download=cfg.data.download,
-            image_size=shape[1],
-            channels=shape[0],
-            seed=cfg.seed,
-        )
+
+    def load(channels: int | None):
+        with run_file_cache(cfg):
+            return load_source(
+                spec,
+                root=cfg.data.root,
+                download=cfg.data.download,
+                image_size=shape[1],
+                channels=channels,
+                seed=cfg.seed,
+            )
+
+    src = load(shape[0] if replay else None)  # else its own channels, to compare
+    found = tuple(src.splits["train"].images.shape[1:])
+    if len(found) == len(shape) and found[0] != shape[0]:
+        _check_channels(spec, src.splits["train"], found[0], shape[0], cfg)
+        src = load(shape[0])
     new_shape = tuple(src.splits["train"].images.shape[1:])
     if new_shape != shape:
         raise ConfigError(

@@ -32,6 +32,7 @@ __all__ = [
     "DistContext",
     "check_strategy",
     "current",
+    "env_local_world_size",
     "env_world_size",
     "is_main_process",
     "resolve_backend",
@@ -54,7 +55,7 @@ from torch import Tensor, nn
 from medcl.errors import ConfigError
 
 if TYPE_CHECKING:
-    from medcl.engine.memory import ReplayMemory
+    from medcl.data.memory import ReplayMemory
 
 #: Strategies that cannot train under DDP, and why (checked before any training).
 REFUSED: dict[str, str] = {
@@ -74,6 +75,15 @@ BACKEND_ENV = "MEDCL_DIST_BACKEND"
 def env_world_size() -> int:
     """``WORLD_SIZE`` set by torchrun (1 outside it)."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def env_local_world_size() -> int:
+    """``LOCAL_WORLD_SIZE`` set by torchrun: this job's processes on this machine (1 outside it).
+
+    They share the machine's cores: ``train.num_threads: auto`` gives each its share
+    (:func:`medcl.engine.threads.resolve_threads`).
+    """
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
 
 
 def is_main_process() -> bool:
@@ -240,7 +250,7 @@ def session(*, backend: str = "auto", device: str = "auto") -> Iterator[DistCont
         raise ConfigError("this torch build has no torch.distributed; run in one process.")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     name = resolve_backend(backend, torch.device("cuda" if use_cuda else "cpu"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    local_world = env_local_world_size()
     if name == "nccl" and local_world > torch.cuda.device_count():
         raise ConfigError(
             f"{local_world} processes on this machine but {torch.cuda.device_count()} CUDA "

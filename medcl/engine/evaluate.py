@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CurveMonitor", "ExperienceEval", "evaluate", "predict_proba"]
+__all__ = ["CurveMonitor", "ExperienceEval", "evaluate", "predict_proba", "stratified_rows"]
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from medcl.data.samples import SampleSet
 from medcl.data.transforms import to_model_input
-from medcl.engine.device import autocast
+from medcl.engine.device import autocast, bf16_available
 
 if TYPE_CHECKING:
     from medcl.data.experience import Experience
@@ -22,34 +22,52 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def predict_proba(
-    model: Strategy | nn.Module, images: Tensor, *, batch_size: int = 256, amp: bool = False
+    model: Strategy | nn.Module,
+    images: Tensor,
+    *,
+    rows: Tensor | None = None,
+    batch_size: int | None = None,
+    amp: bool = False,
+    desc: str | None = None,
 ) -> Tensor:
     """Class probabilities of a strategy (its :meth:`Strategy.predict`) or a plain module.
+
+    A strategy's scores come from its :attr:`~medcl.strategies.base.Strategy.feature_cache`:
+    rows already scored under the same weights are not scored again.
 
     Args:
         model: a strategy, or any module mapping model input to scores.
         images: ``(N, C, H, W[, D])`` raw images (uint8 or float in [0, 1]), on any device;
             each batch is moved to the model's device before it is scaled.
-        batch_size: images per forward pass.
+        rows: ``(n,)`` rows of ``images`` to score (default: all).
+        batch_size: images per forward pass (default: the strategy cache's, ``eval.batch_size``;
+            512 for a plain module).
         amp: bf16 autocast where the model's device supports it (``train.amp``); see
             :func:`medcl.engine.device.autocast`.
+        desc: progress-bar label (shown while scoring several batches).
 
     Returns:
-        ``(N, K)`` float32 probabilities on the CPU (softmax of the fp32-cast scores).
+        ``(n, K)`` float32 probabilities on the CPU (softmax of the fp32-cast scores).
     """
     from medcl.strategies.base import Strategy
 
-    fn = model.predict if isinstance(model, Strategy) else model
     device = next(model.parameters()).device
+    bf16 = amp and bf16_available(device)
+    if isinstance(model, Strategy):
+        scores = model.feature_cache.outputs(
+            "scores", model, model.predict, images, rows,
+            bf16=bf16, batch_size=batch_size, desc=desc,
+        )  # fmt: skip
+        return torch.softmax(scores, 1)
+    images = images if rows is None else images[rows]
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = to_model_input(images[i : i + batch_size].to(device))  # (B, C, H, W[, D])
-            with autocast(device, amp):
-                scores = fn(x)  # (B, K), bf16 under autocast
-            out.append(torch.softmax(scores.float(), 1).cpu())
+    out = []
+    for i in range(0, len(images), batch_size or 512):
+        x = to_model_input(images[i : i + (batch_size or 512)].to(device))  # (B, C, H, W[, D])
+        with autocast(device, amp):
+            scores = model(x)  # (B, K), bf16 under autocast
+        out.append(torch.softmax(scores.float(), 1).cpu())
     model.train(was_training)
     return torch.cat(out)
 
@@ -88,32 +106,67 @@ def evaluate(
     experiences: Sequence[Experience],
     *,
     split: str = "test",
-    batch_size: int = 256,
+    batch_size: int | None = None,
     amp: bool = False,
 ) -> list[ExperienceEval]:
-    """Evaluate on ``split`` of every experience (also future ones: FWT needs them); ``amp`` as
-    in :func:`predict_proba`."""
+    """Evaluate on ``split`` of every experience (also future ones: FWT needs them).
+
+    ``batch_size`` and ``amp`` as in :func:`predict_proba`.
+    """
     out = []
     for exp in experiences:
         data: SampleSet = getattr(exp, split)
-        probs = predict_proba(strategy, data.images, batch_size=batch_size, amp=amp)
+        probs = predict_proba(
+            strategy, data.images, batch_size=batch_size, amp=amp,
+            desc=f"evaluate {exp.name} ({split})",
+        )  # fmt: skip
         acc, tacc = _accuracies(probs, data.labels, exp.classes)
         out.append(ExperienceEval(probs, data.labels, acc, tacc))
     return out
+
+
+def stratified_rows(labels: Tensor, size: int | None, seed: int) -> Tensor:
+    """A seeded, class-stratified sample of ``size`` rows (all rows when ``size`` is None or
+    not smaller): each class keeps its share, largest remainders rounded up.
+
+    Args:
+        labels: ``(N,)`` class ids.
+        size: rows wanted.
+        seed: fixes the choice within each class.
+
+    Returns:
+        ``(n,)`` sorted row indices, ``n = min(size, N)``.
+    """
+    n = len(labels)
+    if size is None or size >= n:
+        return torch.arange(n)
+    classes, counts = torch.unique(labels, return_counts=True)
+    raw = counts.double() * size / n
+    take = raw.floor().long()
+    extra = size - int(take.sum())
+    take[torch.argsort(raw - take, descending=True, stable=True)[:extra]] += 1
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for c, k in zip(classes.tolist(), take.tolist(), strict=True):
+        members = torch.nonzero(labels == c).flatten()
+        rows.append(members[torch.randperm(len(members), generator=g)[:k]])
+    return torch.cat(rows).sort().values
 
 
 class CurveMonitor:
     """Old/new/all accuracy every ``every`` updates: the curves that expose the stability gap.
 
     "Old" is the union of the test sets of experiences before the current one, "new" the current
-    one's; each is sub-sampled to at most ``max_samples`` per experience with a fixed seed, so
-    every point of a curve is measured on the same images.
+    one's; each test set is represented by a fixed, seeded, class-stratified subset of at most
+    ``subset`` rows (:func:`stratified_rows`, seeded by ``seed`` and the experience), so every
+    point of a curve is measured on the same images. Each subset is scored once per point
+    ("all" is old + new, not a third pass).
 
     Args:
         experiences: the scenario's experiences.
         every: evaluate every this many updates (0 disables the curve).
-        max_samples: cap per experience (keeps frequent evaluation cheap).
-        seed: fixes the sub-samples.
+        subset: rows per experience (None: the whole test sets).
+        seed: fixes the subsets.
         amp: bf16 autocast where supported, as in :func:`predict_proba`.
     """
 
@@ -122,39 +175,44 @@ class CurveMonitor:
         experiences: Sequence[Experience],
         *,
         every: int,
-        max_samples: int = 200,
+        subset: int | None = 500,
         seed: int = 0,
         amp: bool = False,
     ) -> None:
-        self.every, self.amp = every, amp
+        self.every, self.amp, self.subset = every, amp, subset
         self.rows: list[dict[str, float | int | str]] = []
-        g = torch.Generator().manual_seed(seed)
-        self._subsets: list[SampleSet] = []
-        for exp in experiences:
-            n = len(exp.test)
-            idx = (
-                torch.randperm(n, generator=g)[:max_samples] if n > max_samples else torch.arange(n)
-            )
-            self._subsets.append(exp.test.subset(idx))
+        self._tests = [exp.test for exp in experiences]
+        self.subset_rows = [
+            stratified_rows(exp.test.labels, subset, seed * 1000 + exp.index) for exp in experiences
+        ]
 
-    def _acc(self, strategy: Strategy, ids: Sequence[int]) -> float:
-        if not ids:
-            return float("nan")
-        data = SampleSet.concat([self._subsets[i] for i in ids])
-        probs = predict_proba(strategy, data.images, amp=self.amp)
-        return float((probs.argmax(1) == data.labels).float().mean())
+    @property
+    def subset_sizes(self) -> list[int]:
+        """Rows of each experience's test set on the curves."""
+        return [len(r) for r in self.subset_rows]
+
+    def _correct(self, strategy: Strategy, i: int) -> Tensor:
+        """``(n_i,)`` bool: which rows of experience ``i``'s subset are predicted right."""
+        test, rows = self._tests[i], self.subset_rows[i]
+        probs = predict_proba(strategy, test.images, rows=rows, amp=self.amp)  # short: no bar
+        return probs.argmax(1) == test.labels[rows]
 
     def record(self, strategy: Strategy, experience: int, update: int, offset: int) -> None:
         """Evaluate now; ``update`` is the global update count, ``offset`` within the experience."""
-        old = list(range(experience))
+        correct = [self._correct(strategy, i) for i in range(experience + 1)]
+
+        def acc(parts: list[Tensor]) -> float:
+            hits = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+            return float(hits.float().mean()) if len(hits) else float("nan")
+
         self.rows.append(
             {
                 "experience": experience,
                 "update": update,
                 "offset": offset,
-                "old_acc": self._acc(strategy, old),
-                "new_acc": self._acc(strategy, [experience]),
-                "all_acc": self._acc(strategy, [*old, experience]),
+                "old_acc": acc(correct[:experience]),
+                "new_acc": acc(correct[experience:]),
+                "all_acc": acc(correct),
             }
         )
 

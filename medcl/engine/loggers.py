@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from medcl.engine.layout import RunLayout
 from medcl.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -195,7 +196,7 @@ def create_logger(
     """
     backends: list[_Backend] = []
     if main and cfg.tensorboard:
-        backends.append(TensorBoardBackend(run_dir / "tensorboard"))
+        backends.append(TensorBoardBackend(RunLayout(run_dir).tensorboard))
     if main and cfg.mlflow:
         backends.append(
             MLflowBackend(

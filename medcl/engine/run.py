@@ -1,116 +1,59 @@
 """A continual-learning run: build everything from a config, train the stream, save results.
 
-A run directory holds::
+What a run directory holds, and where, is :mod:`medcl.engine.layout`. Each experience is seeded
+from (seed, experience index), so ``--resume`` after a crash repeats exactly what the
+uninterrupted run would have done. Under ``torchrun`` every process trains (DDP,
+:mod:`medcl.engine.distributed`) and rank 0 alone evaluates and writes.
 
-    config.yaml, environment.json, scenario.json   what was run
-    metrics.json                                   accuracy matrices, summary, timing, compute
-    curves.csv                                     old/new/all accuracy every k updates
-    predictions/after-NNN.npz + .csv               test probabilities after each experience
-    checkpoints/exp-NNN/ + latest.json             resumable state (atomic, safetensors)
-    tensorboard/                                   experiment log (``logging``; rank 0 only)
-
-Each experience is seeded from (seed, experience index), so ``--resume`` after a crash repeats
-exactly what the uninterrupted run would have done. Under ``torchrun`` every process trains
-(DDP, :mod:`medcl.engine.distributed`) and rank 0 alone evaluates and writes.
+One experience is :func:`learn_experience`: train, evaluate, write predictions, checkpoint,
+write metrics, log -- each a small step below. Resuming is :mod:`medcl.engine.resume`; adding a
+cohort to a finished run is :mod:`medcl.engine.update`.
 """
 
 from __future__ import annotations
 
-__all__ = ["RunState", "build_components", "check_run", "restore_run", "run", "update"]
+__all__ = ["check_run", "curve_monitor", "learn_experience", "run"]
 
 import contextlib
 import json
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 
-from medcl.config import RunConfig, validate_config
+from medcl.config import RunConfig, config_changes, read_yaml
 from medcl.data.experience import Experience, Scenario
+from medcl.data.memory import ReplayMemory
 from medcl.engine.artifacts import (
-    environment,
+    record_start,
     save_predictions,
     untrained_baseline,
     write_metrics,
+    write_timing,
 )
-from medcl.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from medcl.engine.cohort import extend_scenario
-from medcl.engine.distributed import SINGLE, DistContext, check_strategy, session
-from medcl.engine.evaluate import CurveMonitor, evaluate
+from medcl.engine.checkpoint import atomic_write_text, save_checkpoint
+from medcl.engine.components import build_components
+from medcl.engine.distributed import (
+    SINGLE,
+    DistContext,
+    check_strategy,
+    env_local_world_size,
+    session,
+)
+from medcl.engine.evaluate import CurveMonitor, ExperienceEval, evaluate
+from medcl.engine.layout import RunLayout, checkpoint_name
 from medcl.engine.loggers import ExperimentLogger, check_logging, create_logger
-from medcl.engine.memory import ReplayMemory
-from medcl.engine.rundir import (
-    RunLock,
-    check_output_dir,
-    readable_checkpoints,
-    run_progress,
-    select_experience,
-)
-from medcl.engine.trainer import fit_experience, seed_everything
-from medcl.errors import ConfigError, DataError
-from medcl.models.backbones import create_backbone, find_backbone
-from medcl.strategies import create_strategy
-from medcl.strategies.base import ExperienceInfo, Strategy
-
-
-@dataclass
-class RunState:
-    """Everything about a run's progress that is not a tensor (stored in ``state.json``)."""
-
-    completed: int = -1
-    global_update: int = 0
-    accuracy: list[list[float]] = field(default_factory=list)  # R[i][j], task-agnostic
-    task_accuracy: list[list[float]] = field(default_factory=list)  # R[i][j], task-aware
-    baseline: list[float] = field(default_factory=list)  # b[j]: untrained model
-    fit: list[dict[str, float]] = field(default_factory=list)
-    curves: list[dict[str, Any]] = field(default_factory=list)
-    seen: list[dict[str, Any]] = field(default_factory=list)
-    extra_experiences: list[dict[str, Any]] = field(default_factory=list)  # from `medcl update`
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def build_components(cfg: RunConfig) -> tuple[Scenario, Strategy, ReplayMemory]:
-    """Scenario, strategy and memory from a validated config (no training)."""
-    from medcl.data.scenarios import build_scenario
-
-    with cfg.data.file_cache(cfg.output_dir):  # data.cache / cache_dir / workers
-        scenario = build_scenario(
-            cfg.scenario.name,
-            root=cfg.data.root,
-            download=cfg.data.download,
-            seed=cfg.seed,
-            **cfg.scenario.options,
-        )
-    seed_everything(cfg.seed)  # model initialisation
-    shape = scenario.input_shape
-    backbone = create_backbone(
-        cfg.model.backbone,
-        in_chans=shape[0],
-        spatial_dims=len(shape) - 1,
-        small_input=cfg.model.small_input,
-        pretrained=cfg.model.pretrained,
-        checkpoint_path=cfg.model.checkpoint_path,
-        width=cfg.model.width,
-    )
-    strategy = create_strategy(
-        cfg.strategy.name, backbone, scenario_kind=scenario.kind, **cfg.strategy.options
-    )
-    device = cfg.train.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'."
-        )
-    strategy.to(device)
-    memory = ReplayMemory(cfg.memory.size, selection=cfg.memory.selection, seed=cfg.seed)
-    memory.attach(scenario.experiences)
-    return scenario, strategy, memory
+from medcl.engine.resume import restore_checkpoint
+from medcl.engine.rundir import RunLock, check_output_dir, run_progress
+from medcl.engine.state import RunState
+from medcl.engine.threads import first_environment, log_threads, resolve_threads, use_threads
+from medcl.engine.timing import PhaseTimer
+from medcl.engine.trainer import FitStats, fit_experience
+from medcl.errors import ConfigError
+from medcl.progress import progress_bar, show_progress
+from medcl.strategies.base import Strategy
 
 
 def run(
@@ -163,20 +106,6 @@ def _resolved(cfg: RunConfig) -> str:
     return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
 
 
-def _same_config(saved: str, resolved: str) -> bool:
-    """Whether a run's ``config.yaml`` is ``resolved`` once this version's defaults fill it in.
-
-    A run started by an earlier medcl lacks keys added since (e.g. ``logging``); their
-    defaults change nothing, so it resumes.
-    """
-    if saved == resolved:
-        return True
-    try:
-        return _resolved(validate_config(yaml.safe_load(saved))) == resolved
-    except (ConfigError, yaml.YAMLError, TypeError):
-        return False
-
-
 def check_run(
     cfg: RunConfig, *, resume: bool, resume_from: int | None = None, world_size: int = 1
 ) -> None:
@@ -192,32 +121,34 @@ def check_run(
             ``resume_from`` does not exist, or the config differs from the run's.
     """
     run_dir = Path(cfg.output_dir) / cfg.run_name
+    files = RunLayout(run_dir)
     resume = resume or resume_from is not None
     check_output_dir(cfg.output_dir)
     check_strategy(cfg.strategy.name, world_size)
     check_logging(cfg.logging)
-    resolved = _resolved(cfg)
-    if (
-        resume_from is not None
-        and not (run_dir / "checkpoints" / f"exp-{resume_from:03d}").is_dir()
-    ):
-        have = (
-            list(run_progress(run_dir).checkpoints) if (run_dir / "scenario.json").is_file() else []
-        )
+    if resume_from is not None and not files.checkpoint(resume_from).is_dir():
+        have = list(run_progress(run_dir).checkpoints) if files.scenario.is_file() else []
         raise ConfigError(
             f"--resume-from {resume_from}: {run_dir} has no checkpoint for experience "
             f"{resume_from} (checkpoints: {have or 'none'}); choose one of them or use --resume."
         )
-    if run_dir.exists() and (run_dir / "config.yaml").exists():
+    if run_dir.exists() and files.config.exists():
         if not resume:
             raise ConfigError(
                 f"run directory {run_dir} already exists; pass --resume to continue it, "
                 "or choose another `name` (--set name=...) to start a new run."
             )
-        if not _same_config((run_dir / "config.yaml").read_text(), resolved):
+        # a run started by an earlier medcl lacks keys added since (e.g. `logging`): their
+        # defaults change nothing, so it resumes
+        saved = files.config
+        changes = config_changes(read_yaml(saved, what="run config"), cfg)
+        if changes:
+            more = f" (and {len(changes) - 10} more)" if len(changes) > 10 else ""
             raise ConfigError(
                 f"--resume: the config differs from the one {run_dir} was started with "
-                f"({run_dir / 'config.yaml'}); resume with the same config."
+                f"({saved}): {'; '.join(changes[:10])}{more}. Resume with the original config "
+                f"(`medcl run {saved} --resume`), or start a new run with this one under "
+                "another name (--set name=NEW_NAME)."
             )
 
 
@@ -231,10 +162,14 @@ def _locked_run(
     job: DistContext,
 ) -> Path:
     resolved = _resolved(cfg)
-    threads = torch.get_num_threads()
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    try:
+    # CPU threads, once per start: `auto` measures the free cores (or, on resume, keeps the
+    # first start's count); on resume a count or kernel path unlike the first start's is said
+    recorded = first_environment(run_dir) if resume else None
+    ranks = env_local_world_size() if job.enabled else 1
+    threads = resolve_threads(cfg.train.num_threads, local_ranks=ranks, recorded=recorded)
+    with use_threads(threads.threads), show_progress(not quiet and job.is_main):
+        if job.is_main:
+            log_threads(threads, recorded)
         return _run(
             cfg,
             run_dir,
@@ -245,20 +180,19 @@ def _locked_run(
             stop_after=stop_after,
             job=job,
         )
-    finally:
-        torch.set_num_threads(threads)  # a library call must not change the caller's setting
 
 
-def model_summary(cfg: RunConfig, strategy: Strategy) -> dict[str, Any]:
-    """``model.json``: the backbone, where its weights came from and the input they expect."""
-    bb = find_backbone(strategy)  # DER wraps its extractors: the first one is the base
-    return {
-        "backbone": cfg.model.backbone,
-        "pretrained": cfg.model.pretrained,
-        "checkpoint_path": str(cfg.model.checkpoint_path) if cfg.model.checkpoint_path else None,
-        "in_chans": bb.in_chans,
-        "preprocessing": bb.preprocessing.to_dict(),
-    }
+def curve_monitor(cfg: RunConfig, scenario: Scenario, state: RunState) -> CurveMonitor:
+    """The every-k old/new/all accuracy monitor, continuing the curves already in ``state``."""
+    monitor = CurveMonitor(
+        scenario.experiences,
+        every=cfg.train.eval_every,
+        subset=cfg.eval.curve_subset,
+        seed=cfg.seed,
+        amp=cfg.train.amp,
+    )
+    monitor.rows = state.curves
+    return monitor
 
 
 def _run(
@@ -272,39 +206,28 @@ def _run(
     stop_after: int | None,
     job: DistContext = SINGLE,
 ) -> Path:
-    latest = run_dir / "checkpoints" / "latest.json"
+    start = time.perf_counter()
+    latest = RunLayout(run_dir).latest
     scenario, strategy, memory = build_components(cfg)
-    if job.is_main:  # rank 0 alone writes; every rank reads checkpoints
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", resolved)
-        env = environment(cfg) | {"world_size": job.world_size, "dist_backend": job.backend}
-        atomic_write_text(run_dir / "environment.json", json.dumps(env, indent=1))
-        atomic_write_text(run_dir / "scenario.json", json.dumps(scenario.describe(), indent=1))
-        summary = model_summary(cfg, strategy)
-        atomic_write_text(run_dir / "model.json", json.dumps(summary, indent=1))
-
+    strategy.feature_cache.batch_size = cfg.eval.batch_size
     state = RunState()
-    if resume and (latest.exists() or resume_from is not None):
-        state = _restore(run_dir, strategy, memory, experience=resume_from)
+    restoring = resume and (latest.exists() or resume_from is not None)
+    if restoring:  # the checkpoint is read (a damaged one refused) before anything is written
+        state = restore_checkpoint(run_dir, strategy, memory, experience=resume_from)
         job.barrier()  # every rank has read `latest` before rank 0 may rewrite it
+    if job.is_main:  # rank 0 alone writes; every rank reads checkpoints
+        record_start(cfg, run_dir, resolved, scenario, strategy, job, resume, state.completed)
+    if restoring:
         if resume_from is not None and job.is_main:  # the run continues from this checkpoint
-            atomic_write_text(
-                latest,
-                json.dumps({"checkpoint": f"exp-{resume_from:03d}", "completed": resume_from}),
-            )
+            pointer = {"checkpoint": checkpoint_name(resume_from), "completed": resume_from}
+            atomic_write_text(latest, json.dumps(pointer))
         if not quiet and job.is_main:
             print(f"resuming {run_dir} after experience {state.completed}")
     elif job.is_main:
-        state.baseline = untrained_baseline(strategy, scenario)
+        state.baseline = untrained_baseline(strategy, scenario, batch_size=cfg.eval.batch_size)
+    state.timing["setup"].append(round(time.perf_counter() - start, 4))
 
-    monitor = CurveMonitor(
-        scenario.experiences,
-        every=cfg.train.eval_every,
-        max_samples=cfg.train.eval_max_samples,
-        seed=cfg.seed,
-        amp=cfg.train.amp,
-    )
-    monitor.rows = state.curves
+    monitor = curve_monitor(cfg, scenario, state)
     params = json.loads(cfg.model_dump_json())
     logger = create_logger(
         cfg.logging, run_dir, run_name=cfg.run_name, params=params, main=job.is_main
@@ -313,7 +236,7 @@ def _run(
         for exp in scenario:
             if exp.index <= state.completed:
                 continue
-            _learn(
+            learn_experience(
                 run_dir, cfg, scenario, strategy, memory, state, monitor, exp,
                 quiet=quiet, job=job, logger=logger,
             )  # fmt: skip
@@ -324,7 +247,7 @@ def _run(
     return run_dir
 
 
-def _learn(
+def learn_experience(
     run_dir: Path,
     cfg: RunConfig,
     scenario: Scenario,
@@ -342,7 +265,9 @@ def _learn(
 
     In a DDP job every rank trains; rank 0 alone evaluates, logs and writes.
     """
+    # 1. train (every rank), seeded from (seed, experience index)
     curves_before = len(monitor.rows)
+    timer = PhaseTimer()
     stats = fit_experience(
         strategy,
         exp,
@@ -357,14 +282,57 @@ def _learn(
         quiet=quiet,
         dist=job,
         logger=logger,
+        timer=timer,
     )
+    state.global_update += stats.updates
+    state.completed = exp.index
     if not job.is_main:  # only the progress the loop needs
-        state.global_update += stats.updates
-        state.completed = exp.index
         return
+    # 2. evaluate every experience, 3. write its predictions (rank 0 from here on)
+    with timer("eval"):
+        evals = _evaluate(strategy, scenario, state, monitor, exp, stats)
+    bar = progress_bar(total=3, desc=f"exp {exp.index} {exp.name}: writing results", unit="file")
+    with timer("predictions"):
+        save_predictions(run_dir, exp.index, list(scenario.experiences), evals)
+    bar.update(1)
+    timing = {"experience": exp.index} | timer.record()
+    state.timing["experiences"].append(timing)  # checkpointed; completed once written
+    # 4. checkpoint, 5. metrics (and scenario.json when `medcl update` added a cohort)
+    with timer("checkpoint"):
+        _checkpoint(run_dir, strategy, memory, state, exp)
+    bar.update(1)
+    with timer("metrics"):
+        _record_scenario(run_dir, scenario)
+        metrics = write_metrics(run_dir, cfg, scenario, state, strategy)
+    bar.close()
+    timing.clear()
+    timing.update({"experience": exp.index} | timer.record())  # + checkpoint, metrics
+    write_timing(run_dir, state)
+    # 6. log and print
+    seen_acc = float(np.mean(state.accuracy[-1][: exp.index + 1]))
+    if logger is not None:
+        _log_experience(logger, state, monitor.rows[curves_before:], metrics, seen_acc)
+    if not quiet:
+        print(
+            f"[{exp.index + 1}/{len(scenario)}] {exp.name}: {stats.updates} updates in "
+            f"{stats.seconds:.1f}s ({stats.images_per_s:.0f} img/s) + "
+            f"{timing['total'] - stats.seconds:.1f}s for the rest; accuracy on seen "
+            f"experiences {seen_acc:.3f}"
+        )
+
+
+def _evaluate(
+    strategy: Strategy,
+    scenario: Scenario,
+    state: RunState,
+    monitor: CurveMonitor,
+    exp: Experience,
+    stats: FitStats,
+) -> list[ExperienceEval]:
+    """Evaluate every experience; add the accuracy rows, the fit record, seen tasks, curves."""
     # fp32 always: the accuracy matrix, predictions and clinical report must not depend on the
     # device (bf16 autocast is for training and the every-k curves only)
-    evals = evaluate(strategy, scenario.experiences)
+    evals = evaluate(strategy, scenario.experiences)  # the cache's batch size: eval.batch_size
     state.accuracy.append([e.accuracy for e in evals])
     state.task_accuracy.append([e.task_accuracy for e in evals])
     state.fit.append(
@@ -376,33 +344,32 @@ def _learn(
             "diagnostics": strategy.diagnostics(),  # method-specific (e.g. DynaMMo's adapters)
         }
     )
-    state.global_update += stats.updates
-    state.completed = exp.index
     state.seen = [i.to_dict() for i in strategy.seen]
     state.curves = monitor.rows
-    save_predictions(run_dir, exp.index, list(scenario.experiences), evals)
-    name = f"exp-{exp.index:03d}"
+    return evals
+
+
+def _checkpoint(
+    run_dir: Path, strategy: Strategy, memory: ReplayMemory, state: RunState, exp: Experience
+) -> None:
+    """Save strategy, memory and state after ``exp``, then point ``latest.json`` at them."""
+    files = RunLayout(run_dir)
     save_checkpoint(
-        run_dir / "checkpoints" / name,
+        files.checkpoint(exp.index),
         strategy=strategy.state_dict(),
         memory=memory.state_dict(),
         state=state.to_json(),
     )
-    atomic_write_text(
-        run_dir / "checkpoints" / "latest.json",
-        json.dumps({"checkpoint": name, "completed": exp.index}),
-    )
-    atomic_write_text(run_dir / "scenario.json", json.dumps(scenario.describe(), indent=1))
-    metrics = write_metrics(run_dir, cfg, scenario, state, strategy)
-    seen_acc = float(np.mean(state.accuracy[-1][: exp.index + 1]))
-    if logger is not None:
-        _log_experience(logger, state, monitor.rows[curves_before:], metrics, seen_acc)
-    if not quiet:
-        print(
-            f"[{exp.index + 1}/{len(scenario)}] {exp.name}: {stats.updates} updates in "
-            f"{stats.seconds:.1f}s ({stats.images_per_s:.0f} img/s); accuracy on seen "
-            f"experiences {seen_acc:.3f}"
-        )
+    pointer = {"checkpoint": checkpoint_name(exp.index), "completed": exp.index}
+    atomic_write_text(files.latest, json.dumps(pointer))
+
+
+def _record_scenario(run_dir: Path, scenario: Scenario) -> None:
+    """Rewrite ``scenario.json`` when ``medcl update`` added a cohort to the scenario."""
+    described = json.dumps(scenario.describe(), indent=1)
+    path = RunLayout(run_dir).scenario
+    if path.read_text() != described:
+        atomic_write_text(path, described)
 
 
 def _log_experience(
@@ -421,157 +388,3 @@ def _log_experience(
     accs = {f"accuracy/exp_{j}": a for j, a in enumerate(state.accuracy[-1])}
     summary = {f"summary/{k}": v for k, v in metrics["summary"].items() if isinstance(v, float)}
     logger.log(accs | {"accuracy/seen": seen_acc} | summary, after)
-
-
-def _restore(
-    run_dir: Path, strategy: Strategy, memory: ReplayMemory, *, experience: int | None = None
-) -> RunState:
-    """Load the checkpoint after ``experience`` (default: the latest) into strategy and memory.
-
-    Raises:
-        DataError: the checkpoint is unreadable; the message names the newest readable one and
-            the ``--resume-from`` that continues from it.
-    """
-    if experience is None:
-        latest = run_dir / "checkpoints" / "latest.json"
-        name = json.loads(latest.read_text())["checkpoint"]
-    else:
-        name = f"exp-{experience:03d}"
-    ckpt = run_dir / "checkpoints" / name
-    try:
-        tensors, mem, raw = load_checkpoint(ckpt)
-    except DataError as e:
-        k = int(name[4:])
-        good = readable_checkpoints(run_dir, below=k)
-        cmd = f"medcl run {run_dir / 'config.yaml'}"
-        hint = (
-            f"The newest readable checkpoint is after experience {good[0]}: continue from it "
-            f"with `{cmd} --resume-from {good[0]}` (experiences {good[0] + 1}..{k} are trained "
-            "again, with the same seeds), or use that model with --experience "
-            f"{good[0]} in report/export/predict."
-            if good
-            else f"No earlier checkpoint is readable; start again under a new name: `{cmd} "
-            "--set name=NEW_NAME`."
-        )
-        raise DataError(f"{e} {hint}") from None
-    state = RunState(**raw)
-    strategy.rebuild([ExperienceInfo.from_dict(d) for d in state.seen])
-    strategy.load_state_dict(tensors)
-    memory.load_state_dict(mem)
-    return state
-
-
-def restore_run(
-    run_dir: str | Path,
-    experience: int | None = None,
-    *,
-    allow_partial: bool = False,
-    command: str = "this command",
-) -> tuple[RunConfig, Scenario, Strategy, ReplayMemory, RunState]:
-    """Rebuild a run's components and load the model after one experience.
-
-    Args:
-        run_dir: the run directory.
-        experience: which model (``--experience K``); default the final one.
-        allow_partial: for an unfinished run, accept the last completed experience.
-        command: only to word the message (``"medcl export"``).
-
-    Returns:
-        ``(cfg, scenario, strategy, memory, state)``; the scenario includes the cohorts that
-        ``medcl update`` added up to that experience.
-
-    Raises:
-        ConfigError: not a run, or an unfinished run without ``experience``/``allow_partial``.
-        DataError: the checkpoint is unreadable (the message offers the newest readable one).
-    """
-    from medcl.config import load_config
-
-    run_dir = Path(run_dir)
-    k = select_experience(run_dir, experience, allow_partial=allow_partial, command=command)
-    cfg = load_config(run_dir / "config.yaml")
-    scenario, strategy, memory = build_components(cfg)
-    state = _restore(run_dir, strategy, memory, experience=k)
-    for extra in state.extra_experiences:
-        scenario = extend_scenario(
-            scenario,
-            extra["data"],
-            extra["site"],
-            cfg=cfg,
-            new_classes=extra.get("new_classes", True),
-        )
-    return cfg, scenario, strategy, memory, state
-
-
-def update(
-    run_dir: str | Path,
-    data: str,
-    *,
-    site: str | None = None,
-    new_classes: bool = False,
-    quiet: bool = False,
-) -> Path:
-    """Add one experience (a new cohort) to a finished run and re-evaluate every experience.
-
-    The cohort's classes are matched to the run's by name (see :mod:`medcl.engine.cohort`);
-    classes the run has not seen are refused unless ``new_classes``. The run directory is locked
-    while it is written, and nothing in it changes when the cohort is refused.
-
-    Args:
-        run_dir: an existing run directory.
-        data: a source spec: MedMNIST flag, CSV manifest or class-folder path.
-        site: the cohort's site name (default: the source's name).
-        new_classes: accept classes the run has not seen (the output layer grows).
-        quiet: no progress output.
-
-    Returns:
-        ``run_dir``, with metrics, predictions and a checkpoint for the new experience.
-
-    Raises:
-        ConfigError: not a run, an unfinished run, a locked run, or unmatched classes.
-    """
-    run_dir = Path(run_dir)
-    if not (run_dir / "checkpoints" / "latest.json").is_file():
-        raise ConfigError(
-            f"{run_dir} is not a medcl run with a checkpoint (no "
-            "checkpoints/latest.json); give the directory `medcl run` printed."
-        )
-    with RunLock(run_dir):
-        progress = run_progress(run_dir)
-        if not progress.finished:
-            raise ConfigError(
-                f"{run_dir} is unfinished: it {progress.describe()}. `medcl update` adds a "
-                "cohort after the whole stream; finish the run first with "
-                f"`medcl run {run_dir / 'config.yaml'} --resume`."
-            )
-        cfg, scenario, strategy, memory, state = restore_run(run_dir, command="medcl update")
-        scenario = extend_scenario(scenario, data, site, cfg=cfg, new_classes=new_classes)
-        if not quiet:
-            exp = scenario[-1]
-            print(
-                f"cohort {exp.name}: classes "
-                + ", ".join(f"{scenario.class_names[c]} ({c})" for c in exp.classes)
-            )
-        state.extra_experiences.append({"data": data, "site": site, "new_classes": new_classes})
-        memory.attach(scenario.experiences)
-        for row in state.accuracy:  # earlier rows had no entry for the new experience
-            row.append(float("nan"))
-        for row in state.task_accuracy:
-            row.append(float("nan"))
-        state.baseline.append(float("nan"))  # FWT is undefined for a cohort added afterwards
-        monitor = CurveMonitor(
-            scenario.experiences,
-            every=cfg.train.eval_every,
-            max_samples=cfg.train.eval_max_samples,
-            seed=cfg.seed,
-            amp=cfg.train.amp,
-        )
-        monitor.rows = state.curves
-        logger = create_logger(cfg.logging, run_dir, run_name=cfg.run_name)
-        try:
-            _learn(
-                run_dir, cfg, scenario, strategy, memory, state, monitor, scenario[-1],
-                quiet=quiet, logger=logger,
-            )  # fmt: skip
-        finally:
-            logger.close()
-    return run_dir

@@ -18,6 +18,7 @@ __all__ = [
     "RunLock",
     "RunProgress",
     "check_output_dir",
+    "read_environments",
     "readable_checkpoints",
     "run_progress",
     "select_experience",
@@ -30,6 +31,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from medcl.engine.layout import RunLayout
 from medcl.errors import ConfigError, DataError
 
 
@@ -73,6 +75,30 @@ def _json(path: Path) -> dict:
         ) from e
 
 
+def read_environments(run_dir: str | Path) -> list[dict]:
+    """The environment of every start of a run (``environment.json``), the first start first.
+
+    The file holds a JSON list: the software and machine of each start, oldest first.
+
+    A run written before medcl kept one entry per start holds a single mapping: it is read as a
+    list of one. No file (nothing started yet): ``[]``.
+
+    Raises:
+        DataError: the file is unreadable or holds something else.
+    """
+    path = RunLayout(run_dir).environment
+    if not path.is_file():
+        return []
+    data = _json(path)
+    envs = data if isinstance(data, list) else [data]
+    if not all(isinstance(e, dict) for e in envs):
+        raise DataError(
+            f"{path} must hold a list of mappings (one per start of the run); got "
+            f"{type(data).__name__}. Restore it from a backup, or delete it to start a new record."
+        )
+    return envs
+
+
 def run_progress(run_dir: str | Path) -> RunProgress:
     """Read ``scenario.json`` and ``checkpoints/latest.json`` (else ``metrics.json``) of a run.
 
@@ -80,22 +106,22 @@ def run_progress(run_dir: str | Path) -> RunProgress:
         DataError: ``run_dir`` is not a run directory, or its state files are unreadable.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "scenario.json").is_file():
+    files = RunLayout(run_dir)
+    if not files.config.is_file() or not files.scenario.is_file():
         raise DataError(
             f"{run_dir} is not a medcl run directory (no config.yaml and scenario.json); "
             "pass the folder `medcl run` printed (runs/<name>)."
         )
-    names = tuple(str(e["name"]) for e in _json(run_dir / "scenario.json").get("experiences", []))
-    latest = run_dir / "checkpoints" / "latest.json"
-    if latest.is_file():
-        completed = int(_json(latest)["completed"])
-    elif (run_dir / "metrics.json").is_file():  # checkpoints deleted to save space
-        completed = len(_json(run_dir / "metrics.json").get("accuracy_matrix") or []) - 1
+    names = tuple(str(e["name"]) for e in _json(files.scenario).get("experiences", []))
+    if files.latest.is_file():
+        completed = int(_json(files.latest)["completed"])
+    elif files.metrics.is_file():  # checkpoints deleted to save space
+        completed = len(_json(files.metrics).get("accuracy_matrix") or []) - 1
     else:
         completed = -1
     ckpts = sorted(
         int(p.name[4:])
-        for p in (run_dir / "checkpoints").glob("exp-*")
+        for p in files.checkpoints.glob("exp-*")
         if p.is_dir() and p.name[4:].isdigit()
     )
     return RunProgress(run_dir, completed, names, tuple(ckpts))
@@ -140,7 +166,7 @@ def select_experience(
         return p.completed
     raise ConfigError(
         f"{p.run_dir} is unfinished: it {p.describe()}, so it has no final model for {command}. "
-        f"Finish it with `medcl run {p.run_dir / 'config.yaml'} --resume`, or pass "
+        f"Finish it with `medcl run {RunLayout(p.run_dir).config} --resume`, or pass "
         f"--experience {p.completed} (or --allow-partial) to use the model after experience "
         f"{p.completed}."
     )
@@ -155,7 +181,7 @@ def readable_checkpoints(run_dir: str | Path, below: int | None = None) -> list[
         if below is not None and k >= below:
             continue
         try:
-            load_checkpoint(Path(run_dir) / "checkpoints" / f"exp-{k:03d}")
+            load_checkpoint(RunLayout(run_dir).checkpoint(k))
         except DataError:
             continue
         good.append(k)

@@ -22,18 +22,23 @@ from tqdm.auto import tqdm
 
 from medcl.config import TrainConfig
 from medcl.data.experience import Experience
-from medcl.data.transforms import build_batch_augment, to_model_input
+from medcl.data.memory import ReplayMemory
+from medcl.data.transforms import build_batch_augment
 from medcl.engine.device import bf16_available
 from medcl.engine.distributed import SINGLE, DistContext
 from medcl.engine.evaluate import CurveMonitor
 from medcl.engine.loggers import ExperimentLogger
-from medcl.engine.memory import ReplayMemory
+from medcl.engine.timing import PhaseTimer
 from medcl.strategies.base import Batch, ExperienceInfo, Strategy
 
 
 @dataclass(frozen=True)
 class FitStats:
-    """What one ``fit_experience`` call did."""
+    """What one ``fit_experience`` call did.
+
+    ``seconds`` is the update loop's wall time without the curve evaluations inside it (so
+    ``images_per_s`` is training throughput); the other phases are in the run's timer.
+    """
 
     updates: int
     images: int
@@ -97,6 +102,7 @@ def fit_experience(
     quiet: bool = False,
     dist: DistContext = SINGLE,
     logger: ExperimentLogger | None = None,
+    timer: PhaseTimer | None = None,
 ) -> FitStats:
     """Train ``strategy`` on ``exp``: hooks, optimisation, curve points, memory update.
 
@@ -118,7 +124,12 @@ def fit_experience(
             model and memory are broadcast at the end. Pass ``monitor`` on rank 0 only.
         logger: logs the training loss (averaged over ranks) and lr every ``logger.every``
             updates; every rank passes one built from the same config.
+        timer: receives the wall time of ``train`` (the loop without curve evaluations),
+            ``curves``, ``consolidation`` and ``memory``.
     """
+    timer = timer if timer is not None else PhaseTimer()
+    cache = strategy.feature_cache
+    cache.clear()  # a new experience: nothing computed before it is reused (see FeatureCache)
     seed_everything(seed)
     g = torch.Generator().manual_seed(seed)
     augment = build_batch_augment(exp.train.spatial_dims, cfg.augment, seed=seed)
@@ -135,6 +146,12 @@ def fit_experience(
     )
     n_replay = replay_batch_size or cfg.batch_size
 
+    # NHWC (train.channels_last): the same weights in another memory layout (2D only), kept for
+    # evaluation too; checkpoints store them contiguous, so they do not change
+    channels_last = cfg.channels_last and exp.train.spatial_dims == 2
+    if channels_last:
+        strategy.to(memory_format=torch.channels_last)
+
     # 2. optimiser over what the strategy trains, one schedule for the whole experience
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -150,7 +167,8 @@ def fit_experience(
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
 
     if monitor is not None and monitor.every:
-        monitor.record(strategy, exp.index, global_update, 0)  # the level before any update
+        with timer("curves"):
+            monitor.record(strategy, exp.index, global_update, 0)  # the level before any update
 
     # 3. the loop
     device = next(strategy.parameters()).device
@@ -158,6 +176,9 @@ def fit_experience(
     strategy.train()
     # DDP (after `grow`/`before_experience`: the final parameters) around forward + loss
     train_step = dist.wrap(LossStep(strategy))
+    if cfg.compile:  # compiled on the first batch of each experience (the modules change)
+        train_step = torch.compile(train_step)
+    curve_seconds = timer.seconds.get("curves", 0.0)
     start, step, seen, epoch = time.perf_counter(), 0, 0, 0
     bar = tqdm(
         total=total,
@@ -187,6 +208,8 @@ def fit_experience(
             # whole global batch, so that each row gets the draws it gets in one process
             n = len(y)
             x = augment(x.to(device))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)  # (B, C, H, W) as NHWC
             # DDP: every rank built the same global batch; each keeps rows rank, rank + N, ...
             x, y, e, rix = dist.shard(x, y, e, rix)
             y, e = y.to(device), e.to(device)
@@ -218,19 +241,32 @@ def fit_experience(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if monitor is not None and monitor.due(step):
-                monitor.record(strategy, exp.index, global_update + step, step)
+                with timer("curves"):
+                    monitor.record(strategy, exp.index, global_update + step, step)
                 strategy.train()
     bar.close()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - (timer.seconds.get("curves", 0.0) - curve_seconds)
+    timer.add("train", seconds)
 
     # 4. consolidation, then the memory (herding uses the consolidated features); under DDP
     # every rank runs both from rank 0's state (BatchNorm statistics are per rank until here)
     dist.sync(strategy)
-    strategy.after_experience(exp, memory)
+    cache.clear()  # the broadcast wrote through `.data`, which tensor versions do not count
+    with timer("consolidation"):
+        strategy.after_experience(exp, memory)
     strategy.eval()
-    with torch.no_grad():
-        memory.update(
-            exp, feature_fn=lambda im: strategy.features(to_model_input(im.to(device))).cpu()
-        )
+    with timer("memory"):
+        # herding's features from the cache: a consolidation that herded on the same features
+        # (DynaMMo's stage 2) already computed them
+        def features(rows: Tensor | None = None) -> Tensor:
+            desc = f"exp {exp.index} {exp.name}: memory features"
+            return cache.outputs(
+                "features", strategy, strategy.features, exp.train.images, rows, desc=desc
+            )
+
+        if memory.needs_features:
+            features()  # every row in one pass (one progress line); herding reads them per class
+        memory.update(exp, features=features)
     dist.sync(strategy, memory)  # every rank continues from exactly rank 0's model and memory
+    cache.clear()
     return FitStats(updates=step, images=seen, seconds=seconds)

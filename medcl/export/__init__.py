@@ -1,20 +1,29 @@
 """Deployment: export a run's model (ONNX, TorchScript, safetensors, MONAI bundle), predict with
 the OOD guard. The bundle runtime (:mod:`medcl.export.bundle_runtime`) and the OOD guard
-(:mod:`medcl.export.ood`) are imported from their modules."""
+(:mod:`medcl.export.ood`) are imported from their modules.
+
+Modules, each importing only those listed after it: ``run_export`` (``export_run``) ->
+``bundle`` -> ``bundle_runtime`` -> ``predict`` -> ``loading`` | ``exporters`` (the file formats)
+-> ``rebuild`` -> ``module`` (:class:`ExportModule`) -> ``ood`` | ``extras``.
+"""
 
 from __future__ import annotations
 
 from medcl.export.exporters import (
-    FORMATS,
     export_onnx,
-    export_run,
     export_safetensors,
     export_torchscript,
     load_safetensors_model,
     onnx_providers,
-    rebuild_module,
 )
-from medcl.export.loading import ExportModule, guarded_module, load_run_strategy, run_metadata
+from medcl.export.loading import (
+    RunModel,
+    guarded_module,
+    load_run_model,
+    load_run_strategy,
+    run_metadata,
+)
+from medcl.export.module import ExportModule
 from medcl.export.predict import (
     BACKENDS,
     Predictor,
@@ -24,12 +33,15 @@ from medcl.export.predict import (
     predict_files,
     prediction_rows,
 )
+from medcl.export.rebuild import rebuild_module
+from medcl.export.run_export import FORMATS, export_run
 
 __all__ = [
     "BACKENDS",
     "FORMATS",
     "ExportModule",
     "Predictor",
+    "RunModel",
     "expand_inputs",
     "export_onnx",
     "export_run",
@@ -38,6 +50,7 @@ __all__ = [
     "guarded_module",
     "input_problem",
     "load_predictor",
+    "load_run_model",
     "load_run_strategy",
     "load_safetensors_model",
     "onnx_providers",

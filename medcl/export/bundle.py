@@ -10,13 +10,14 @@ Layout (MONAI bundle specification)::
       models/model.pt           state dict of ``network_def`` (loaded with weights_only=True)
       models/model.ts           TorchScript (deprecated by PyTorch; kept while torch ships it)
       models/model.onnx         ONNX (torch.export / dynamo exporter), checked with onnxruntime
-      docs/README.md            the model card (:mod:`medcl.card`)
+      docs/README.md            the model card (:mod:`medcl.reports.card`)
       docs/license.txt          same text as LICENSE
 
 ``inference.json``: ``datalist`` (every PNG/JPEG/DICOM/NIfTI file under ``dataset_dir``) ->
 ``preprocessing`` (:meth:`medcl.data.preprocessing.Preprocessing.config`, the exact list
-training and ``medcl predict`` instantiate) -> ``Dataset`` / ``DataLoader`` -> ``network``
-(:class:`~medcl.export.bundle_runtime.BundleNetwork`, weights from ``model.pt`` by
+training and ``medcl predict`` instantiate) -> ``ReadableDataset`` / ``DataLoader`` (an
+unreadable file is skipped, with an error row and a log line, as in ``medcl predict``) ->
+``network`` (:class:`~medcl.export.bundle_runtime.BundleNetwork`, weights from ``model.pt`` by
 ``CheckpointLoader``) -> ``GuardedInferer`` -> ``PredictionWriter`` (``output_dir/
 predictions.csv`` with the columns of ``medcl predict``), driven by ``SupervisedEvaluator``::
 
@@ -41,16 +42,22 @@ __all__ = [
 import json
 import shutil
 import warnings
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+import monai
+import numpy as np
 import torch
 
+import medcl
 from medcl.data.preprocessing import Preprocessing
+from medcl.engine.checkpoint import atomic_dir
 from medcl.errors import DataError
 from medcl.export.bundle_runtime import BundleNetwork, read_bundle_metadata
 from medcl.export.exporters import export_onnx, export_torchscript
-from medcl.export.loading import ExportModule
+from medcl.export.module import ExportModule
+from medcl.reports.card import model_card
 
 #: The bundle metadata schema MONAI's ``verify_metadata`` downloads (not reachable offline).
 METADATA_SCHEMA = (
@@ -88,24 +95,13 @@ _SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".nii", ".nii.gz")
 
 
 def _version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
-        return version(name)
-    except PackageNotFoundError:
+        return importlib_metadata.version(name)
+    except importlib_metadata.PackageNotFoundError:
         return "not installed"
 
 
-def _licences(meta: dict[str, Any]) -> list[str]:
-    return sorted({s.get("licence", "") for s in meta.get("sources_info", []) if s.get("licence")})
-
-
 def _monai_metadata(meta: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    import monai
-    import numpy as np
-
-    import medcl
-
     shape = meta["input_shape"]
     after = meta.get("model_after_experience", {})
     index = int(after.get("index", 0))
@@ -197,10 +193,11 @@ def _inference_config(meta: dict[str, Any]) -> dict[str, Any]:
         },
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": pre_items},
-        "dataset": {
-            "_target_": "Dataset",
+        "dataset": {  # an unreadable file is skipped and reported, not fatal
+            "_target_": "medcl.export.bundle_runtime.ReadableDataset",
             "data": "$[{'image': f, 'path': f} for f in @datalist]",
             "transform": "@preprocessing",
+            "bundle_root": "@bundle_root",
         },
         "dataloader": {
             "_target_": "DataLoader",
@@ -208,6 +205,10 @@ def _inference_config(meta: dict[str, Any]) -> dict[str, Any]:
             "batch_size": 64,
             "shuffle": False,
             "num_workers": 0,
+            "collate_fn": {
+                "_target_": "medcl.export.bundle_runtime.collate_readable",
+                "_mode_": "callable",
+            },
         },
         "inferer": {"_target_": "medcl.export.bundle_runtime.GuardedInferer"},
         "handlers": [
@@ -264,21 +265,31 @@ def write_bundle(
 ) -> Path:
     """Write the bundle folder ``out``; an existing folder is replaced only once all is written.
 
+    The bundle is assembled in a hidden ``.NAME.partial`` folder beside ``out`` that is removed
+    if the export fails or is interrupted (a later export also removes one left by ``kill -9``),
+    so nothing that looks like a bundle is left half-written.
+
     Args:
         module: the guarded export module.
         meta: export metadata (:func:`~medcl.export.loading.run_metadata` + guard).
-        config: how to rebuild the architecture (``model``, ``strategy``, ``scenario_kind``,
-            ``seen``).
+        config: how to rebuild the architecture (:func:`~medcl.export.rebuild.rebuild_config`).
         out: the bundle folder.
 
     Returns:
         ``out``.
     """
-    from medcl.card import model_card
-
     out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    legacy = out.with_name(out.name + ".partial")  # left by medcl versions before the fix
+    if (legacy / "configs" / "inference.json").is_file():
+        shutil.rmtree(legacy, ignore_errors=True)
+    with atomic_dir(out) as tmp:
+        _fill_bundle(tmp, module, meta, config)
+    return out
+
+
+def _fill_bundle(
+    tmp: Path, module: ExportModule, meta: dict[str, Any], config: dict[str, Any]
+) -> None:
     (tmp / "configs").mkdir(parents=True)
     (tmp / "docs").mkdir()
     (tmp / "models").mkdir()
@@ -306,12 +317,3 @@ def write_bundle(
             "--dataset_dir DIR`.\n"
         )
     (tmp / "docs" / "README.md").write_text(card)
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-    return out

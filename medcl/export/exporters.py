@@ -1,43 +1,46 @@
-"""Export a run's deployable model: TorchScript, ONNX, safetensors (+ JSON config), MONAI bundle.
+"""The file formats: TorchScript, ONNX and safetensors writers, and their low-level readers.
 
-Every format stores :class:`~medcl.export.loading.ExportModule` (``[0, 1]`` images ->
+Every format stores :class:`~medcl.export.module.ExportModule` (``[0, 1]`` images ->
 probabilities, routed head) and carries its metadata inside the file: TorchScript as the extra
 file ``metadata.json``, ONNX as the model property ``medcl_metadata``, safetensors in the header
 ``__metadata__``. TorchScript first tries ``torch.jit.script``; where the model's Python control
 flow does not script it is traced and the trace is checked against eager outputs (the batch
 size stays free: the routing is written without data-dependent Python branches). Loading a
-safetensors export never unpickles: the module is rebuilt from the JSON run config and filled
-with the tensors.
+safetensors export never unpickles: the module is rebuilt from the JSON run config
+(:mod:`medcl.export.rebuild`) and filled with the tensors. :func:`~medcl.export.run_export.export_run`
+picks the format for a run directory; the MONAI bundle is :mod:`medcl.export.bundle`.
 """
 
 from __future__ import annotations
 
 __all__ = [
-    "FORMATS",
     "export_onnx",
-    "export_run",
     "export_safetensors",
     "export_torchscript",
     "load_safetensors_model",
     "onnx_providers",
-    "rebuild_module",
+    "onnx_session",
+    "safetensors_header",
 ]
 
 import functools
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from medcl.errors import ConfigError, MedclError
-from medcl.export.loading import ExportModule, guarded_module, load_run_strategy, run_metadata
+from medcl.engine.checkpoint import atomic_file
+from medcl.errors import ConfigError, DataError, MedclError
+from medcl.export.extras import require
+from medcl.export.module import ExportModule
+from medcl.export.rebuild import rebuild_module
 
-FORMATS = ("torchscript", "onnx", "safetensors", "bundle")
 ATOL = 1e-4
 
 
@@ -95,18 +98,16 @@ def export_torchscript(module: nn.Module, meta: dict[str, Any], path: str | Path
             ts = torch.jit.trace(module, x, check_trace=False)
             _check(module, ts, _example(meta, batch=5), "traced model (other batch size)")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
+    with atomic_file(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(ts, str(path), _extra_files={"metadata.json": json.dumps(meta)})
+        torch.jit.save(ts, str(tmp), _extra_files={"metadata.json": json.dumps(meta)})
     return path
 
 
 def export_onnx(module: nn.Module, meta: dict[str, Any], path: str | Path) -> Path:
     """ONNX through ``torch.export`` (``dynamo=True``) with a dynamic batch axis, checked by
     ``onnx.checker`` and against PyTorch with onnxruntime on another batch size."""
-    import onnx
-
+    onnx = require("onnx", purpose="ONNX export")
     module.eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,16 +136,15 @@ def export_onnx(module: nn.Module, meta: dict[str, Any], path: str | Path) -> Pa
     model = program.model_proto
     onnx.helper.set_model_props(model, {"medcl_metadata": json.dumps(meta)})
     onnx.checker.check_model(model)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
-    sess = _onnx_session(path)
-    _check(
-        module,
-        lambda t: [torch.from_numpy(o) for o in sess.run(None, {"image": t.numpy()})],
-        _example(meta, batch=5),
-        "ONNX model (onnxruntime)",
-    )
+    with atomic_file(path) as tmp:  # checked before it replaces an earlier export
+        onnx.save(model, str(tmp))
+        sess = onnx_session(tmp)
+        _check(
+            module,
+            lambda t: [torch.from_numpy(o) for o in sess.run(None, {"image": t.numpy()})],
+            _example(meta, batch=5),
+            "ONNX model (onnxruntime)",
+        )
     return path
 
 
@@ -152,8 +152,7 @@ def onnx_providers(device: torch.device | str = "cpu") -> list[str]:
     """ONNX Runtime execution providers for ``device``: CUDA first when ``device`` is a CUDA
     device and ``CUDAExecutionProvider`` is installed (``onnxruntime-gpu``), else the CPU one
     (for a CUDA device, a warning says so once per process)."""
-    import onnxruntime as ort
-
+    ort = require("onnxruntime", purpose="running ONNX models")
     device = torch.device(device)
     if device.type == "cuda":
         if "CUDAExecutionProvider" in ort.get_available_providers():
@@ -172,9 +171,9 @@ def _warn_no_cuda_provider(available: tuple[str, ...]) -> None:
     )
 
 
-def _onnx_session(path: Path, device: torch.device | str = "cpu"):
-    import onnxruntime as ort
-
+def onnx_session(path: str | Path, device: torch.device | str = "cpu"):
+    """An ONNX Runtime session for ``path`` on ``device`` (see :func:`onnx_providers`)."""
+    ort = require("onnxruntime", purpose="running ONNX models")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     providers = onnx_providers(device)
@@ -188,126 +187,51 @@ def export_safetensors(
     module: ExportModule, meta: dict[str, Any], config: dict[str, Any], path: str | Path
 ) -> Path:
     """Weights as safetensors; metadata and the config to rebuild the module in its header."""
-    from safetensors.torch import save_model
-
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = {"medcl_metadata": json.dumps(meta), "medcl_config": json.dumps(config)}
-    save_model(module, str(path), metadata=header)
+    with atomic_file(path) as tmp:
+        safetensors.torch.save_model(module, str(tmp), metadata=header)
     return path
 
 
-def rebuild_module(meta: dict[str, Any], config: dict[str, Any]) -> ExportModule:
-    """An :class:`ExportModule` of the exported architecture with untrained weights.
+def safetensors_header(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, read without loading tensors or unpickling.
 
-    Args:
-        meta: the export's metadata (input shape; ``ood`` sizes when it has a guard).
-        config: ``{"model", "strategy", "scenario_kind", "seen"}`` as written by
-            :func:`export_run`.
-
-    Returns:
-        The module in eval mode, ready for ``load_state_dict``.
+    Raises:
+        DataError: ``path`` is not a safetensors file (e.g. a pickle renamed ``.safetensors``).
     """
-    from medcl.export.ood import MahalanobisScore
-    from medcl.models.backbones import create_backbone
-    from medcl.strategies import create_strategy
-    from medcl.strategies.base import ExperienceInfo
-
-    shape, m = meta["input_shape"], config["model"]
-    backbone = create_backbone(
-        m["backbone"],
-        in_chans=shape[0],
-        spatial_dims=len(shape) - 1,
-        small_input=m["small_input"],
-        pretrained=False,
-        checkpoint_path=None,
-        width=m["width"],
-    )
-    opts = {k: v for k, v in config["strategy"].items() if k != "name"}
-    strategy = create_strategy(
-        config["strategy"]["name"], backbone, scenario_kind=config["scenario_kind"], **opts
-    )
-    strategy.rebuild([ExperienceInfo.from_dict(d) for d in config["seen"]])
-    ood = meta.get("ood")
-    guard = MahalanobisScore.empty(ood["n_means"], ood["n_features"]) if ood else None
-    return ExportModule(strategy.deployable_model(), guard).eval()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise DataError(
+            f"{path} is not a valid safetensors file ({str(e).strip() or type(e).__name__}); "
+            "expected a file written by `medcl export -f safetensors` (or safetensors' "
+            "save_file). medcl never unpickles user files: export the model again."
+        ) from None
 
 
 def load_safetensors_model(path: str | Path) -> tuple[ExportModule, dict[str, Any]]:
-    """Rebuild the module from the header's JSON config and load the tensors (no pickle)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_model
+    """Rebuild the module from the header's JSON config and load the tensors (no pickle).
 
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
+    Raises:
+        DataError: not a safetensors file, or its tensors do not fit the recorded model.
+        ConfigError: a safetensors file without medcl's header (not a ``medcl export`` file).
+    """
+    header = safetensors_header(path)
     if "medcl_config" not in header:
-        raise ConfigError(f"{path}: not a medcl safetensors export (no medcl_config in header).")
+        raise ConfigError(
+            f"{path}: not a medcl safetensors export (no medcl_config in its header); export "
+            "the run with `medcl export RUN_DIR -f safetensors`."
+        )
     meta, cfg = json.loads(header["medcl_metadata"]), json.loads(header["medcl_config"])
     module = rebuild_module(meta, cfg)
-    load_model(module, str(path), strict=True)
+    try:
+        safetensors.torch.load_model(module, str(path), strict=True)
+    except (RuntimeError, SafetensorError) as e:  # missing/unexpected keys, wrong shapes
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"{path}: its tensors do not fit the model its header describes ({first}); the "
+            "file was changed after `medcl export`. Export the run again."
+        ) from None
     return module, meta
-
-
-def _write_bundle(
-    module: ExportModule, meta: dict[str, Any], config: dict[str, Any], out: Path
-) -> Path:
-    from medcl.export.bundle import write_bundle
-
-    return write_bundle(module, meta, config, out)
-
-
-def export_run(
-    run_dir: str | Path,
-    fmt: str,
-    out: str | Path | None = None,
-    *,
-    experience: int | None = None,
-    allow_partial: bool = False,
-) -> Path:
-    """Export the deployable model of ``run_dir`` in ``fmt`` (one of :data:`FORMATS`).
-
-    The metadata records which experience the model was taken after
-    (``model_after_experience``). An unfinished run is an error unless ``experience`` or
-    ``allow_partial`` says which model to export.
-
-    Args:
-        run_dir: a finished run directory.
-        experience: export the model after this experience instead of the final one.
-        allow_partial: for an unfinished run, export the last completed experience's model.
-        fmt: ``torchscript``, ``onnx``, ``safetensors`` or ``bundle``.
-        out: output file (folder for ``bundle``); default ``RUN_DIR/export/model.<ext>``
-            or ``RUN_DIR/export/bundle``.
-
-    Returns:
-        The written file or bundle folder.
-    """
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}.")
-    from medcl.engine.rundir import select_experience
-
-    run_dir = Path(run_dir)
-    after = select_experience(
-        run_dir, experience, allow_partial=allow_partial, command="medcl export"
-    )
-    scenario, strategy = load_run_strategy(run_dir, experience=after)
-    meta = run_metadata(run_dir, scenario, strategy, experience=after)
-    module = guarded_module(run_dir, scenario, strategy, meta)
-    ext = {"torchscript": "ts", "onnx": "onnx", "safetensors": "safetensors"}
-    default = run_dir / "export" / ("bundle" if fmt == "bundle" else f"model.{ext.get(fmt)}")
-    out = Path(out) if out is not None else default
-    if fmt == "torchscript":
-        return export_torchscript(module, meta, out)
-    if fmt == "onnx":
-        return export_onnx(module, meta, out)
-    import yaml
-
-    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
-    config = {
-        "model": raw["model"],
-        "strategy": raw["strategy"],
-        "scenario_kind": scenario.kind,
-        "seen": [i.to_dict() for i in strategy.seen],
-    }
-    if fmt == "bundle":
-        return _write_bundle(module, meta, config, out)
-    return export_safetensors(module, meta, config, out)

@@ -1,42 +1,68 @@
-"""Rebuild a finished run's strategy and wrap its deployable model for export and inference.
+"""A finished run's model, restored for export and inference, and the metadata that travels with it.
 
-:class:`ExportModule` is what every format stores: ``[0, 1]`` images -> class probabilities and
-the routed head (``-1`` for models that do not route), so an exported file needs nothing but
-the intensity scaling recorded in its metadata.
+:func:`load_run_model` restores the model from the run directory alone (``config.yaml``,
+``model.json``, the checkpoint: :func:`medcl.engine.model_record.restore_model`); a run written
+before medcl recorded its data facts is restored with its data (:func:`load_run_strategy`).
+:func:`run_metadata` says how inference must preprocess inputs and where the model came from;
+:func:`guarded_module` wraps the model with its OOD guard (:mod:`medcl.export.ood`).
 """
 
 from __future__ import annotations
 
-__all__ = ["ExportModule", "guarded_module", "load_run_strategy", "run_metadata"]
+__all__ = [
+    "RunModel",
+    "guarded_module",
+    "load_run_model",
+    "load_run_strategy",
+    "run_metadata",
+]
 
+import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from medcl.data.experience import Scenario
+from medcl.data.preprocessing import Preprocessing
 from medcl.data.transforms import INPUT_MEAN, INPUT_STD
+from medcl.engine.checkpoint import atomic_file
+from medcl.engine.layout import RunLayout
+from medcl.engine.model_record import DataFacts, restore_model
+from medcl.engine.resume import restore_run
+from medcl.engine.rundir import run_progress
 from medcl.errors import ConfigError
+from medcl.export.module import ExportModule
 from medcl.export.ood import (
     DEFAULT_FALSE_ALARM_RATE,
     MahalanobisScore,
     acquisition_facts,
     fit_mahalanobis,
 )
-from medcl.models.adapters import forward_with_adapters
 from medcl.models.backbones import find_backbone
 from medcl.strategies.base import Strategy
-from medcl.strategies.dynammo import RoutedAdapterModel, route_min_others
 
 FORMAT_VERSION = 1
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    files = RunLayout(run_dir)
+    if not files.config.is_file() or not files.latest.is_file():
+        raise ConfigError(
+            f"{run_dir} is not a finished run directory (needs config.yaml and "
+            "checkpoints/latest.json); pass the folder `medcl run` printed."
+        )
 
 
 def load_run_strategy(
     run_dir: str | Path, *, experience: int | None = None, allow_partial: bool = False
 ) -> tuple[Scenario, Strategy]:
-    """The scenario and the strategy of ``run_dir`` restored from a checkpoint.
+    """The scenario (data loaded) and the strategy of ``run_dir`` restored from a checkpoint.
 
     Args:
         run_dir: the run directory.
@@ -44,15 +70,8 @@ def load_run_strategy(
         allow_partial: for an unfinished run, accept the last completed experience (without it,
             or ``experience``, an unfinished run is an error).
     """
-    from medcl.engine.run import restore_run
-
     run_dir = Path(run_dir)
-    latest = run_dir / "checkpoints" / "latest.json"
-    if not (run_dir / "config.yaml").is_file() or not latest.is_file():
-        raise ConfigError(
-            f"{run_dir} is not a finished run directory (needs config.yaml and "
-            "checkpoints/latest.json); pass the folder `medcl run` printed."
-        )
+    _check_run_dir(run_dir)
     _, scenario, strategy, _, _ = restore_run(
         run_dir, experience, allow_partial=allow_partial, command="export or predict"
     )
@@ -60,82 +79,86 @@ def load_run_strategy(
     return scenario, strategy
 
 
-class ExportModule(nn.Module):
-    """Deployable model + input normalisation + softmax + OOD score, routed head when it routes.
+@dataclass
+class RunModel:
+    """A run's model after one experience and the facts about its data.
 
-    Args:
-        model: the strategy's :meth:`~medcl.strategies.base.Strategy.deployable_model`.
-        ood: the fitted feature-space score (:class:`~medcl.export.ood.MahalanobisScore`);
-            ``None`` returns a score of 0 (no guard).
+    Attributes:
+        run_dir: the run directory.
+        experience: the model is the one after this experience.
+        strategy: the restored strategy (CPU, eval mode).
+        data: what export needs to know about the data (no images).
     """
 
-    def __init__(self, model: nn.Module, ood: MahalanobisScore | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.routed = isinstance(model, RoutedAdapterModel)
-        self.ood = ood
+    run_dir: Path
+    experience: int
+    strategy: Strategy
+    data: DataFacts
+    _scenario: Scenario | None = field(default=None, repr=False)
 
-    def _features_scores(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Normalised ``x`` -> features ``(B, F)``, class scores ``(B, K)``, route ``(B,)``."""
-        m = self.model
-        if self.routed:
-            sets = m.adapter_sets
-            f = forward_with_adapters(m.backbone, sets[0] if len(sets) else None, x)  # (B, F)
-            logits = [h(f) for h in m.heads] if len(sets) <= 1 else m.head_logits(x)
-            scores = route_min_others(logits, [h.classes for h in m.heads], m.num_classes)
-            others = torch.stack([torch.softmax(z, 1)[:, -1] for z in logits], 1)  # (B, H)
-            return f, scores, others.argmin(1)
-        if hasattr(m, "forward_features") and hasattr(m, "forward_head"):
-            f = m.forward_features(x)
-            scores = m.forward_head(f)
-        else:  # a model without timm's interface: the guard works on its scores
-            scores = m(x)
-            f = scores
-        return f, scores, torch.full_like(scores[:, 0], -1, dtype=torch.long)
+    def scenario(self) -> Scenario:
+        """The run's data, loaded on first use (only fitting the OOD guard needs images)."""
+        if self._scenario is None:
+            self._scenario, _ = load_run_strategy(self.run_dir, experience=self.experience)
+        return self._scenario
 
-    def features(self, x: Tensor) -> Tensor:
-        """``(B, C, *spatial)`` in [0, 1] -> ``(B, F)`` features the OOD score is fitted on."""
-        return self._features_scores((x - INPUT_MEAN) / INPUT_STD)[0]
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(B, C, H, W[, D])`` float in [0, 1] -> probabilities ``(B, K)``, route ``(B,)``,
-        OOD score ``(B,)``.
+def load_run_model(run_dir: str | Path, *, experience: int) -> RunModel:
+    """The model of ``run_dir`` after ``experience``, restored without loading its data.
 
-        ``route`` is the index of the head each sample was routed to (int64), ``-1`` when the
-        model has no routing; the OOD score is the feature distance compared with the
-        threshold in the metadata (``ood.threshold``), 0 without a guard.
-        """
-        x = (x - INPUT_MEAN) / INPUT_STD  # medcl.data.transforms.to_model_input on [0, 1] floats
-        f, scores, route = self._features_scores(x)
-        score = self.ood(f) if self.ood is not None else torch.zeros_like(scores[:, 0])
-        return torch.softmax(scores.float(), 1), route, score.float()
+    A run directory written before medcl recorded its data facts (``model.json["scenario"]``)
+    is restored with its data, as :func:`load_run_strategy` does.
+
+    Args:
+        run_dir: the run directory.
+        experience: a completed experience (:func:`medcl.engine.rundir.select_experience`).
+
+    Raises:
+        ConfigError: not a run directory with a checkpoint.
+        DataError: the checkpoint is unreadable (the message names the newest readable one).
+    """
+    run_dir = Path(run_dir)
+    _check_run_dir(run_dir)
+    restored = restore_model(run_dir, experience)
+    if restored is not None:
+        data, strategy = restored
+        return RunModel(run_dir, experience, strategy, data)
+    scenario, strategy = load_run_strategy(run_dir, experience=experience)
+    return RunModel(run_dir, experience, strategy, DataFacts.of(scenario), scenario)
 
 
 def run_metadata(
-    run_dir: str | Path, scenario: Scenario, strategy: Strategy, *, experience: int | None = None
+    run_dir: str | Path,
+    scenario: Scenario | DataFacts,
+    strategy: Strategy,
+    *,
+    experience: int | None = None,
 ) -> dict[str, Any]:
     """What inference needs to reproduce training preprocessing, and where the model came from.
 
-    ``experience`` is the experience the model was restored after (default: the last completed
-    one); ``model_after_experience`` records it, with whether it is the run's final model.
+    Args:
+        run_dir: the run directory.
+        scenario: the run's scenario, or its facts (:attr:`RunModel.data`: no images needed).
+        strategy: the restored strategy.
+        experience: the experience the model was restored after (default: the last completed
+            one); ``model_after_experience`` records it, with whether it is the final model.
     """
-    from medcl.engine.rundir import run_progress
-
+    data = scenario if isinstance(scenario, DataFacts) else DataFacts.of(scenario)
     run_dir = Path(run_dir).resolve()
     progress = run_progress(run_dir)
     after = progress.completed if experience is None else experience
-    shape = list(scenario.input_shape)
-    mode = "uint8" if scenario[0].train.images.dtype == torch.uint8 else "minmax"
-    model = strategy.deployable_model()
-    routes = [i.to_dict() for i in strategy.seen] if isinstance(model, RoutedAdapterModel) else []
-    metrics = run_dir / "metrics.json"
+    shape = list(data.input_shape)
+    mode = data.intensity
+    routed = strategy.deployable_model().routed
+    routes = [i.to_dict() for i in strategy.seen] if routed else []
+    metrics = RunLayout(run_dir).metrics
     summary = json.loads(metrics.read_text()).get("summary", {}) if metrics.is_file() else {}
     if after != progress.completed:  # metrics.json summarises the last completed experience
         summary = {}
     return {
         "medcl_export_version": FORMAT_VERSION,
-        "class_names": list(scenario.class_names),
-        "num_classes": len(scenario.class_names),
+        "class_names": list(data.class_names),
+        "num_classes": len(data.class_names),
         "input_shape": shape,  # (C, H, W[, D])
         "channels": shape[0],
         "spatial_dims": len(shape) - 1,
@@ -166,14 +189,12 @@ def run_metadata(
             "final": after == progress.total - 1,
         },
         "strategy": strategy.name,
-        "scenario": scenario.name,
+        "scenario": data.name,
         "run": {"dir": str(run_dir), "name": run_dir.name, "summary": summary},
     }
 
 
 def _digest(model: nn.Module) -> str:
-    import hashlib
-
     h = hashlib.blake2b(digest_size=16)
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -191,31 +212,24 @@ def _as01(x: Tensor) -> Tensor:
 
 
 def guarded_module(
-    run_dir: str | Path,
-    scenario: Scenario,
-    strategy: Strategy,
+    model: RunModel,
     meta: dict[str, Any],
     *,
     false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
     per_experience: int = 500,
 ) -> ExportModule:
     """The run's :class:`ExportModule` with its OOD guard; ``meta`` gains ``ood``,
-    ``acquisition`` and ``preprocessing``.
+    ``acquisition``, ``preprocessing``, ``sources_info`` and ``history``.
 
     The guard is fitted on up to ``per_experience`` training and validation images of every
     experience the model has learned (seeded subsample) and cached in
     ``RUN_DIR/ood/after-NNN.safetensors`` (written atomically), so export and predict use the
-    same threshold.
+    same threshold; only that first fit loads the run's data (:meth:`RunModel.scenario`).
     """
-    import os
-
-    from safetensors.torch import load_file, save_file
-
-    from medcl.data.preprocessing import Preprocessing
-
+    data = model.data
     after = int(meta["model_after_experience"]["index"])
-    module = ExportModule(strategy.deployable_model()).eval()
-    cache = Path(run_dir) / "ood" / f"after-{after:03d}.safetensors"
+    module = ExportModule(model.strategy.deployable_model()).eval()
+    cache = RunLayout(model.run_dir).ood_after(after)
     wanted = {
         "false_alarm_rate": false_alarm_rate,
         "per_experience": per_experience,
@@ -223,16 +237,17 @@ def guarded_module(
     }
     record = None
     if cache.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(cache), framework="pt") as f:
-            header = json.loads((f.metadata() or {}).get("medcl_ood", "{}"))
-        if header.get("options") == wanted:
-            tensors = load_file(str(cache))
-            score = MahalanobisScore(tensors["means"], tensors["precision"])
-            record = header["record"]
+        try:
+            with safe_open(str(cache), framework="pt") as f:
+                header = json.loads((f.metadata() or {}).get("medcl_ood", "{}"))
+            if header.get("options") == wanted:
+                tensors = load_file(str(cache))
+                score = MahalanobisScore(tensors["means"], tensors["precision"])
+                record = header["record"]
+        except (SafetensorError, OSError, ValueError, KeyError):
+            record = None  # a damaged cache is refitted and rewritten
     if record is None:
-        exps = [e for e in scenario.experiences if e.index <= after]
+        exps = [e for e in model.scenario().experiences if e.index <= after]
         train = [(e.train, _subset(e.train.images, per_experience, e.index)) for e in exps]
         val = [(e.val, _subset(e.val.images, per_experience, e.index)) for e in exps]
         images = torch.cat([_as01(s.images[i]) for s, i in train])
@@ -245,24 +260,16 @@ def guarded_module(
             false_alarm_rate=false_alarm_rate,
         )
         record["threshold_on"] = "validation" if held_out else "training (no validation split)"
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
         tensors = {"means": score.means.contiguous(), "precision": score.precision.contiguous()}
-        save_file(
-            tensors, str(tmp), {"medcl_ood": json.dumps({"options": wanted, "record": record})}
-        )
-        os.replace(tmp, cache)
+        header = {"medcl_ood": json.dumps({"options": wanted, "record": record})}
+        with atomic_file(cache) as tmp:
+            save_file(tensors, str(tmp), header)
     module.ood = score.eval()
     meta["ood"] = record
     meta["acquisition"] = acquisition_facts(
-        scenario.sources, channels=meta["channels"], spatial_dims=meta["spatial_dims"]
+        data.sources, channels=meta["channels"], spatial_dims=meta["spatial_dims"]
     )
     meta["preprocessing"] = Preprocessing.from_meta(meta).to_dict()
-    keep = ("dataset", "modality", "licence", "citation", "task", "dims")  # no paths
-    meta["sources_info"] = [{k: str(s[k]) for k in keep if k in s} for s in scenario.sources]
-    meta["history"] = [
-        {"index": e.index, "name": e.name, "site": e.site}
-        for e in scenario.experiences
-        if e.index <= after
-    ]
+    meta["sources_info"] = [dict(s) for s in data.sources]  # no paths (DataFacts.of)
+    meta["history"] = [dict(e) for e in data.experiences if e["index"] <= after]
     return module

@@ -35,10 +35,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import medmnist
 import numpy as np
+import pydicom
 import torch
+from sklearn.covariance import LedoitWolf
 from torch import Tensor, nn
 
+from medcl.data.readers import inspect_file
 from medcl.errors import ConfigError
 
 #: Share of in-distribution validation images the threshold flags by default.
@@ -116,21 +120,15 @@ def acquisition_facts(
 
 def _native_channels(dataset: str) -> int | None:
     """Channels of a MedMNIST flag (``"retinamnist@64"`` -> 3), None for other sources."""
-    try:
-        import medmnist
-
-        return int(medmnist.INFO[dataset.split("@")[0]]["n_channels"])
-    except (ImportError, KeyError):
-        return None
+    info = medmnist.INFO.get(dataset.split("@")[0])
+    return int(info["n_channels"]) if info is not None else None
 
 
 def acquisition_problems(path: str | Path, facts: Mapping[str, Any]) -> list[str]:
     """Header facts of ``path`` that no training cohort had (empty when none, or unknown)."""
-    from medcl.data.files import _inspect
-
     path = Path(path)
     out: list[str] = []
-    info = _inspect(path)
+    info = inspect_file(path)
     native = facts.get("native_channels")
     if info.problem is None and native and info.channels not in native:
         out.append(
@@ -140,8 +138,6 @@ def acquisition_problems(path: str | Path, facts: Mapping[str, Any]) -> list[str
     dicom = path.is_dir() or path.name.lower().endswith(".dcm")
     if not dicom or info.problem is not None:
         return out
-    import pydicom
-
     first = sorted(p for p in path.iterdir() if p.is_file())[0] if path.is_dir() else path
     ds = pydicom.dcmread(first, stop_before_pixels=True)
     modality = str(ds.get("Modality", "") or "").upper()
@@ -221,8 +217,6 @@ def fit_mahalanobis(
         The score module and its record ``{"score", "false_alarm_rate", "threshold", "n_fit",
         "n_val", "n_features", "n_means"}``.
     """
-    from sklearn.covariance import LedoitWolf
-
     if not 0.0 < false_alarm_rate < 1.0:
         raise ConfigError(
             f"false_alarm_rate must lie in (0, 1), e.g. 0.05; got {false_alarm_rate!r}."

@@ -2,7 +2,7 @@
 
 A model is a run directory, a bundle folder, or an exported ``.ts`` / ``.onnx`` /
 ``.safetensors`` file; the metadata inside it fixes channels, spatial size and intensity scaling,
-and files go through the same MONAI pipeline as training (:func:`medcl.data.files.load_image_files`).
+and files go through the same MONAI pipeline as training (:func:`medcl.data.decode.load_image_files`).
 Inputs are PNG/JPEG, DICOM files, DICOM series folders (3D models), NIfTI volumes, folders of
 images and CSV manifests (a ``path`` column, relative to the CSV). Every input gets one row:
 probabilities, predicted class and routed experience, or an ``error`` saying what is wrong with
@@ -30,6 +30,7 @@ __all__ = [
 
 import json
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
-from medcl.data.files import _inspect, load_image_files
+from medcl.data.decode import load_image_files
+from medcl.data.readers import inspect_file
 from medcl.engine.device import autocast, resolve_device
+from medcl.engine.layout import RunLayout
+from medcl.engine.rundir import select_experience
 from medcl.errors import ConfigError, DataError
+from medcl.export.exporters import load_safetensors_model, onnx_session
+from medcl.export.extras import require
+from medcl.export.loading import guarded_module, load_run_model, run_metadata
+from medcl.export.ood import acquisition_problems, ood_reason
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".nii", ".nii.gz", ".dcm")
 #: Which file of a bundle ``load_predictor`` runs.
@@ -76,7 +85,23 @@ def _torch_fn(module, device: torch.device = _CPU, amp: bool = False) -> Callabl
     return fn
 
 
+def _pickled(path: Path) -> bool:
+    """Whether ``path`` is a ``torch.save`` archive or a raw pickle rather than TorchScript."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = [n.split("/", 1)[-1] for n in z.namelist()]
+        return "data.pkl" in names and "constants.pkl" not in names
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"  # pickle protocol 2+ opcode
+
+
 def _ts(path: Path, device: torch.device = _CPU, amp: bool = False) -> Predictor:
+    if path.is_file() and _pickled(path):
+        raise DataError(
+            f"{path} is a torch.save / pickle file, not a TorchScript export; medcl never "
+            "unpickles user files (unpickling can run code). Export the model with `medcl "
+            "export RUN_DIR` (-f onnx, safetensors or torchscript) and predict with that file."
+        )
     extra = {"metadata.json": ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -95,10 +120,7 @@ def _ts(path: Path, device: torch.device = _CPU, amp: bool = False) -> Predictor
 
 
 def _onnx(path: Path, device: torch.device = _CPU) -> Predictor:
-    import onnx
-
-    from medcl.export.exporters import _onnx_session
-
+    onnx = require("onnx", purpose="predicting with an ONNX model")
     fix = "it is damaged or not a `medcl export` file. Export it again with `medcl export -f onnx`."
     try:
         proto = onnx.load(str(path), load_external_data=False)
@@ -108,7 +130,7 @@ def _onnx(path: Path, device: torch.device = _CPU) -> Predictor:
     if "medcl_metadata" not in props:
         raise ConfigError(f"{path}: ONNX file without medcl metadata; export it again.")
     try:
-        sess = _onnx_session(path, device)
+        sess = onnx_session(path, device)
     except Exception as e:  # onnxruntime's InvalidGraph / Fail
         msg = str(e).splitlines()[0] if str(e) else ""
         raise DataError(
@@ -134,7 +156,7 @@ def load_predictor(
 
     ``backend`` (``torchscript`` or ``onnx``) picks the file used from a bundle. For a run
     directory, ``experience`` / ``allow_partial`` choose the model as in
-    :func:`~medcl.export.exporters.export_run` (an unfinished run is otherwise an error).
+    :func:`~medcl.export.run_export.export_run` (an unfinished run is otherwise an error).
 
     Args:
         model: the run directory, bundle folder or exported file.
@@ -163,16 +185,13 @@ def load_predictor(
             if backend == "onnx"
             else _ts(path / "models" / "model.ts", dev, amp)
         )
-    if path.is_dir() and (path / "config.yaml").is_file():
-        from medcl.engine.rundir import select_experience
-        from medcl.export.loading import guarded_module, load_run_strategy, run_metadata
-
+    if path.is_dir() and RunLayout(path).config.is_file():
         after = select_experience(
             path, experience, allow_partial=allow_partial, command="medcl predict"
         )
-        scenario, strategy = load_run_strategy(path, experience=after)
-        meta = run_metadata(path, scenario, strategy, experience=after)
-        module = guarded_module(path, scenario, strategy, meta)
+        run_model = load_run_model(path, experience=after)  # no data, unless the guard is fitted
+        meta = run_metadata(path, run_model.data, run_model.strategy, experience=after)
+        module = guarded_module(run_model, meta)
         return Predictor(_torch_fn(module, dev, amp), meta, f"pytorch ({dev.type})")
     suffix = path.suffix.lower()
     if path.is_file() and suffix in (".ts", ".pt"):
@@ -180,8 +199,6 @@ def load_predictor(
     if path.is_file() and suffix == ".onnx":
         return _onnx(path, dev)
     if path.is_file() and suffix == ".safetensors":
-        from medcl.export.exporters import load_safetensors_model
-
         module, meta = load_safetensors_model(path)
         return Predictor(_torch_fn(module, dev, amp), meta, f"pytorch ({dev.type}, safetensors)")
     raise ConfigError(
@@ -220,7 +237,7 @@ def expand_inputs(inputs: Sequence[str | Path], *, spatial_dims: int) -> list[st
 
 def input_problem(path: str | Path, meta: dict[str, Any]) -> str | None:
     """Why ``path`` cannot go into a model with ``meta``, or None when it can."""
-    info = _inspect(Path(path))
+    info = inspect_file(Path(path))
     if info.problem:
         return info.problem
     dims, channels = meta["spatial_dims"], meta["channels"]
@@ -266,8 +283,6 @@ def prediction_rows(
     ``input, status, error, predicted_class, p_<class>..., route, ood, ood_score, ood_reason``
     (``ood_score``: the feature distance compared with ``meta["ood"]["threshold"]``).
     """
-    from medcl.export.ood import acquisition_problems, ood_reason
-
     names, routes = meta["class_names"], meta.get("routes", [])
     facts, guard = meta.get("acquisition", {}), meta.get("ood", {})
     if score is None:
@@ -322,8 +337,6 @@ def predict_files(
     good = [i for i, r in enumerate(rows) if r["status"] == "ok"]
     chunks = [good[i : i + batch_size] for i in range(0, len(good), batch_size)]
     if progress:
-        from tqdm import tqdm
-
         chunks = tqdm(chunks, desc="predict", unit="batch")
     done: list[int] = []
     outputs: list[tuple[np.ndarray, ...]] = []

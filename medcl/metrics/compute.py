@@ -18,11 +18,11 @@ __all__ = [
     "model_device",
 ]
 
+import logging
 from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -38,6 +38,17 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def _flop_counter(model: nn.Module, input_shape: tuple[int, ...]) -> FlopCounterMode:
+    """``FlopCounterMode`` after one eval-mode forward pass of a zero input ``(1, *input_shape)``."""
+    was = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(1, *input_shape, device=model_device(model)))
+    model.train(was)
+    return counter
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one forward pass on a single input of ``input_shape`` (C, H, W[, D]).
@@ -45,13 +56,24 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     Counted by ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2), not by hand, on an
     input placed on the model's device.
     """
-    was = model.training
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(torch.zeros(1, *input_shape, device=model_device(model)))
-    model.train(was)
-    return counter.get_total_flops() // 2
+    return _flop_counter(model, input_shape).get_total_flops() // 2
+
+
+def _timer_class() -> type:
+    """``torch.utils.benchmark.Timer``, imported when first needed.
+
+    Importing it pulls in ``torch.utils.cpp_extension``, which logs "No CUDA runtime is found,
+    using CUDA_HOME=..." on a machine without CUDA: imported at start-up, every command printed
+    it. The notice says nothing about medcl's latency (no extension is built), so it is muted.
+    """
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils.benchmark import Timer
+    finally:
+        log.setLevel(level)
+    return Timer
 
 
 @torch.no_grad()
@@ -74,7 +96,9 @@ def measure_latency(
     x = torch.zeros(batch_size, *input_shape, device=model_device(model))
     for _ in range(warmup):
         model(x)
-    timer = Timer("model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
+    timer = _timer_class()(
+        "model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads()
+    )
     times = [timer.timeit(number=1).median for _ in range(repeats)]
     model.train(was)
     return float(sorted(times)[len(times) // 2])
@@ -100,13 +124,7 @@ def layer_flops(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int
     Counted by ``FlopCounterMode`` (which counts matmuls and convolutions only; BatchNorm,
     activations and pooling are not counted), keyed by module path inside ``model``.
     """
-    was = model.training
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(torch.zeros(1, *input_shape, device=model_device(model)))
-    model.train(was)
-    counts = counter.get_flop_counts()
+    counts = _flop_counter(model, input_shape).get_flop_counts()
     root = type(model).__name__
     out = {}
     for name, m in model.named_modules():

@@ -18,7 +18,12 @@ set, DynaMMo once with the merged set).
 
 from __future__ import annotations
 
-__all__ = ["AdapterSet", "ConvAdapter", "forward_with_adapters"]
+__all__ = [
+    "AdapterSet",
+    "ConvAdapter",
+    "adapter_drift",
+    "forward_with_adapters",
+]
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -154,3 +159,33 @@ def forward_with_adapters(backbone: Backbone, adapters: AdapterSet | None, x: Te
         return backbone(x)
     with adapters.attached(backbone):
         return backbone(x)
+
+
+def _flat(aset: AdapterSet) -> Tensor:
+    """All learnable tensors of an adapter set, flattened ``(P,)``."""
+    return torch.cat([p.detach().flatten() for p in aset.parameters()])
+
+
+def adapter_drift(
+    sets: Sequence[AdapterSet], sources: Sequence[AdapterSet]
+) -> list[dict[str, Any]]:
+    """Per adapter set: ``alpha`` of each stage and the relative L2 distance from its source.
+
+    Args:
+        sets: the adapter sets, in order.
+        sources: for each set, the set it was initialised from.
+
+    Returns:
+        One ``{"set", "alpha", "distance_from_init"}`` record per set (JSON-serialisable).
+    """
+    rows = []
+    for t, (aset, src) in enumerate(zip(sets, sources, strict=True)):
+        now, ref = _flat(aset), _flat(src)
+        rows.append(
+            {
+                "set": t,
+                "alpha": {k: a.alpha.item() for k, a in aset.adapters.items()},
+                "distance_from_init": float((now - ref).norm() / ref.norm().clamp_min(1e-12)),
+            }
+        )
+    return rows

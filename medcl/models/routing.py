@@ -1,24 +1,43 @@
 """The deployable model of adapter methods: "others" heads and min-"others" routing.
 
-DynaMMo and ACL (:mod:`medcl.strategies.dynammo`) give each experience a linear head over its
-classes plus one "others" output; at inference every head scores the features and the sample is
-routed to the head with the lowest "others" probability (the reference code's
-``min_others_test``). :class:`RoutedAdapterModel` is what ``medcl export`` writes.
+ACL and DynaMMo (:mod:`medcl.strategies.acl`, :mod:`medcl.strategies.dynammo`) give each
+experience a linear head over its classes plus one "others" output; at inference every head
+scores the features and the sample is routed to the head with the lowest "others" probability
+(the reference code's ``min_others_test``). :class:`RoutedAdapterModel` is what ``medcl export``
+writes. Stage 2 of those methods, re-tuning every head on a class-balanced set, is here too
+(:func:`balanced_retune_set`, :func:`retune_heads`).
 """
 
 from __future__ import annotations
 
-__all__ = ["OthersHead", "RoutedAdapterModel", "retune_heads", "route_min_others"]
+__all__ = [
+    "OthersHead",
+    "RetuneSet",
+    "RoutedAdapterModel",
+    "balanced_retune_set",
+    "retune_heads",
+    "route_min_others",
+]
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medcl.data.memory import herding_order
 from medcl.errors import ConfigError
 from medcl.models.adapters import AdapterSet, forward_with_adapters
 from medcl.models.backbones import Backbone
+from medcl.models.deployable import DeployableModel
+from medcl.progress import progress_bar
+
+if TYPE_CHECKING:
+    from medcl.data.experience import Experience
+    from medcl.data.memory import ReplayMemory
 
 _OFF_ROUTE = 1e-6  # share of a non-routed head's distribution kept in the scores
 
@@ -61,12 +80,16 @@ def route_min_others(
     return torch.log(mix / mix.sum(1, keepdim=True))  # (B, num_classes)
 
 
-class RoutedAdapterModel(nn.Module):
+class RoutedAdapterModel(DeployableModel):
     """The deployable model: frozen backbone + adapter set(s) + "others" heads, routed.
 
     One adapter set: DynaMMo (features computed once for all heads). One set per head: ACL (the
     backbone runs once per head). None: the "no adapters" ablation (frozen features + heads).
+    Features are ``(B, S, F)``, one row per adapter set (``S = 1`` when the heads share one set or
+    there is none); the embedding (``forward_head(..., pre_logits=True)``) is the first set's.
     """
+
+    routed = True
 
     def __init__(
         self,
@@ -84,46 +107,117 @@ class RoutedAdapterModel(nn.Module):
         self.backbone, self.num_classes = backbone, num_classes
         self.adapter_sets, self.heads = nn.ModuleList(adapter_sets), nn.ModuleList(heads)
 
-    def head_logits(self, x: Tensor) -> list[Tensor]:
-        """``(B, C, H, W[, D])`` -> one ``(B, K_j + 1)`` tensor per head."""
-        if len(self.adapter_sets) <= 1:  # DynaMMo (or no adapters): features once for all heads
-            aset = self.adapter_sets[0] if len(self.adapter_sets) else None
-            f = forward_with_adapters(self.backbone, aset, x)  # (B, F)
-            return [h(f) for h in self.heads]
-        return [
-            h(forward_with_adapters(self.backbone, a, x))
-            for a, h in zip(self.adapter_sets, self.heads, strict=True)
-        ]
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W[, D])`` -> ``(B, S, F)``: the features of each adapter set."""
+        sets = list(self.adapter_sets) or [None]  # DynaMMo: one set, ACL: one per head
+        return torch.stack([forward_with_adapters(self.backbone, a, x) for a in sets], 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, H, W[, D])`` -> ``(B, num_classes)`` log-probabilities."""
+    def head_logits(self, features: Tensor) -> list[Tensor]:
+        """``(B, S, F)`` -> one ``(B, K_j + 1)`` tensor per head (head j on set j, or the shared)."""
+        if len(self.adapter_sets) <= 1:
+            f = features[:, 0]  # (B, F)
+            return [h(f) for h in self.heads]
+        return [h(f.contiguous()) for h, f in zip(self.heads, features.unbind(1), strict=True)]
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        """``(B, S, F)`` -> ``(B, num_classes)`` log-probabilities of the routed head (see
+        :func:`route_min_others`), or with ``pre_logits`` the first set's features ``(B, F)``."""
+        if pre_logits:
+            return features[:, 0]
         return route_min_others(
-            self.head_logits(x), [h.classes for h in self.heads], self.num_classes
+            self.head_logits(features), [h.classes for h in self.heads], self.num_classes
         )
+
+    def route(self, features: Tensor) -> Tensor:
+        """``(B, S, F)`` -> ``(B,)`` the head with the lowest "others" probability."""
+        logits = self.head_logits(features)
+        return torch.stack([F.softmax(z, 1)[:, -1] for z in logits], 1).argmin(1)  # (B, H) -> (B,)
+
+
+@dataclass(frozen=True)
+class RetuneSet:
+    """DynaMMo's stage-2 set as rows of training sets (the memory's rows first).
+
+    Attributes:
+        parts: ``(images of a training set, (n,) rows of it)`` per source, in order.
+        labels: ``(N,)`` global labels of the set's rows, in the same order.
+        exps: ``(N,)`` experience of each row.
+    """
+
+    parts: list[tuple[Tensor, Tensor]]
+    labels: Tensor
+    exps: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def features(self, features: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """``(N, F)``: ``features(images, rows)`` of every part, concatenated."""
+        return torch.cat([features(images, rows) for images, rows in self.parts])
+
+
+def balanced_retune_set(
+    exp: Experience, memory: ReplayMemory, features: Callable[[Tensor, Tensor], Tensor]
+) -> RetuneSet:
+    """DynaMMo's stage-2 set: the memory plus, per class of ``exp``, as many samples as the
+    memory holds per (experience, class) group, chosen by iCaRL herding on ``features``.
+
+    Args:
+        exp: the experience just learned.
+        memory: the replay memory (earlier experiences; not empty).
+        features: ``(images of a training set, (n,) rows)`` -> ``(n, F)`` features (the
+            reference's ``ReplayBank`` herds on the merged-adapter features, in eval mode).
+
+    Returns:
+        The set, memory rows first.
+    """
+    sources = memory.sources()
+    e, y = memory.exp_, memory.label_
+    quota = math.ceil(len(memory) / len(torch.unique(e * (int(y.max()) + 1) + y)))
+    parts = [(data.images, rows) for data, rows, _ in sources]
+    labels = [y[pos] for _, _, pos in sources]
+    exps = [e[pos] for _, _, pos in sources]
+    for c in exp.classes:
+        r = torch.nonzero(exp.train.labels == c).flatten()
+        if len(r) > quota:
+            r = r[herding_order(features(exp.train.images, r), quota)]
+        parts.append((exp.train.images, r))
+        labels.append(exp.train.labels[r])
+        exps.append(torch.full_like(r, exp.index))
+    return RetuneSet(parts, torch.cat(labels), torch.cat(exps))
 
 
 def retune_heads(
     heads: Sequence[OthersHead],
-    feats: Sequence[Tensor],
-    targets: Sequence[Tensor],
+    owners: Sequence[int],
+    features: Sequence[Tensor],
+    data: RetuneSet,
     *,
     epochs: int,
     lr: float,
     batch_size: int,
     seed: int,
 ) -> None:
-    """DynaMMo's stage 2: re-tune every head on cached features with Adam.
+    """DynaMMo's stage 2: re-tune every head with Adam on the features of ``data``.
 
     Args:
         heads: the heads (trained in place).
-        feats: one ``(N, F)`` feature tensor per head (the same tensor for all with one set).
-        targets: one ``(N,)`` local-target tensor per head (:meth:`OthersHead.targets`).
+        owners: each head's experience: its samples get class targets, every other "others".
+        features: ``(N, F)`` features of ``data`` per head, or one tensor shared by every head
+            (DynaMMo's merged set), computed once with the adapters frozen.
+        data: the class-balanced set (:func:`balanced_retune_set`).
         epochs, lr, batch_size: the optimisation.
         seed: seeds the shuffling.
     """
+    device = next(heads[0].parameters()).device
+    labels, exps = data.labels.to(device), data.exps.to(device)
+    feats = [f.to(device) for f in features]
+    feats = feats * len(heads) if len(feats) == 1 else feats  # one set: shared by every head
+    targets = [h.targets(labels, exps == j) for h, j in zip(heads, owners, strict=True)]
     params = [p for h in heads for p in h.requires_grad_(True).parameters()]
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
+    bar = progress_bar(total=epochs, desc="stage 2: re-tune heads", unit="epoch")
     with torch.enable_grad():
         for _ in range(epochs):
             for idx in torch.randperm(len(targets[0]), generator=g).split(batch_size):
@@ -134,3 +228,5 @@ def retune_heads(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            bar.update(1)
+    bar.close()

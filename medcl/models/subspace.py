@@ -46,6 +46,7 @@ __all__ = [
 
 import copy
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -88,6 +89,16 @@ class SubspacePoint:
     def set_midpoint(self) -> None:
         """The centre of the endpoints' simplex, ``α = (1/n, …, 1/n)``, no anchor."""
         self.set(torch.full((self.n,), 1.0 / self.n))
+
+    @contextmanager
+    def at_midpoint(self) -> Iterator[None]:
+        """Within the block the point is the midpoint; the previous point is restored after."""
+        alpha, anchor = self.alpha, self.anchor
+        self.set_midpoint()
+        try:
+            yield
+        finally:
+            self.set(alpha, anchor)
 
     def __repr__(self) -> str:
         return f"SubspacePoint(n={self.n}, alpha={self.alpha.tolist()}, anchor={self.anchor!r})"

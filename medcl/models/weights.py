@@ -42,6 +42,7 @@ __all__ = [
 
 import importlib
 import pickle
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,17 +200,26 @@ def read_state_dict(path: str | Path, *, what: str = "model.checkpoint_path") ->
             return load_file(str(path))
         except (SafetensorError, OSError) as e:
             raise ConfigError(
-                f"{what} {str(path)!r} is not a readable safetensors file: {e}"
+                f"{what} {str(path)!r} is not a valid safetensors file ({e}); expected a file "
+                "written by safetensors (save_file / save_model). Save the weights again, or "
+                "give a torch.save file of tensors with a .pth suffix."
             ) from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol 4 ...": noise before a refusal
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's own text suggests weights_only=False, i.e. running the file's code: not quoted
+        what_it_is = (
+            "it holds pickled Python objects, not only tensors (e.g. a whole saved model)"
+            if "Weights only load failed" in str(e)
+            else f"it is not a torch.save file of tensors, or it is damaged ({type(e).__name__})"
+        )
         raise ConfigError(
-            f"{what} {str(path)!r} could not be read as plain tensors ({first}). medcl loads "
-            "weights with torch.load(weights_only=True), which refuses pickled objects such as "
-            "a whole saved model. Save the weights with torch.save(model.state_dict(), path) or "
-            "as .safetensors."
+            f"{what} {str(path)!r} could not be read as plain tensors: {what_it_is}. medcl "
+            "never unpickles user files (torch.load(weights_only=True) runs no code from the "
+            "file). Save the weights as .safetensors, or with torch.save(model.state_dict(), "
+            "path) so the file holds tensors only."
         ) from None
     if isinstance(state, Mapping):
         for key in ("state_dict", "model", "model_state_dict"):

@@ -30,6 +30,7 @@ __all__ = [
     "LOWER_IS_BETTER",
     "align_rows",
     "compare_predictions",
+    "compare_run_predictions",
     "compare_tables",
     "paired_difference",
 ]
@@ -45,7 +46,7 @@ from medcl.errors import DataError
 from medcl.metrics.clinical.bootstrap import _replicates
 from medcl.metrics.clinical.discrimination import _point
 from medcl.reports.predictions import Predictions
-from medcl.reports.results import REPORT_METRICS
+from medcl.reports.results import REPORT_METRICS, RunResults
 
 #: Metrics where a larger value is worse.
 LOWER_IS_BETTER = frozenset({"ece"})
@@ -323,3 +324,20 @@ def compare_predictions(
     )
     table["experience"] = table["experience"].astype("Int64")
     return table
+
+
+def compare_run_predictions(
+    run: RunResults, before: Predictions, after: Predictions, **options
+) -> pd.DataFrame:
+    """:func:`compare_predictions` labelled with ``run``'s experience names, sites and classes.
+
+    ``after`` is ``run``'s model (its class names are the run's first ``after.n_classes``).
+    """
+    return compare_predictions(
+        before,
+        after,
+        experience_names=run.experience_names,
+        experience_sites=run.experience_sites,
+        class_names=run.class_names(after.n_classes),
+        **options,
+    )

@@ -31,7 +31,9 @@ import pandas as pd
 
 import medcl
 from medcl.engine.checkpoint import atomic_write_text
+from medcl.engine.layout import RunLayout
 from medcl.errors import MedclError
+from medcl.progress import progress_bar
 from medcl.reports import sections
 from medcl.reports.results import RunResults
 
@@ -101,10 +103,10 @@ class Report:
 
     def write(self, out_dir: str | Path) -> Path:
         """Write ``report.html`` and ``report.json`` into ``out_dir``; return the HTML path."""
-        out = Path(out_dir)
-        atomic_write_text(out / "report.json", json.dumps(self.data, indent=1, allow_nan=False))
-        atomic_write_text(out / "report.html", self.html())
-        return out / "report.html"
+        out = RunLayout(out_dir)
+        atomic_write_text(out.report_json, json.dumps(self.data, indent=1, allow_nan=False))
+        atomic_write_text(out.report_html, self.html())
+        return out.report_html
 
 
 def _load_scenario(res: RunResults, notes: list[str]):
@@ -176,8 +178,11 @@ def build_report(
         "n_bins": n_bins,
     }
     notes: list[str] = []
+    bar = progress_bar(total=5, desc="report", unit="step")
+    bar.set_postfix_str("data")
     scenario = _load_scenario(res, notes) if thumbnails else None
     final = res.predictions()
+    _step(bar, "clinical metrics (bootstrap)")
     table = sections.with_notes(res.clinical, notes, **options)  # per experience + overall
     overall = table[table["group"] == "overall"]
     ece = overall[overall["metric"] == "ece"].iloc[0]
@@ -232,64 +237,51 @@ def build_report(
     if compare is not None:
         other = RunResults(compare)
         references.append((other, other.final, f"run {other.name} (final model)"))
+    _step(bar, "changes")
     for ref, after, label in references:
         change = sections.change_section(res, ref, after, label, table, options, notes)
         if change is not None:
             data["changes"].append(change)
+    _step(bar, "failure cases")
     data["failures"], thumbs = sections.failure_section(
         res, scenario, per_class=errors_per_class, threshold=threshold, notes=notes
     )
     data["summary"] = sections.summary_section(overall, data)
     data["notes"] = notes
     data["gate"] = [  # update-gate decisions (medcl.gate), oldest first
-        json.loads(f.read_text()) for f in sorted((Path(run_dir) / "gate").glob("after-*.json"))
+        json.loads(f.read_text()) for f in sorted(RunLayout(run_dir).gate.glob("after-*.json"))
     ]
+    _step(bar, "figures")
     figures = sections.figures(res, table, confusion, n_bins=n_bins)
+    bar.close()
     return Report(_plain(data), figures, thumbs)
+
+
+def _step(bar: Any, name: str) -> None:
+    """One step of the report done; ``name`` is the next one."""
+    bar.update(1)
+    bar.set_postfix_str(name)
 
 
 def write_report(
     run_dir: str | Path,
     compare: str | Path | None = None,
     *,
-    n_resamples: int = 1000,
-    seed: int = 0,
     out_dir: str | Path | None = None,
-    alpha: float = 0.05,
-    threshold: float | None = None,
-    n_bins: int = 15,
-    errors_per_class: int = 4,
-    safe_id_columns: Sequence[str] = (),
-    thumbnails: bool = True,
-    experience: int | None = None,
-    allow_partial: bool = False,
+    **options: Any,
 ) -> Path:
     """Build the report of ``run_dir`` and write ``report.html`` + ``report.json``.
 
     Args:
         run_dir: the run directory.
         compare: optional second run (same scenario and seed) to compare against.
-        n_resamples: bootstrap resamples for every confidence interval.
-        seed: bootstrap seed.
         out_dir: where to write (default: ``run_dir``).
-        alpha, threshold, n_bins, errors_per_class, safe_id_columns, thumbnails, experience,
-            allow_partial: see :func:`build_report`.
+        **options: the keyword options of :func:`build_report` (``n_resamples``, ``seed``,
+            ``alpha``, ``threshold``, ``n_bins``, ``errors_per_class``, ``safe_id_columns``,
+            ``thumbnails``, ``experience``, ``allow_partial``).
 
     Returns:
         Path of ``report.html``.
     """
-    report = build_report(
-        run_dir,
-        compare,
-        n_resamples=n_resamples,
-        seed=seed,
-        alpha=alpha,
-        threshold=threshold,
-        n_bins=n_bins,
-        errors_per_class=errors_per_class,
-        safe_id_columns=safe_id_columns,
-        thumbnails=thumbnails,
-        experience=experience,
-        allow_partial=allow_partial,
-    )
+    report = build_report(run_dir, compare, **options)
     return report.write(Path(run_dir) if out_dir is None else out_dir)

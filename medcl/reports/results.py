@@ -24,6 +24,7 @@ from __future__ import annotations
 __all__ = ["REPORT_METRICS", "SAFE_COLUMNS", "Predictions", "RunResults"]
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -70,12 +71,8 @@ class RunResults(RunDirectory):
         *,
         by: str | None = "experience",
         metrics: Sequence[str] = REPORT_METRICS,
-        n_resamples: int = 1000,
-        alpha: float = 0.05,
-        seed: int = 0,
-        threshold: float | None = None,
-        n_bins: int = 15,
         rows: np.ndarray | None = None,
+        **options: Any,
     ) -> pd.DataFrame:
         """Discrimination and calibration with bootstrap CIs, per experience/site and overall.
 
@@ -87,9 +84,9 @@ class RunResults(RunDirectory):
             by: ``"experience"`` (one group per experience, with its site), ``"site"``, or
                 ``None`` (overall rows only).
             metrics: names from :data:`medcl.metrics.clinical.METRICS`.
-            n_resamples, alpha, seed, threshold, n_bins: see
-                :func:`medcl.metrics.clinical.bootstrap_ci` (stratified by class).
             rows: optional ``(N,)`` bool mask of test rows to score.
+            **options: :class:`medcl.metrics.clinical.BootstrapOptions` (``n_resamples``,
+                ``alpha``, ``seed``, ``threshold``, ``n_bins``; stratified by class).
 
         Returns:
             Tidy frame ``after, group, experience, site, n, metric, class, value, ci_low,
@@ -114,11 +111,7 @@ class RunResults(RunDirectory):
             groups,
             list(metrics),
             class_names=self.class_names(p.n_classes),
-            threshold=threshold,
-            n_resamples=n_resamples,
-            alpha=alpha,
-            seed=seed,
-            n_bins=n_bins,
+            **options,
         )
         return self._label_groups(table, pred.after, by)
 
@@ -256,7 +249,7 @@ class RunResults(RunDirectory):
 
     def curves(self) -> pd.DataFrame | None:
         """Old/new/all accuracy every k updates (``None`` when ``train.eval_every`` was 0)."""
-        path = self.run_dir / "curves.csv"
+        path = self.files.curves
         return pd.read_csv(path) if path.is_file() else None
 
     def stability(self, *, tol: float = 0.01) -> pd.DataFrame | None:
@@ -313,7 +306,7 @@ class RunResults(RunDirectory):
         from medcl.config import validate_config
         from medcl.data.scenarios import build_scenario
 
-        cfg = validate_config(self.config, source=str(self.run_dir / "config.yaml"))
+        cfg = validate_config(self.config, source=str(self.files.config))
         return build_scenario(
             cfg.scenario.name,
             root=cfg.data.root,

@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from medcl.engine.layout import RunLayout
+from medcl.engine.rundir import read_environments
 from medcl.errors import DataError, MedclError, did_you_mean
 from medcl.reports.predictions import SAFE_COLUMNS, Predictions
 
@@ -51,14 +53,8 @@ class RunDirectory:
 
     :class:`~medcl.reports.results.RunResults` adds the tidy frames.
 
-    Args:
-        run_dir, safe_id_columns, experience, allow_partial: as in
-            :class:`~medcl.reports.results.RunResults`.
-
-    Raises:
-        DataError: the directory or one of its required files is missing or unreadable, or
-            the final model's predictions file is missing or partial (the message names it).
-        ConfigError: an unfinished run without ``experience`` / ``allow_partial``.
+    Arguments and errors as :class:`~medcl.reports.results.RunResults` (``run_dir``,
+    ``safe_id_columns``, ``experience``, ``allow_partial``).
     """
 
     def __init__(
@@ -70,6 +66,7 @@ class RunDirectory:
         allow_partial: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.files = RunLayout(self.run_dir)
         if not self.run_dir.is_dir():
             raise DataError(
                 f"run directory {self.run_dir} does not exist; pass the folder that "
@@ -81,17 +78,20 @@ class RunDirectory:
                 "`patient_id` can never be marked safe: it is dropped when the run "
                 "is written. Use a de-identified study column instead."
             )
-        cfg = self.run_dir / "config.yaml"
+        cfg = self.files.config
         if not cfg.is_file():
             raise DataError(f"{cfg} is missing; {self.run_dir} is not a medcl run directory.")
         self.config: dict[str, Any] = yaml.safe_load(cfg.read_text()) or {}
-        self.scenario_info = _read_json(self.run_dir / "scenario.json")
-        self.metrics = _read_json(self.run_dir / "metrics.json")
-        self.environment = _read_json(self.run_dir / "environment.json", required=False)
+        self.scenario_info = _read_json(self.files.scenario)
+        self.metrics = _read_json(self.files.metrics)
+        #: the software and machine of each start of the run (first start first)
+        self.environments = read_environments(self.run_dir)
+        #: the latest start's: what trained the final model
+        self.environment = self.environments[-1] if self.environments else {}
         self._cache: dict[int, Predictions] = {}
         if not self.snapshots:
             raise DataError(
-                f"{self.run_dir / 'predictions'} holds no after-NNN.npz files; the run "
+                f"{self.files.predictions} holds no after-NNN.npz files; the run "
                 "has not finished an experience yet."
             )
         from medcl.engine.rundir import select_experience
@@ -104,7 +104,7 @@ class RunDirectory:
     def _check_final(self) -> None:
         """The final model's predictions exist, are readable and cover every test row."""
         k = self._final
-        path = self.run_dir / "predictions" / f"after-{k:03d}.npz"
+        path = self.files.predictions_after(k)
         earlier = [s for s in self.snapshots if s < k]
         other = (
             f"report the model after experience {earlier[-1]} instead with --experience "
@@ -152,7 +152,7 @@ class RunDirectory:
     @cached_property
     def snapshots(self) -> list[int]:
         """Experience indices after which test predictions were saved, in order."""
-        files = (self.run_dir / "predictions").glob("after-*.npz")
+        files = self.files.predictions.glob("after-*.npz")
         return sorted(int(m.group(1)) for f in files if (m := _AFTER.search(f.name)))
 
     @property
@@ -193,7 +193,7 @@ class RunDirectory:
                 f"available: {self.snapshots}."
             )
         if after not in self._cache:
-            path = self.run_dir / "predictions" / f"after-{after:03d}.npz"
+            path = self.files.predictions_after(after)
             with np.load(path, allow_pickle=False) as z:
                 probs, labels, exp = z["probs"], z["labels"].astype(np.int64), z["experience"]
             if probs.ndim != 2 or not len(probs) == len(labels) == len(exp):

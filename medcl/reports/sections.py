@@ -32,7 +32,7 @@ from sklearn.exceptions import UndefinedMetricWarning
 from medcl.metrics.calibration import plot_reliability
 from medcl.metrics.stability import plot_stability_curves
 from medcl.reports import plots
-from medcl.reports.compare import align_rows, compare_predictions
+from medcl.reports.compare import align_rows, compare_run_predictions
 from medcl.reports.failures import confident_errors, thumbnail_png
 from medcl.reports.predictions import Predictions
 from medcl.reports.results import RunResults
@@ -211,14 +211,7 @@ def change_section(
         return None
     # paired: both models scored on the same resampled rows (medcl.reports.compare)
     _, mask_after = align_rows(before, after)
-    table = compare_predictions(
-        before,
-        after,
-        experience_names=res.experience_names,
-        experience_sites=res.experience_sites,
-        class_names=res.class_names(after.n_classes),
-        **options,
-    )
+    table = compare_run_predictions(res, before, after, **options)
     return {
         "label": label,
         "reference": ref.name,

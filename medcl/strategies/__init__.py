@@ -1,19 +1,16 @@
-"""Continual-learning strategies: one file per method, all registered by name."""
+"""Continual-learning strategies: one file per method, all registered by name.
+
+Every public module of this package is imported here, so a new ``strategies/<method>.py``
+whose class carries ``@register_strategy("name")`` is available without editing this file.
+"""
 
 from __future__ import annotations
 
-from medcl.strategies import der as _der  # noqa: F401
-from medcl.strategies import dynammo as _dynammo  # noqa: F401
-from medcl.strategies import ensemble as _ensemble  # noqa: F401
-from medcl.strategies import esacl as _esacl  # noqa: F401
-from medcl.strategies import ewc as _ewc  # noqa: F401
-from medcl.strategies import finetune as _finetune  # noqa: F401  (registers baselines)
-from medcl.strategies import lwf as _lwf  # noqa: F401
-from medcl.strategies import mcsgd as _mcsgd  # noqa: F401
-from medcl.strategies import sgm as _sgm  # noqa: F401
-from medcl.strategies import sparcl as _sparcl  # noqa: F401
-from medcl.strategies import subspace as _subspace  # noqa: F401
-from medcl.strategies.base import (
+import importlib
+import pkgutil
+
+from medcl.strategies import base
+from medcl.strategies.base import (  # noqa: F401  (listed in __all__ through base.__all__)
     STRATEGIES,
     Batch,
     Classifier,
@@ -23,14 +20,13 @@ from medcl.strategies.base import (
     list_strategies,
     register_strategy,
 )
+from medcl.strategies.options import StrategyOptions
 
-__all__ = [
-    "STRATEGIES",
-    "Batch",
-    "Classifier",
-    "ExperienceInfo",
-    "Strategy",
-    "create_strategy",
-    "list_strategies",
-    "register_strategy",
-]
+# The package's names: the strategy interface (all of base's, imported above) and the options.
+__all__ = ["StrategyOptions"]
+__all__ += base.__all__
+
+# A strategy registers by being a module of this package: import every public module once.
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")

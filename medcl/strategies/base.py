@@ -14,7 +14,9 @@ experience (nothing else; a strategy never edits the trainer):
     after_experience(exp, memory)  consolidation: Fisher, merging, re-tuning heads
     (the trainer then updates the replay memory)
 
-Evaluation calls :meth:`predict`; export calls :meth:`deployable_model`. Checkpoints store
+Evaluation calls :meth:`predict` and herding :meth:`features`, both through
+:attr:`Strategy.feature_cache` (each forward pass once per model state); export calls
+:meth:`deployable_model`. Checkpoints store
 :meth:`state_dict` tensors (safetensors) plus ``self.seen`` (JSON); :meth:`rebuild` replays
 :meth:`grow` so the tensors fit on load.
 """
@@ -32,9 +34,8 @@ __all__ = [
     "register_strategy",
 ]
 
-import inspect
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -43,15 +44,18 @@ from torch import Tensor, nn
 
 from medcl.errors import ConfigError
 from medcl.models.backbones import Backbone
+from medcl.models.deployable import DeployableModel
+from medcl.models.feature_cache import FeatureCache
 from medcl.models.heads import ExpandableHead
 from medcl.registry import Registry
+from medcl.strategies.options import StrategyOptions, option_defaults, sign_constructor
 from medcl.validation import validated_kwargs
 
 if TYPE_CHECKING:
     from medcl.config import TrainConfig
     from medcl.data.experience import Experience
+    from medcl.data.memory import ReplayMemory
     from medcl.data.samples import SampleSet
-    from medcl.engine.memory import ReplayMemory
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 
@@ -108,8 +112,8 @@ class Batch:
     index: Tensor | None = None
 
 
-class Classifier(nn.Module):
-    """Backbone + linear head: the plain deployable model (timm's interface names)."""
+class Classifier(DeployableModel):
+    """Backbone + linear head: the plain deployable model (features ``(B, F)``, no routing)."""
 
     def __init__(self, backbone: Backbone, head: ExpandableHead) -> None:
         super().__init__()
@@ -122,8 +126,8 @@ class Classifier(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 
-    def forward_head(self, f: Tensor) -> Tensor:
-        return self.head(f)
+    def forward_head(self, f: Tensor, pre_logits: bool = False) -> Tensor:
+        return f if pre_logits else self.head(f)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W[, D])`` -> logits ``(B, num_classes)``."""
@@ -133,11 +137,14 @@ class Classifier(nn.Module):
 class Strategy(nn.Module):
     """Base strategy: plain fine-tuning of backbone + expandable head with cross-entropy.
 
-    Subclasses override only the hooks their method changes. Hyper-parameters are keyword-only
-    constructor arguments with defaults (validated from the config by :func:`create_strategy`).
+    Subclasses override only the hooks their method changes. Hyper-parameters are the fields of
+    the class's :attr:`Options` dataclass, passed to the constructor as keywords (validated from
+    the config by :func:`create_strategy`); each becomes an attribute of the same name
+    (scikit-learn's convention). A method that extends another extends its ``Options`` too.
 
     Args:
         backbone: the feature extractor.
+        **options: the fields of :attr:`Options` (the constructor's signature lists them).
     """
 
     name: ClassVar[str] = "base"
@@ -147,12 +154,25 @@ class Strategy(nn.Module):
     )
     #: whether the trainer mixes replay-memory samples into each batch
     uses_memory: ClassVar[bool] = False
+    #: the method's hyper-parameters (config keys under ``strategy:``)
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
 
-    def __init__(self, backbone: Backbone) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        sign_constructor(cls)  # its options become its constructor's keyword signature
+
+    def __init__(self, backbone: Backbone, **options: Any) -> None:
         super().__init__()
+        opts = self.Options(**options)
+        opts.check(f"strategy {self.name!r}")
+        for f in fields(opts):  # scikit-learn's convention: one attribute per option
+            setattr(self, f.name, getattr(opts, f.name))
         self.backbone = backbone
         self.head = ExpandableHead(backbone.num_features)
         self.seen: list[ExperienceInfo] = []
+        #: features and scores of sample sets under the current weights, shared by herding,
+        #: stage-2 sets and evaluation (computed once; see medcl.models.feature_cache)
+        self.feature_cache = FeatureCache()
 
     # -- structure -------------------------------------------------------------------------
     def grow(self, info: ExperienceInfo) -> None:
@@ -239,18 +259,22 @@ class Strategy(nn.Module):
         """Evaluation scores ``(B, num_seen_classes)``: logits or log-probabilities."""
         return self.deployable_model()(x)
 
-    def deployable_model(self) -> nn.Module:
-        """The single module to export: ``forward(x) -> (B, num_seen_classes)`` scores."""
+    def deployable_model(self) -> DeployableModel:
+        """The single module to export: ``forward(x) -> (B, num_seen_classes)`` scores, with the
+        :class:`~medcl.models.deployable.DeployableModel` interface export relies on."""
         return Classifier(self.backbone, self.head)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, experiences={len(self.seen)}"
 
 
+sign_constructor(Strategy)  # ``Strategy(backbone)``: no options of its own
+
+
 def create_strategy(
     name: str, backbone: Backbone, *, scenario_kind: str | None = None, **params: Any
 ) -> Strategy:
-    """Build a registered strategy, validating ``params`` against its keyword-only signature.
+    """Build a registered strategy, validating ``params`` against its options' types.
 
     Raises:
         ConfigError: unknown strategy or parameter, wrong type, unsupported scenario kind.
@@ -262,16 +286,11 @@ def create_strategy(
             f"is {scenario_kind!r}. Choose another strategy (`medcl strategies list`) or scenario."
         )
     kwargs = validated_kwargs(
-        cls.__init__,
-        params,
-        component=f"strategy {name!r}",
-        section="strategy",
-        skip=("self", "backbone"),
+        cls.Options, params, component=f"strategy {name!r}", section="strategy", skip=()
     )
     return cls(backbone, **kwargs)
 
 
 def strategy_params(name: str) -> dict[str, Any]:
     """Hyper-parameters of a strategy and their defaults (for ``medcl strategies list``)."""
-    sig = inspect.signature(STRATEGIES.get(name).__init__)
-    return {p.name: p.default for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY}
+    return option_defaults(STRATEGIES.get(name).Options)

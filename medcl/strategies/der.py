@@ -40,7 +40,8 @@ Deviations from the paper and choices it leaves open:
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -52,10 +53,11 @@ from medcl.errors import ConfigError
 from medcl.models.backbones import Backbone
 from medcl.models.heads import ExpandableHead
 from medcl.strategies.base import Batch, ExperienceInfo, Strategy, register_strategy
+from medcl.strategies.options import StrategyOptions
 
 if TYPE_CHECKING:
     from medcl.data.experience import Experience
-    from medcl.engine.memory import ReplayMemory
+    from medcl.data.memory import ReplayMemory
 
 __all__ = ["DER", "ConcatExtractors"]
 
@@ -81,6 +83,25 @@ class ConcatExtractors(nn.Module):
         return torch.cat([e(x) for e in self.extractors], dim=1)
 
 
+@dataclass(frozen=True, kw_only=True)
+class DEROptions(StrategyOptions):
+    """Options of :class:`DER`."""
+
+    aux_weight: float = 1.0
+    init_from_previous: bool = True
+    balanced_finetune: bool = True
+    finetune_epochs: int = 10
+    finetune_lr: float = 0.01
+
+    def check(self, component: str) -> None:
+        if self.aux_weight < 0 or self.finetune_epochs < 0 or self.finetune_lr <= 0:
+            raise ConfigError(
+                f"{component}: need aux_weight >= 0, finetune_epochs >= 0 and "
+                f"finetune_lr > 0; got aux_weight={self.aux_weight}, finetune_epochs="
+                f"{self.finetune_epochs}, finetune_lr={self.finetune_lr}."
+            )
+
+
 @register_strategy("der")
 class DER(Strategy):
     """Dynamic expansion: one frozen extractor per past experience, one trainable new one.
@@ -96,27 +117,10 @@ class DER(Strategy):
     """
 
     uses_memory = True
+    Options = DEROptions
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        aux_weight: float = 1.0,
-        init_from_previous: bool = True,
-        balanced_finetune: bool = True,
-        finetune_epochs: int = 10,
-        finetune_lr: float = 0.01,
-    ) -> None:
-        super().__init__(backbone)
-        if aux_weight < 0 or finetune_epochs < 0 or finetune_lr <= 0:
-            raise ConfigError(
-                f"strategy 'der': need aux_weight >= 0, finetune_epochs >= 0 and "
-                f"finetune_lr > 0; got aux_weight={aux_weight}, finetune_epochs="
-                f"{finetune_epochs}, finetune_lr={finetune_lr}."
-            )
-        self.aux_weight, self.init_from_previous = aux_weight, init_from_previous
-        self.balanced_finetune, self.finetune_epochs = balanced_finetune, finetune_epochs
-        self.finetune_lr = finetune_lr
+    def __init__(self, backbone: Backbone, **options: Any) -> None:
+        super().__init__(backbone, **options)
         self.backbone = ConcatExtractors(backbone)  # the engine's "backbone": all extractors
         self.aux: ExpandableHead | None = None
         self.num_old_classes = 0

@@ -1,332 +1,49 @@
-"""DynaMMo (merged adapters, flat inference cost) and ACL (one adapter set per experience).
+"""DynaMMo: ACL's adapter sets merged into one after each experience (flat inference cost).
 
-Papers: M. A. Qazi et al., "DynaMMo: Dynamic Model Merging for Efficient Class Incremental
-Learning for Medical Images", MIUA 2024 (arXiv:2404.14099); W. Zhang et al., "Adapter Learning in
-Pretrained Feature Extractor for Continual Learning of Diseases" (ACL), MICCAI 2023.
+Paper: M. A. Qazi et al., "DynaMMo: Dynamic Model Merging for Efficient Class Incremental
+Learning for Medical Images", MIUA 2024 (arXiv:2404.14099).
 
-Per experience ``t`` (``grow``): a residual conv adapter set at the stage inputs of the frozen
-backbone (:mod:`medcl.models.adapters`), initialised from set ``t-1``, and a head over ``t``'s
-classes plus one "others" output. Stage 1 (the trainer's loop): set ``t`` and head ``t`` learn
-``t``'s data + replay memory, every sample of another experience labelled "others". Merge
-(``after_experience``, DynaMMo only): all sets -> one (:func:`merge_state_dicts`; ``"mean"`` is
-the paper's). Stage 2: with the adapters frozen, all heads are re-tuned on a class-balanced set
-(memory + as many new samples per class as the memory holds per group); head ``j``'s targets
-are its classes for experience ``j``'s samples and "others" for the rest. Inference
-(:class:`RoutedAdapterModel`): features once with the merged set (ACL: once per set), every
-head, route to the head with the lowest "others" probability, predict within it.
+DynaMMo is ACL (:mod:`medcl.strategies.acl`: a residual adapter set and an "others" head per
+experience on a frozen backbone, stage 1, stage 2's head re-tuning, min-"others" routing, and
+the deviations from the paper and its reference code) plus one step: after each experience every
+adapter set is merged into one (:func:`~medcl.models.merging.merge_state_dicts`; ``"mean"`` is
+the paper's) before stage 2, so the deployed model runs the backbone once, with the merged set,
+whatever the number of experiences. ``acl`` is the ablation without the merge.
 
-Ablations: ``acl`` (no merge), ``merge``, ``init_from_previous=False``, ``retune_epochs=0`` (no
-stage 2), ``use_adapters=False`` (frozen features + heads only: what the adapters add),
-``stage1_memory`` / ``others_fraction``, ``backbone_init``.
-
-Stage-1 "others" samples (``stage1_memory="join"``, default): the replay memory is joined to the
-experience's training set and shuffled with it, as the reference code builds stage 1's data set
-(``ReplayBank`` exemplars appended to the new task's training set, ``methods/multi_steps/acl.py``
-at c8b2d5d), so "others" make up ``|M| / (|M| + |D_t|)`` of the samples; ``others_fraction``
-resamples the memory to another share, and ``"batch"`` instead adds ``memory.replay_batch_size``
-memory samples to every batch (medcl's replay convention; not the reference's).
-
-Stage 2's class-balanced set takes, per new class, the samples chosen by iCaRL herding on the
-merged-adapter features (the reference's ``ReplayBank`` herding), as many as the memory holds per
-group. After each experience :meth:`ACL.diagnostics` records every adapter set's ``alpha`` (per
-stage) and its relative L2 distance from the set it was initialised from.
-
-Deviations (everything else follows the paper and its reference code):
-
-- Backbone: the paper freezes an ImageNet ResNet-18 (torchvision). ``backbone_init="pretrained"``
-  freezes the backbone as built, weights and BatchNorm statistics, from experience 0 on
-  (``model.pretrained``, e.g. the offline ImageNet EfficientNet-Lite0, or
-  ``model.checkpoint_path``). Offline without weights, ``"first_experience"`` trains the backbone
-  during experience 0 *jointly* with adapter set 0 and head 0 (no "others" samples exist yet:
-  plain supervised training), then freezes it for good.
-- Adapters sit at the inputs of the backbone's feature stages after the first (ResNet:
-  ``layer1..4``, as the reference; EfficientNet: ``blocks.1, .2, .4, .6``, the stride changes
-  timm reports; the reference's MobileNet-V2 uses the same rule), with input channels measured
-  on a dry forward pass. Inputs are 64 px by default on CPU (the paper: 224; see
-  ``configs/*-dynammo.yaml``).
-- Head ``t`` is trained in stage 1 and re-tuned in stage 2 (the reference trains a temporary
-  head in stage 1 and a fresh head ``t`` in stage 2). Stage 2 uses Adam on features cached once
-  (no augmentation: the heads are linear, so re-tuning costs one forward pass over the set) and
-  sums the cross-entropy of every head (the reference skips heads absent from a batch). Its
-  defaults (30 epochs, lr 1e-2) are ours: with 10 epochs at 1e-3 the stage-2 loss of head 0,
-  whose "others" output never fired in experience 0, stayed high and routing failed. As in the
-  reference, stage 2 is skipped after the first experience and without a replay memory.
-- "others" means "from another experience", so domain-incremental streams (same classes at
-  every site) get one head per site and routing picks the site.
-- Scores (the paper only needs the argmax): ``predict`` returns the log of
-  ``sum_j s_j p_j(c | not others)`` normalised over the seen classes, ``s_j = 1`` for the routed
-  head and ``1e-6`` for the others: the routed head's within-head distribution up to 1e-6 (also
-  when heads share classes, domain-incremental), while non-routed heads keep their rankings
-  (task-aware accuracy, AUROC).
-- ``merge="weighted"`` weights each set by its experience's training-set size; ``"ties"`` uses
-  the adapters' initialisation as the base. Adapter convolutions are padded and have no bias
-  (see :mod:`medcl.models.adapters`).
+Deviations of the merge: ``merge="weighted"`` weights each set by its experience's training-set
+size; ``"ties"`` uses the adapters' initialisation as the base.
 """
 
 from __future__ import annotations
 
-__all__ = ["ACL", "DynaMMo", "OthersHead", "RoutedAdapterModel", "route_min_others"]
+__all__ = ["DynaMMo", "DynaMMoOptions", "OthersHead", "RoutedAdapterModel", "route_min_others"]
 
 import copy
-import math
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-from medcl.data.samples import SampleSet
-from medcl.data.transforms import to_model_input
-from medcl.engine.memory import herding_order
 from medcl.errors import ConfigError
-from medcl.models.adapters import AdapterSet, forward_with_adapters
+from medcl.models.adapters import AdapterSet
 from medcl.models.backbones import Backbone
 from medcl.models.merging import merge_state_dicts
-from medcl.models.routing import OthersHead, RoutedAdapterModel, retune_heads, route_min_others
-from medcl.strategies.base import Batch, ExperienceInfo, Strategy, register_strategy
-
-if TYPE_CHECKING:
-    from medcl.data.experience import Experience
-    from medcl.engine.memory import ReplayMemory
-
-BackboneInit = Literal["pretrained", "first_experience", "checkpoint"]
+from medcl.models.routing import OthersHead, RoutedAdapterModel, route_min_others
+from medcl.strategies.acl import ACL, ACLOptions
+from medcl.strategies.base import register_strategy
 
 
-@register_strategy("acl")
-class ACL(Strategy):
-    """ACL: per-experience adapters and "others" heads, no merging (inference grows with T).
+@dataclass(frozen=True, kw_only=True)
+class DynaMMoOptions(ACLOptions):
+    """Options of :class:`DynaMMo`: ACL's plus how the adapter sets are merged."""
 
-    Args:
-        backbone: feature extractor (frozen; see ``backbone_init``).
-        backbone_init: ``"pretrained"`` freezes it as built, from experience 0 on (needs
-            ``model.pretrained`` or ``model.checkpoint_path``); ``"checkpoint"`` freezes it as
-            built whatever its weights; ``"first_experience"`` trains it during experience 0,
-            then freezes it.
-        alpha_init: initial adapter scale.
-        init_from_previous: initialise set ``t`` from set ``t-1`` (False: from the initial set).
-        use_adapters: False is the "no adapters" ablation: frozen features, heads only.
-        stage1_memory: ``"join"`` (the reference: memory joined to the training set) or
-            ``"batch"`` (replay samples added to every batch).
-        others_fraction: with ``"join"``, resample the memory so that "others" make up this
-            share of stage 1's samples (None: the memory once, the reference's proportion).
-        retune_epochs: stage-2 epochs over the balanced set (0 switches stage 2 off).
-        retune_lr: stage-2 Adam learning rate.
-        retune_batch_size: stage-2 batch size.
-    """
+    merge: Literal["mean", "weighted", "ties"] = "mean"
+    ties_density: float = 0.2
 
-    uses_memory = True
-
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        backbone_init: BackboneInit = "first_experience",
-        alpha_init: float = 0.02,
-        init_from_previous: bool = True,
-        use_adapters: bool = True,
-        stage1_memory: Literal["join", "batch"] = "join",
-        others_fraction: float | None = None,
-        retune_epochs: int = 30,
-        retune_lr: float = 1e-2,
-        retune_batch_size: int = 64,
-    ) -> None:
-        super().__init__(backbone)
-        del self.head  # replaced by one OthersHead per experience
-        if retune_epochs < 0 or retune_lr <= 0 or retune_batch_size < 1:
+    def check(self, component: str) -> None:
+        super().check(component)
+        if not 0 < self.ties_density <= 1:
             raise ConfigError(
-                f"strategy {self.name!r}: retune_epochs must be >= 0, retune_lr > 0 and "
-                f"retune_batch_size >= 1; got {retune_epochs}, {retune_lr}, "
-                f"{retune_batch_size}."
+                f"{component}: ties_density must be in (0, 1]; got {self.ties_density}."
             )
-        if others_fraction is not None and not 0 < others_fraction < 1:
-            raise ConfigError(
-                f"strategy {self.name!r}: others_fraction must be in (0, 1) or null; got "
-                f"{others_fraction}."
-            )
-        if backbone_init == "pretrained" and backbone.preprocessing.source == "random":
-            raise ConfigError(
-                f"strategy {self.name!r}: backbone_init {backbone_init!r} freezes the backbone "
-                "as built, but it has random weights. Set model.pretrained (e.g. "
-                "'efficientnet_lite0' with model.backbone tf_efficientnet_lite0) or "
-                "model.checkpoint_path, or use backbone_init: first_experience."
-            )
-        if not use_adapters and backbone_init == "first_experience":
-            raise ConfigError(
-                f"strategy {self.name!r}: use_adapters false needs a frozen pretrained backbone "
-                "(backbone_init: pretrained)."
-            )
-        self.backbone_init, self.init_from_previous = backbone_init, init_from_previous
-        self.use_adapters, self.stage1_memory = use_adapters, stage1_memory
-        self.others_fraction = others_fraction
-        self.uses_memory = stage1_memory == "batch"  # "join": the memory is in the training set
-        self._memory: ReplayMemory | None = None
-        self.retune_epochs, self.retune_lr, self.retune_batch_size = (
-            retune_epochs,
-            retune_lr,
-            retune_batch_size,
-        )
-        self.init_set = AdapterSet.for_backbone(backbone, alpha_init=alpha_init).requires_grad_(
-            False
-        )
-        self.adapter_sets, self.heads = nn.ModuleList(), nn.ModuleList()
-        self.register_buffer("train_sizes_", torch.zeros(0))  # (T,) samples per experience
-        self._train_backbone = False
-        backbone.requires_grad_(False)
-
-    # -- structure -------------------------------------------------------------------------
-    def grow(self, info: ExperienceInfo) -> None:
-        self.seen.append(info)
-        first = not self.adapter_sets
-        src = self.adapter_sets[-1] if self.init_from_previous and not first else self.init_set
-        for m in (*self.adapter_sets, *self.heads):
-            m.requires_grad_(False)
-        self.adapter_sets.append(copy.deepcopy(src).requires_grad_(True))
-        device = next(self.backbone.parameters()).device
-        self.heads.append(OthersHead(self.backbone.num_features, info.classes).to(device))
-        self.train_sizes_ = torch.cat([self.train_sizes_, self.train_sizes_.new_zeros(1)])
-        self._train_backbone = first and self.backbone_init == "first_experience"
-        self.backbone.requires_grad_(self._train_backbone)
-
-    def train(self, mode: bool = True) -> ACL:
-        super().train(mode)
-        if not self._train_backbone:  # frozen: BatchNorm statistics too
-            self.backbone.eval()
-        return self
-
-    def deploy_sets(self) -> list[AdapterSet]:
-        """The adapter sets inference runs: one per experience (ACL); none without adapters."""
-        return list(self.adapter_sets) if self.use_adapters else []
-
-    # -- stage 1 ---------------------------------------------------------------------------
-    def before_experience(self, exp: Experience, memory: ReplayMemory) -> None:
-        self._memory = memory  # joined to the training set by training_set ("join")
-
-    def training_set(self, exp: Experience, past: Sequence[Experience]) -> SampleSet:
-        """``"join"``: the training split plus the memory's exemplars (column ``experience``)."""
-        if self.stage1_memory != "join" or self._memory is None:
-            return exp.train
-        return self._memory.joined(
-            exp.train, exp.index, fraction=self.others_fraction, seed=exp.index
-        )
-
-    def trainable_parameters(self) -> Iterable[nn.Parameter]:
-        if self.use_adapters:
-            yield from self.adapter_sets[-1].parameters()
-        yield from self.heads[-1].parameters()
-        if self._train_backbone:
-            yield from self.backbone.parameters()
-
-    def _stage1_set(self) -> AdapterSet | None:
-        return self.adapter_sets[-1] if self.use_adapters else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Stage-1 logits of the current head ``(B, K_t + 1)`` with the current adapter set."""
-        return self.heads[-1](forward_with_adapters(self.backbone, self._stage1_set(), x))
-
-    def loss(self, logits: Tensor, batch: Batch) -> Tensor:
-        return F.cross_entropy(
-            logits, self.heads[-1].targets(batch.y, batch.exp == self.seen[-1].index)
-        )
-
-    # -- merge + stage 2 ---------------------------------------------------------------------
-    def after_experience(self, exp: Experience, memory: ReplayMemory) -> None:
-        self.train_sizes_[-1] = len(exp.train)
-        self._train_backbone = False
-        self.backbone.requires_grad_(False).eval()
-        self.merge_adapters()
-        if self.retune_epochs and len(memory) and len(self.heads) > 1:
-            self._retune_heads(exp, memory)
-
-    def _balanced_set(self, exp: Experience, memory: ReplayMemory) -> tuple[Tensor, Tensor, Tensor]:
-        """Memory + per class of ``exp`` as many herding-chosen samples as the memory holds per group."""
-        x, y, e = memory.gather(torch.arange(len(memory)))
-        quota = math.ceil(len(memory) / len(torch.unique(e * (int(y.max()) + 1) + y)))
-        aset = (self.deploy_sets() or [None])[-1]
-        rows = []
-        for c in exp.classes:
-            r = torch.nonzero(exp.train.labels == c).flatten()
-            if len(r) > quota:  # iCaRL herding on the merged features (the reference's ReplayBank)
-                feats = self._cached_features(aset, exp.train.images[r]).cpu()
-                r = r[herding_order(feats, quota)]
-            rows.append(r)
-        idx = torch.cat(rows)
-        return (
-            torch.cat([x, exp.train.images[idx]]),
-            torch.cat([y, exp.train.labels[idx]]),
-            torch.cat([e, torch.full_like(idx, exp.index)]),
-        )
-
-    def merge_adapters(self) -> None:
-        """Combine the experiences' adapter sets (ACL keeps them apart: nothing to do)."""
-
-    @torch.no_grad()
-    def _cached_features(self, aset: AdapterSet | None, images: Tensor) -> Tensor:
-        """Raw images ``(N, C, ...)`` -> frozen features ``(N, F)``, in chunks of 256."""
-        device = next(self.backbone.parameters()).device
-        chunks = [
-            to_model_input(images[i : i + 256]).to(device) for i in range(0, len(images), 256)
-        ]
-        return torch.cat([forward_with_adapters(self.backbone, aset, x) for x in chunks])
-
-    def _retune_heads(self, exp: Experience, memory: ReplayMemory) -> None:
-        images, labels, exps = self._balanced_set(exp, memory)
-        device = next(self.backbone.parameters()).device
-        labels, exps = labels.to(device), exps.to(device)
-        self.eval()
-        feats = [self._cached_features(s, images) for s in self.deploy_sets() or [None]]
-        feats = feats * len(self.heads) if len(feats) == 1 else feats  # DynaMMo: one for all
-        targets = [
-            h.targets(labels, exps == info.index)
-            for h, info in zip(self.heads, self.seen, strict=True)
-        ]
-        retune_heads(
-            list(self.heads),
-            feats,
-            targets,
-            epochs=self.retune_epochs,
-            lr=self.retune_lr,
-            batch_size=self.retune_batch_size,
-            seed=exp.index,
-        )
-
-    # -- inference ---------------------------------------------------------------------------
-    def features(self, x: Tensor) -> Tensor:
-        """``(B, F)`` features with the newest deployed adapter set."""
-        return forward_with_adapters(self.backbone, (self.deploy_sets() or [None])[-1], x)
-
-    def diagnostics(self) -> dict[str, Any]:
-        """Per adapter set: ``alpha`` of each stage and the relative L2 distance of its weights
-        from the set it was initialised from (set ``t-1``, or the initial set)."""
-        if not self.use_adapters:
-            return {}
-        rows = []
-        for t, aset in enumerate(self.adapter_sets):
-            src = self.adapter_sets[t - 1] if t and self.init_from_previous else self.init_set
-            now, ref = _weights(aset), _weights(src)
-            rows.append(
-                {
-                    "set": t,
-                    "alpha": {k: a.alpha.item() for k, a in aset.adapters.items()},
-                    "distance_from_init": float((now - ref).norm() / ref.norm().clamp_min(1e-12)),
-                }
-            )
-        return {"adapter_sets": rows}
-
-    def deployable_model(self) -> RoutedAdapterModel:
-        if not self.heads:
-            raise ConfigError(
-                f"strategy {self.name!r} has learned no experience yet; there is "
-                "no model to deploy."
-            )
-        return RoutedAdapterModel(
-            self.backbone, self.deploy_sets(), list(self.heads), self.num_seen_classes
-        )
-
-
-def _weights(aset: AdapterSet) -> Tensor:
-    """All learnable tensors of an adapter set, flattened ``(P,)``."""
-    return torch.cat([p.detach().flatten() for p in aset.parameters()])
 
 
 @register_strategy("dynammo")
@@ -339,39 +56,10 @@ class DynaMMo(ACL):
         Others: as :class:`ACL`.
     """
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        merge: Literal["mean", "weighted", "ties"] = "mean",
-        ties_density: float = 0.2,
-        backbone_init: BackboneInit = "first_experience",
-        alpha_init: float = 0.02,
-        init_from_previous: bool = True,
-        use_adapters: bool = True,
-        stage1_memory: Literal["join", "batch"] = "join",
-        others_fraction: float | None = None,
-        retune_epochs: int = 30,
-        retune_lr: float = 1e-2,
-        retune_batch_size: int = 64,
-    ) -> None:
-        super().__init__(
-            backbone,
-            backbone_init=backbone_init,
-            alpha_init=alpha_init,
-            init_from_previous=init_from_previous,
-            use_adapters=use_adapters,
-            stage1_memory=stage1_memory,
-            others_fraction=others_fraction,
-            retune_epochs=retune_epochs,
-            retune_lr=retune_lr,
-            retune_batch_size=retune_batch_size,
-        )
-        if not 0 < ties_density <= 1:
-            raise ConfigError(
-                f"strategy 'dynammo': ties_density must be in (0, 1]; got {ties_density}."
-            )
-        self.merge, self.ties_density = merge, ties_density
+    Options = DynaMMoOptions
+
+    def __init__(self, backbone: Backbone, **options: Any) -> None:
+        super().__init__(backbone, **options)
         self.merged_set = copy.deepcopy(self.init_set)  # loaded by every merge
 
     def merge_adapters(self) -> None:

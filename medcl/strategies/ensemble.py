@@ -21,6 +21,8 @@ __all__ = ["MeanEnsemble", "VanillaEnsemble"]
 import copy
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +30,18 @@ from torch import Tensor, nn
 
 from medcl.errors import ConfigError
 from medcl.models.backbones import Backbone
+from medcl.models.deployable import DeployableModel
 from medcl.models.heads import ExpandableHead
 from medcl.models.subspace import reinitialise
 from medcl.strategies.base import Batch, Classifier, ExperienceInfo, Strategy, register_strategy
+from medcl.strategies.options import StrategyOptions
 
 
-class MeanEnsemble(nn.Module):
+class MeanEnsemble(DeployableModel):
     """Average of the members' class probabilities, returned as log-probabilities.
+
+    The members share no feature space, so the ensemble's features are its averaged
+    log-probabilities ``(B, K)`` (what the OOD guard is fitted on) and its head is the identity.
 
     Args:
         members: modules mapping ``(B, C, H, W[, D])`` to logits ``(B, K)``.
@@ -44,10 +51,25 @@ class MeanEnsemble(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor) -> Tensor:
         """``(B, C, H, W[, D])`` -> ``log(mean_m softmax(logits_m))`` ``(B, K)``."""
         logp = torch.stack([F.log_softmax(m(x), dim=1) for m in self.members])  # (M, B, K)
         return torch.logsumexp(logp, dim=0) - math.log(len(self.members))
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        return features
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnsembleOptions(StrategyOptions):
+    """Options of :class:`VanillaEnsemble`."""
+
+    n_models: int = 3
+    seed: int = 0
+
+    def check(self, component: str) -> None:
+        if self.n_models < 1:
+            raise ConfigError(f"{component}: n_models must be >= 1; got {self.n_models}.")
 
 
 @register_strategy("ensemble")
@@ -61,16 +83,14 @@ class VanillaEnsemble(Strategy):
     """
 
     uses_memory = True
+    Options = EnsembleOptions
 
-    def __init__(self, backbone: Backbone, *, n_models: int = 3, seed: int = 0) -> None:
-        super().__init__(backbone)
-        if n_models < 1:
-            raise ConfigError(f"strategy 'ensemble': n_models must be >= 1; got {n_models}.")
-        self.n_models = n_models
+    def __init__(self, backbone: Backbone, **options: Any) -> None:
+        super().__init__(backbone, **options)
         self.others = nn.ModuleList()
-        for i in range(1, n_models):
+        for i in range(1, self.n_models):
             member = Classifier(copy.deepcopy(backbone), ExpandableHead(backbone.num_features))
-            self.others.append(reinitialise(member, seed=seed * 1000 + i))
+            self.others.append(reinitialise(member, seed=self.seed * 1000 + i))
         self._member_logits: list[Tensor] = []
 
     @property

@@ -22,25 +22,15 @@ available, so **this is a documented reconstruction, not a reimplementation**. E
    (official code of ``donlan2710/gRDA-Optimizer``; applying it to a candidate set is a
    reconstruction), or linearly to reach zero exactly at the pruning step (``shrink="linear"``);
 6. every ``prune_every`` updates, the mask is recomputed by the same score to the scheduled
-   sparsity. No regrowth and **no fine-tuning phase after pruning** (paper).
+   sparsity. No regrowth and **no fine-tuning phase after pruning** (paper). The masks, their
+   scope and schedule, and replay are those of ``magnitude-pruning``
+   (:mod:`medcl.strategies.magnitude_pruning`, with their sources), which EsaCL extends.
 
 IDS redundant-example elimination: at the start of the epochs in ``removal_epochs`` (counted
 within an experience) an equal share of ``removal_fraction`` of the experience is dropped, the
 examples with the lowest mean sharpness (or SparCL's forgetting count, ``removal_score``);
 shares and epochs follow SparCL's official code (30% in 4 rounds at epochs 5-20 of 50), scaled to
 short CPU runs (reconstruction).
-
-Choices with their source:
-- Masking scope: conv/linear weights inside the backbone's feature stages; stem, shortcuts,
-  BatchNorm and head dense (official code of ``neu-spiral/SparCL``). Per-layer sparsity (same).
-- Initial mask: magnitude pruning of the initial weights to ``init_sparsity`` (SparCL prunes the
-  random init once to its target; here the target is then reached gradually).
-- Sparsity schedule (reconstruction): cubic ramp ``s(t) = s + (s0 - s)(1 - t/T)^3`` (Zhu & Gupta
-  2017) over the first ``ramp_updates`` updates of the stream, counted across experiences.
-- Replay: unknown for EsaCL; the trainer mixes memory samples in with plain cross-entropy (ER)
-  when ``memory.size > 0``. Measure with and without.
-- ``structure="channel"`` (medcl addition): whole output channels of the residual blocks' inner
-  convs, with their BatchNorm scale/shift, so the deployable model is physically smaller.
 
 Deviations:
 - DER++'s logit terms (the recipe's replay option) are not used: medcl's memory stores indices,
@@ -55,7 +45,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -63,17 +54,16 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from medcl.errors import ConfigError
-from medcl.metrics.compute import TrainingFlops
 from medcl.models.backbones import Backbone
-from medcl.models.pruning import WeightMasks, slim_copy
-from medcl.strategies.base import Batch, Classifier, Strategy, register_strategy
+from medcl.strategies.base import Batch, register_strategy
 from medcl.strategies.data_removal import DataRemoval
+from medcl.strategies.magnitude_pruning import MagnitudePruning, PruningOptions
 
 if TYPE_CHECKING:
     from medcl.data.experience import Experience
-    from medcl.engine.memory import ReplayMemory
+    from medcl.data.memory import ReplayMemory
 
-__all__ = ["EsaCL", "MagnitudePruning", "frozen_bn_stats"]
+__all__ = ["EsaCL", "EsaCLOptions", "frozen_bn_stats"]
 
 
 @contextlib.contextmanager
@@ -90,17 +80,45 @@ def frozen_bn_stats(module: nn.Module):
             m.momentum = mom
 
 
+@dataclass(frozen=True, kw_only=True)
+class EsaCLOptions(PruningOptions):
+    """Options of :class:`EsaCL`: magnitude pruning's plus SAM, SDP and IDS."""
+
+    sdp: bool = True
+    score_grad_weight: float = 0.5
+    shrink: Literal["grda", "linear", "none"] = "grda"
+    shrink_c: float = 5e-4
+    shrink_mu: float = 0.51
+    shrink_lr: float = 0.05
+    sam_rho: float = 0.05
+    ids: bool = True
+    select_fraction: float = 0.5
+    removal_fraction: float = 0.3
+    removal_epochs: tuple[int, ...] = (1, 2, 3)
+    removal_score: Literal["sharpness", "forgetting"] = "sharpness"
+
+    def check(self, component: str) -> None:
+        super().check(component)
+        if self.sam_rho < 0 or not 0 < self.select_fraction <= 1:
+            raise ConfigError(
+                f"{component}: need sam_rho >= 0 and 0 < select_fraction <= 1; got "
+                f"sam_rho={self.sam_rho}, select_fraction={self.select_fraction}."
+            )
+        if self.ids and self.sam_rho == 0:
+            raise ConfigError(
+                f"{component}: ids=True scores examples by their loss change under the SAM "
+                "perturbation, which needs sam_rho > 0. Set sam_rho (e.g. 0.05) or ids: false."
+            )
+
+
 @register_strategy("esacl")
-class EsaCL(Strategy):
+class EsaCL(MagnitudePruning):
     """EsaCL (reconstruction): SAM-informed directional pruning + intelligent data selection.
 
     Args:
         backbone: the feature extractor (its stage convs are pruned).
-        sparsity: target fraction of pruned weights per masked layer.
-        init_sparsity: sparsity of the initial magnitude-pruned mask.
-        prune_every: updates between pruning steps.
-        ramp_updates: updates (across experiences) to reach ``sparsity``.
-        structure: ``"unstructured"`` or ``"channel"`` (whole filters, physically removed on export).
+        sparsity, init_sparsity, prune_every, ramp_updates, structure: the masks and their
+            schedule, as :class:`~medcl.strategies.magnitude_pruning.MagnitudePruning`.
         sdp: sharpness-informed scores and shrinkage (False: magnitude scores, no shrinkage).
         score_grad_weight: ``λ`` in the score ``|w| + λ|g_SAM|``.
         shrink: ``"grda"`` threshold increments, ``"linear"`` decay to zero, or ``"none"``.
@@ -113,85 +131,22 @@ class EsaCL(Strategy):
         removal_score: ``"sharpness"`` (reconstruction) or ``"forgetting"`` (SparCL's DDR).
     """
 
-    uses_memory = True
+    Options = EsaCLOptions
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        sparsity: float = 0.8,
-        init_sparsity: float = 0.5,
-        prune_every: int = 50,
-        ramp_updates: int = 500,
-        structure: Literal["unstructured", "channel"] = "unstructured",
-        sdp: bool = True,
-        score_grad_weight: float = 0.5,
-        shrink: Literal["grda", "linear", "none"] = "grda",
-        shrink_c: float = 5e-4,
-        shrink_mu: float = 0.51,
-        shrink_lr: float = 0.05,
-        sam_rho: float = 0.05,
-        ids: bool = True,
-        select_fraction: float = 0.5,
-        removal_fraction: float = 0.3,
-        removal_epochs: tuple[int, ...] = (1, 2, 3),
-        removal_score: Literal["sharpness", "forgetting"] = "sharpness",
-    ) -> None:
-        super().__init__(backbone)
-        name = f"strategy {self.name!r}"
-        if not (0 <= init_sparsity <= sparsity < 1) or prune_every < 1 or ramp_updates < 0:
-            raise ConfigError(
-                f"{name}: need 0 <= init_sparsity <= sparsity < 1, prune_every >= 1 and "
-                f"ramp_updates >= 0; got init_sparsity={init_sparsity}, sparsity={sparsity}, "
-                f"prune_every={prune_every}, ramp_updates={ramp_updates}."
-            )
-        if sam_rho < 0 or not 0 < select_fraction <= 1:
-            raise ConfigError(
-                f"{name}: need sam_rho >= 0 and 0 < select_fraction <= 1; got sam_rho={sam_rho}, "
-                f"select_fraction={select_fraction}."
-            )
-        if ids and sam_rho == 0:
-            raise ConfigError(
-                f"{name}: ids=True scores examples by their loss change under the SAM "
-                "perturbation, which needs sam_rho > 0. Set sam_rho (e.g. 0.05) or ids: false."
-            )
-        self.sparsity, self.init_sparsity = sparsity, init_sparsity
-        self.prune_every, self.ramp_updates = prune_every, ramp_updates
-        self.sdp, self.score_grad_weight, self.shrink = sdp, score_grad_weight, shrink
-        self.shrink_c, self.shrink_mu, self.shrink_lr = shrink_c, shrink_mu, shrink_lr
-        self.sam_rho, self.ids, self.select_fraction = sam_rho, ids, select_fraction
+    def __init__(self, backbone: Backbone, **options: Any) -> None:
+        super().__init__(backbone, **options)
         self.removal = DataRemoval(
-            fraction=removal_fraction if ids else 0.0,
-            epochs=removal_epochs,
-            score=removal_score,
-            component=name,
+            fraction=self.removal_fraction if self.ids else 0.0,
+            epochs=self.removal_epochs,
+            score=self.removal_score,
+            component=f"strategy {self.name!r}",
         )
-        stages = [f"net.{s.name}" for s in backbone.stages()]
-        self.masks = WeightMasks(self.backbone, stages, structure=structure)
-        self.masks.attach()
-        self.register_buffer("updates_", torch.zeros((), dtype=torch.long))
-        self.register_buffer("flops_", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("images_", torch.zeros((), dtype=torch.long))
-        self.counter: TrainingFlops | None = None
         self.candidates_: dict[str, Tensor] = {}  # kept-after-next-prune masks (SDP shrinkage)
-        self.events: list[dict[str, float]] = []  # pruning steps: update, sparsity, density
-        self.prune_observer = None  # optional callable(stage: "before"|"after"), for benchmarks
-        self._prune_to(self.sparsity_at(0), scores=self._magnitude())
 
-    # -- schedule and scores ---------------------------------------------------------------------
-    def sparsity_at(self, t: int) -> float:
-        """Scheduled sparsity after ``t`` updates (cubic ramp from ``init_sparsity``)."""
-        if self.ramp_updates == 0 or t >= self.ramp_updates:
-            return self.sparsity
-        frac = 1 - t / self.ramp_updates
-        return self.sparsity + (self.init_sparsity - self.sparsity) * frac**3
-
-    def _magnitude(self) -> dict[str, Tensor]:
-        return {p: self.masks._weight(p).detach().abs() for p in self.masks.layers}
-
+    # -- scores ----------------------------------------------------------------------------------
     def _scores(self) -> dict[str, Tensor]:
         """``|w| + λ|g_SAM|`` (SDP; ``g_SAM`` is the last update's gradient) or ``|w|``."""
-        scores = self._magnitude()
+        scores = super()._scores()
         if self.sdp:
             for p in scores:
                 g = self.masks._weight(p).grad
@@ -199,25 +154,9 @@ class EsaCL(Strategy):
                     scores[p] = scores[p] + self.score_grad_weight * g.abs()
         return scores
 
-    def _prune_to(self, s: float, scores: dict[str, Tensor]) -> None:
-        before = 1 - self.masks.density()
-        if self.prune_observer is not None:
-            self.prune_observer("before")
-        self.masks.prune_(scores, s)
-        self.events.append(
-            {"update": int(self.updates_), "sparsity_before": before, "target": s,
-             "sparsity_after": 1 - self.masks.density()}
-        )  # fmt: skip
-        if self.prune_observer is not None:
-            self.prune_observer("after")
-
     # -- training ----------------------------------------------------------------------------
     def before_experience(self, exp: Experience, memory: ReplayMemory) -> None:
-        model = Classifier(self.backbone, self.head)
-        self.counter = TrainingFlops.refreshed(
-            self.counter, model, tuple(exp.train.images.shape[1:])
-        )
-        self.masks.apply_()
+        super().before_experience(exp, memory)
         if self.sdp and self.shrink != "none":
             self._next_candidates()
 
@@ -226,18 +165,10 @@ class EsaCL(Strategy):
             self.removal.start(num_rows)
         return self.removal.rows(epoch)
 
-    def _count(self, examples: int, *, backward: bool = True) -> None:
-        if self.counter is None:
-            return
-        d = {f"backbone.{k}": v for k, v in self.masks.layer_density().items()}
-        self.flops_ += self.counter.add(examples, backward=backward, weight_density=d)
-
     def loss(self, logits: Tensor, batch: Batch) -> Tensor:
         """SAM objective ``mean l_i(w + ε)`` over the IDS-selected examples (plain CE without SAM)."""
-        per = F.cross_entropy(logits, batch.y, reduction="none")  # (B,) l_i(w)
+        per = self._example_losses(logits, batch)  # (B,) l_i(w); first pass counted
         b = len(per)
-        self.images_ += b
-        self._count(b)  # first pass: forward + backward on every example
         if self.removal.score == "forgetting" and batch.index is not None:
             self.removal.observe(batch.index, correct=logits.argmax(1) == batch.y)
         if self.sam_rho == 0:
@@ -264,17 +195,12 @@ class EsaCL(Strategy):
 
     @torch.no_grad()
     def after_update(self, step: int) -> None:
-        self.updates_ += 1
-        t = int(self.updates_)
+        t = int(self.updates_) + 1  # this update (counted by the base class)
         if self.sdp and self.candidates_:
             self._shrink_candidates(t)
-        self.masks.apply_()
-        if t % self.prune_every == 0 and t <= self.ramp_updates + self.prune_every - 1:
-            s = self.sparsity_at(t)
-            if s > 1 - self.masks.density() + 1e-9:
-                self._prune_to(s, self._scores())
-            if self.sdp and self.shrink != "none":
-                self._next_candidates()
+        super().after_update(step)  # masks re-applied, pruned on schedule
+        if self._prune_due(t) and self.sdp and self.shrink != "none":
+            self._next_candidates()
 
     def _next_candidates(self) -> None:
         """Weights (channels) that the next pruning step would remove, for SDP's shrinkage."""
@@ -306,46 +232,3 @@ class EsaCL(Strategy):
                     else cand
                 )
                 w[c_] = torch.sign(w[c_]) * ((w[c_].abs() - delta).clamp(min=0) * factor)
-
-    # -- inference -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
-        return Classifier(self.backbone, self.head)(x)  # same outputs as the slim export
-
-    def deployable_model(self) -> nn.Module:
-        """The masked model (zeros in its weights); channel-pruned layers physically removed."""
-        if self.masks.structure == "channel":
-            return Classifier(slim_copy(self.backbone, self.masks), self.head)
-        return Classifier(self.backbone, self.head)
-
-
-@register_strategy("magnitude-pruning")
-class MagnitudePruning(EsaCL):
-    """Plain magnitude pruning on the same schedule and masks as EsaCL (no SAM, SDP or IDS).
-
-    Args:
-        backbone: the feature extractor.
-        sparsity, init_sparsity, prune_every, ramp_updates, structure: as :class:`EsaCL`.
-    """
-
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        sparsity: float = 0.8,
-        init_sparsity: float = 0.5,
-        prune_every: int = 50,
-        ramp_updates: int = 500,
-        structure: Literal["unstructured", "channel"] = "unstructured",
-    ) -> None:
-        super().__init__(
-            backbone,
-            sparsity=sparsity,
-            init_sparsity=init_sparsity,
-            prune_every=prune_every,
-            ramp_updates=ramp_updates,
-            structure=structure,
-            sdp=False,
-            sam_rho=0.0,
-            ids=False,
-        )

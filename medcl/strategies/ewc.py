@@ -35,7 +35,8 @@ Checkpoints: the Fisher and anchor tensors are buffers created (as zeros) in :me
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +47,11 @@ from medcl.data.transforms import to_model_input
 from medcl.errors import ConfigError, DataError
 from medcl.models.backbones import Backbone
 from medcl.strategies.base import Batch, ExperienceInfo, Strategy, register_strategy
+from medcl.strategies.options import StrategyOptions
 
 if TYPE_CHECKING:
     from medcl.data.experience import Experience
-    from medcl.engine.memory import ReplayMemory
+    from medcl.data.memory import ReplayMemory
 
 __all__ = ["EWC", "Consolidation", "per_sample_fisher"]
 
@@ -127,6 +129,33 @@ def per_sample_fisher(
     return {n: f / max(len(x), 1) for n, f in fisher.items()}
 
 
+@dataclass(frozen=True, kw_only=True)
+class EWCOptions(StrategyOptions):
+    """Options of :class:`EWC`."""
+
+    ewc_lambda: float = 1000.0
+    mode: Literal["separate", "online"] = "separate"
+    gamma: float = 1.0
+    fisher_samples: int = 512
+    fisher_batch_size: int = 16
+
+    def check(self, component: str) -> None:
+        if self.mode not in ("separate", "online"):
+            raise ConfigError(
+                f"{component}: mode must be 'separate' or 'online'; got {self.mode!r}."
+            )
+        if self.ewc_lambda < 0 or not 0 <= self.gamma <= 1:
+            raise ConfigError(
+                f"{component}: need ewc_lambda >= 0 and 0 <= gamma <= 1; got "
+                f"ewc_lambda={self.ewc_lambda}, gamma={self.gamma}."
+            )
+        if self.fisher_samples < 1 or self.fisher_batch_size < 1:
+            raise ConfigError(
+                f"{component}: fisher_samples and fisher_batch_size must be >= 1; "
+                f"got {self.fisher_samples} and {self.fisher_batch_size}."
+            )
+
+
 @register_strategy("ewc")
 class EWC(Strategy):
     """Elastic Weight Consolidation (``mode="separate"``) or online EWC (``mode="online"``).
@@ -142,31 +171,10 @@ class EWC(Strategy):
             ResNet-18 on 28 px inputs, CPU: peak process memory 2.9 GB at 16, 3.4 GB at 32).
     """
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        ewc_lambda: float = 1000.0,
-        mode: Literal["separate", "online"] = "separate",
-        gamma: float = 1.0,
-        fisher_samples: int = 512,
-        fisher_batch_size: int = 16,
-    ) -> None:
-        super().__init__(backbone)
-        if mode not in ("separate", "online"):
-            raise ConfigError(f"strategy 'ewc': mode must be 'separate' or 'online'; got {mode!r}.")
-        if ewc_lambda < 0 or not 0 <= gamma <= 1:
-            raise ConfigError(
-                f"strategy 'ewc': need ewc_lambda >= 0 and 0 <= gamma <= 1; got "
-                f"ewc_lambda={ewc_lambda}, gamma={gamma}."
-            )
-        if fisher_samples < 1 or fisher_batch_size < 1:
-            raise ConfigError(
-                f"strategy 'ewc': fisher_samples and fisher_batch_size must be >= 1; "
-                f"got {fisher_samples} and {fisher_batch_size}."
-            )
-        self.ewc_lambda, self.mode, self.gamma = ewc_lambda, mode, gamma
-        self.fisher_samples, self.fisher_batch_size = fisher_samples, fisher_batch_size
+    Options = EWCOptions
+
+    def __init__(self, backbone: Backbone, **options: Any) -> None:
+        super().__init__(backbone, **options)
         # separate: terms[t] belongs to experience t (the last one is being trained, still zero);
         # online: terms[0] is the running Fisher and latest anchor.
         self.terms = nn.ModuleList()

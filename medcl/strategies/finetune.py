@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from medcl.data.samples import SampleSet
 from medcl.models.backbones import Backbone
 from medcl.strategies.base import Strategy, register_strategy
+from medcl.strategies.options import StrategyOptions
 
 if TYPE_CHECKING:
     from medcl.data.experience import Experience
-    from medcl.engine.memory import ReplayMemory
+    from medcl.data.memory import ReplayMemory
 
 
 @register_strategy("finetune")
@@ -36,6 +38,13 @@ class Replay(Strategy):
     uses_memory = True
 
 
+@dataclass(frozen=True, kw_only=True)
+class JointOptions(StrategyOptions):
+    """Options of :class:`Joint`."""
+
+    from_scratch: bool = False
+
+
 @register_strategy("joint")
 class Joint(Strategy):
     """Cumulative/joint training on all data seen so far (upper bound).
@@ -44,10 +53,11 @@ class Joint(Strategy):
         from_scratch: re-initialise backbone and head before each experience.
     """
 
-    def __init__(self, backbone: Backbone, *, from_scratch: bool = False) -> None:
-        super().__init__(backbone)
-        self.from_scratch = from_scratch
-        self._init_state = copy.deepcopy(backbone.state_dict()) if from_scratch else None
+    Options = JointOptions
+
+    def __init__(self, backbone: Backbone, **options: Any) -> None:
+        super().__init__(backbone, **options)
+        self._init_state = copy.deepcopy(backbone.state_dict()) if self.from_scratch else None
 
     def before_experience(self, exp: Experience, memory: ReplayMemory) -> None:
         if self._init_state is not None:

@@ -38,7 +38,8 @@ Deviations from the paper and choices it leaves open:
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +49,11 @@ from medcl.data.transforms import to_model_input
 from medcl.errors import ConfigError
 from medcl.models.backbones import Backbone
 from medcl.strategies.base import Batch, Classifier, Strategy, register_strategy
+from medcl.strategies.options import StrategyOptions
 
 if TYPE_CHECKING:
     from medcl.data.experience import Experience
-    from medcl.engine.memory import ReplayMemory
+    from medcl.data.memory import ReplayMemory
 
 __all__ = ["LwF", "distillation_kl"]
 
@@ -72,6 +74,25 @@ def distillation_kl(student: Tensor, teacher: Tensor, temperature: float) -> Ten
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
 
 
+@dataclass(frozen=True, kw_only=True)
+class LwFOptions(StrategyOptions):
+    """Options of :class:`LwF`."""
+
+    alpha: float = 1.0
+    temperature: float = 2.0
+    t_squared: bool = False
+    warmup_epochs: int = 0
+    warmup_lr: float = 0.01
+
+    def check(self, component: str) -> None:
+        if self.alpha < 0 or self.temperature <= 0 or self.warmup_epochs < 0 or self.warmup_lr <= 0:
+            raise ConfigError(
+                f"{component}: need alpha >= 0, temperature > 0, warmup_epochs >= 0 and "
+                f"warmup_lr > 0; got alpha={self.alpha}, temperature={self.temperature}, "
+                f"warmup_epochs={self.warmup_epochs}, warmup_lr={self.warmup_lr}."
+            )
+
+
 @register_strategy("lwf")
 class LwF(Strategy):
     """Learning without Forgetting: distil the previous model's old-class outputs.
@@ -85,25 +106,10 @@ class LwF(Strategy):
         warmup_lr: SGD learning rate of the warm-up.
     """
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        alpha: float = 1.0,
-        temperature: float = 2.0,
-        t_squared: bool = False,
-        warmup_epochs: int = 0,
-        warmup_lr: float = 0.01,
-    ) -> None:
-        super().__init__(backbone)
-        if alpha < 0 or temperature <= 0 or warmup_epochs < 0 or warmup_lr <= 0:
-            raise ConfigError(
-                f"strategy 'lwf': need alpha >= 0, temperature > 0, warmup_epochs >= 0 and "
-                f"warmup_lr > 0; got alpha={alpha}, temperature={temperature}, "
-                f"warmup_epochs={warmup_epochs}, warmup_lr={warmup_lr}."
-            )
-        self.alpha, self.temperature, self.t_squared = alpha, temperature, t_squared
-        self.warmup_epochs, self.warmup_lr = warmup_epochs, warmup_lr
+    Options = LwFOptions
+
+    def __init__(self, backbone: Backbone, **options: Any) -> None:
+        super().__init__(backbone, **options)
         # set via object.__setattr__: not a submodule, so neither trained nor checkpointed
         object.__setattr__(self, "teacher", None)
         self.num_old_classes = 0

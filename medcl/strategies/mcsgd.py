@@ -26,14 +26,15 @@ fixed vertex): S-C with ``n = 1`` is MC-SGD's pair of lines. Deviations: the tas
 the sequential chain (``lr_0 × decay^(t-1)``) is left to the config's ``train`` section (one lr for
 every experience); losses are computed with BatchNorm in train mode (batch statistics, which the
 research code's ``track_running_stats=False`` networks also use); running statistics are then re-
-estimated at ``w̄_t`` (see ``bn`` of :class:`~medcl.strategies.subspace.SubspaceStrategy`).
+estimated at ``w̄_t`` (see ``bn`` of :class:`~medcl.strategies.subspace_base.SubspaceStrategy`).
 """
 
 from __future__ import annotations
 
-__all__ = ["MCSGD"]
+__all__ = ["MCSGD", "MCSGDOptions"]
 
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -44,15 +45,38 @@ from medcl.models.backbones import Backbone
 from medcl.models.subspace import subspace_tensors
 from medcl.models.subspace_connectivity import connectivity_stage
 from medcl.strategies.base import ExperienceInfo, register_strategy
-from medcl.strategies.subspace import SubspaceStrategy
+from medcl.strategies.subspace_base import SubspaceOptions, SubspaceStrategy
 
 if TYPE_CHECKING:
     from medcl.data.experience import Experience
-    from medcl.engine.memory import ReplayMemory
+    from medcl.data.memory import ReplayMemory
 
 
 def _name(key: str) -> str:
     return key.replace(".", "__")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MCSGDOptions(SubspaceOptions):
+    """Options of :class:`MCSGD`: the subspace's (one endpoint, ``w``) plus the two chains'."""
+
+    n_endpoints: int = field(default=1, init=False)
+    seed: int = field(default=0, init=False)
+    p: float = 0.01
+    chain_rule: bool = False
+    continue_from: Literal["sequential", "connectivity"] = "sequential"
+    current_per_class: int = 0
+
+    def check(self, component: str) -> None:
+        p, per_class = self.p, self.current_per_class
+        check_options(
+            component,
+            "0 <= p <= 1, 0 <= connect_momentum < 1, current_per_class >= 0, connect_epochs >= 0 "
+            "and positive grid_points, connect_lr, connect_batch_size and subset_size",
+            [("p", p, 0 <= p <= 1), ("current_per_class", per_class, per_class >= 0),
+             *self.connectivity_checks()],
+        )  # fmt: skip
+        super().check(component)
 
 
 @register_strategy("mcsgd")
@@ -70,47 +94,14 @@ class MCSGD(SubspaceStrategy):
             connectivity step (0: the memory's per-group quota).
         connect_epochs, connect_lr, connect_momentum, connect_batch_size: connectivity SGD.
         subset_size: random current-experience samples of the connectivity step.
-        bn, bn_samples, stage1_replay: see :class:`~medcl.strategies.subspace.SubspaceStrategy`.
+        bn, bn_samples, stage1_replay: see
+            :class:`~medcl.strategies.subspace_base.SubspaceStrategy`.
     """
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        p: float = 0.01,
-        grid_points: int = 5,
-        chain_rule: bool = False,
-        continue_from: Literal["sequential", "connectivity"] = "sequential",
-        current_per_class: int = 0,
-        connect_epochs: int = 1,
-        connect_lr: float = 0.005,
-        connect_momentum: float = 0.8,
-        connect_batch_size: int = 64,
-        subset_size: int = 500,
-        bn: Literal["recompute", "batch"] = "recompute",
-        bn_samples: int = 1024,
-        stage1_replay: bool = False,
-    ) -> None:
-        checks = [("p", p, 0 <= p <= 1), ("grid_points", grid_points, grid_points >= 1),
-                  ("current_per_class", current_per_class, current_per_class >= 0),
-                  ("connect_epochs", connect_epochs, connect_epochs >= 0),
-                  ("connect_lr", connect_lr, connect_lr > 0),
-                  ("connect_momentum", connect_momentum, 0 <= connect_momentum < 1),
-                  ("connect_batch_size", connect_batch_size, connect_batch_size >= 1),
-                  ("subset_size", subset_size, subset_size >= 1)]  # fmt: skip
-        check_options(
-            f"strategy {self.name!r}",
-            "0 <= p <= 1, 0 <= connect_momentum < 1, current_per_class >= 0, connect_epochs >= 0 "
-            "and positive grid_points, connect_lr, connect_batch_size and subset_size",
-            checks,
-        )
-        super().__init__(backbone, n_endpoints=1, bn=bn, bn_samples=bn_samples,
-                         stage1_replay=stage1_replay)  # fmt: skip
-        self.p, self.grid_points, self.chain_rule = p, grid_points, chain_rule
-        self.continue_from, self.current_per_class = continue_from, current_per_class
-        self.connect_epochs, self.connect_lr = connect_epochs, connect_lr
-        self.connect_momentum, self.connect_batch_size = connect_momentum, connect_batch_size
-        self.subset_size = subset_size
+    Options = MCSGDOptions
+
+    def __init__(self, backbone: Backbone, **options: Any) -> None:
+        super().__init__(backbone, **options)
         self.sequential_ = nn.Module()  # ŵ_t as buffers (checkpointed: the next start point)
         self._previous: dict[str, Tensor] | None = None
 
@@ -162,12 +153,8 @@ class MCSGD(SubspaceStrategy):
                 old_vertex=prev,
                 new_vertex=seq,
                 sampling="grid",
-                grid_points=self.grid_points,
                 straight_through=not self.chain_rule,
-                epochs=self.connect_epochs,
-                lr=self.connect_lr,
-                momentum=self.connect_momentum,
-                batch_size=self.connect_batch_size,
+                **self.connectivity_sgd(),
             )
         self._previous = None
         self.recompute_statistics(exp, memory)

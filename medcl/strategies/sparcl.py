@@ -33,7 +33,8 @@ Deviations:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +46,42 @@ from medcl.models.backbones import Backbone
 from medcl.models.pruning import WeightMasks
 from medcl.strategies.base import Batch, Classifier, Strategy, register_strategy
 from medcl.strategies.data_removal import DataRemoval
+from medcl.strategies.options import StrategyOptions
 
 if TYPE_CHECKING:
     from medcl.data.experience import Experience
-    from medcl.engine.memory import ReplayMemory
+    from medcl.data.memory import ReplayMemory
 
 __all__ = ["SparCL"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparCLOptions(StrategyOptions):
+    """Options of :class:`SparCL`."""
+
+    sparsity: float = 0.8
+    score_grad_weight: float = 0.5
+    mask_every: int = 1
+    regrow_gap: float = 0.01
+    freeze_from: int = 9
+    removal_fraction: float = 0.3
+    removal_epochs: tuple[int, ...] = (1, 2, 3)
+    grad_sparsity: float = 0.8
+    grad_mask_every: int = 30
+    seed: int = 0
+
+    def check(self, component: str) -> None:
+        s, gap, gs = self.sparsity, self.regrow_gap, self.grad_sparsity
+        if not (0 <= s < 1 and 0 <= s + gap < 1 and 0 <= gs < 1):
+            raise ConfigError(
+                f"{component}: need sparsity, sparsity + regrow_gap and grad_sparsity in "
+                f"[0, 1); got sparsity={s}, regrow_gap={gap}, grad_sparsity={gs}."
+            )
+        if self.mask_every < 1 or self.grad_mask_every < 1:
+            raise ConfigError(
+                f"{component}: mask_every and grad_mask_every must be >= 1; got "
+                f"{self.mask_every} and {self.grad_mask_every}."
+            )
 
 
 @register_strategy("sparcl")
@@ -72,39 +103,12 @@ class SparCL(Strategy):
     """
 
     uses_memory = True
+    Options = SparCLOptions
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        sparsity: float = 0.8,
-        score_grad_weight: float = 0.5,
-        mask_every: int = 1,
-        regrow_gap: float = 0.01,
-        freeze_from: int = 9,
-        removal_fraction: float = 0.3,
-        removal_epochs: tuple[int, ...] = (1, 2, 3),
-        grad_sparsity: float = 0.8,
-        grad_mask_every: int = 30,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(backbone)
-        if not (0 <= sparsity < 1 and 0 <= sparsity + regrow_gap < 1 and 0 <= grad_sparsity < 1):
-            raise ConfigError(
-                f"strategy 'sparcl': need sparsity, sparsity + regrow_gap and grad_sparsity in "
-                f"[0, 1); got sparsity={sparsity}, regrow_gap={regrow_gap}, "
-                f"grad_sparsity={grad_sparsity}."
-            )
-        if mask_every < 1 or grad_mask_every < 1:
-            raise ConfigError(
-                f"strategy 'sparcl': mask_every and grad_mask_every must be >= 1; got "
-                f"{mask_every} and {grad_mask_every}."
-            )
-        self.sparsity, self.score_grad_weight = sparsity, score_grad_weight
-        self.mask_every, self.regrow_gap, self.freeze_from = mask_every, regrow_gap, freeze_from
-        self.grad_sparsity, self.grad_mask_every = grad_sparsity, grad_mask_every
+    def __init__(self, backbone: Backbone, **options: Any) -> None:
+        super().__init__(backbone, **options)
         self.removal = DataRemoval(
-            fraction=removal_fraction, epochs=removal_epochs, score="forgetting",
+            fraction=self.removal_fraction, epochs=self.removal_epochs, score="forgetting",
             component="strategy 'sparcl'",
         )  # fmt: skip
         stages = [f"net.{s.name}" for s in backbone.stages()]
@@ -114,11 +118,11 @@ class SparCL(Strategy):
         self.register_buffer("flops_", torch.zeros((), dtype=torch.float64))
         self.register_buffer("images_", torch.zeros((), dtype=torch.long))
         self.counter: TrainingFlops | None = None
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(self.seed)
         self._last_grad: dict[str, Tensor] = {}
         self._refresh = True
         self._step = 0
-        self.masks.prune_({p: w.abs() for p, w in self._weights().items()}, sparsity)
+        self.masks.prune_({p: w.abs() for p, w in self._weights().items()}, self.sparsity)
 
     def _weights(self) -> dict[str, Tensor]:
         return {p: self.masks._weight(p).detach() for p in self.masks.layers}

@@ -2,10 +2,10 @@
 
 Doan, Mirzadeh & Farajtabar, "Continual Learning Beyond a Single Model" (arXiv 2202.09826, v1:
 "Efficient Continual Learning Ensembles in Neural Network Subspaces"), CoLLAs 2023, PMLR v232.
-No public code exists; every detail below is labelled with its source (see
-``docs/methods/subspace.md`` of the shared notes): *(summary)* the secondary summary of the paper's
-objective, *(Wortsman)* the official code of ``apple/learning-subspaces``, *(MC-SGD)* the research
-code ``imirzadeh/CL-LinearModeConnectivity``, *(medcl)* a reconstruction with no source.
+No public code exists; every detail below is labelled with its source: *(summary)* a secondary
+summary of the paper's objective, *(Wortsman)* the official code of ``apple/learning-subspaces``,
+*(MC-SGD)* the research code ``imirzadeh/CL-LinearModeConnectivity``, *(medcl)* a reconstruction
+with no source.
 
 Per experience τ:
 
@@ -60,122 +60,48 @@ Ablation switches: ``n_endpoints`` (2 line, 3 simplex), ``beta=0`` (no cosine pe
 
 from __future__ import annotations
 
-__all__ = ["SubspaceConnectivity", "SubspaceStrategy"]
+__all__ = ["SubspaceConnectivity", "SubspaceConnectivityOptions"]
 
-import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from medcl.data.transforms import to_model_input
-from medcl.errors import ConfigError, check_options
+from medcl.errors import check_options
 from medcl.models.backbones import Backbone
-from medcl.models.subspace import (
-    SubspacePoint,
-    cosine_penalty,
-    fold,
-    point_values,
-    recompute_batchnorm,
-    reinitialise,
-    sample_alpha,
-    to_subspace,
-    unwrap_subspace,
-    use_batch_statistics,
-)
+from medcl.models.subspace import cosine_penalty, fold, reinitialise, sample_alpha
 from medcl.models.subspace_connectivity import connectivity_stage
-from medcl.strategies.base import Batch, Classifier, ExperienceInfo, Strategy, register_strategy
+from medcl.strategies.base import Batch, ExperienceInfo, register_strategy
 from medcl.strategies.ensemble import MeanEnsemble
+from medcl.strategies.subspace_base import SubspaceOptions, SubspaceStrategy
 
 if TYPE_CHECKING:
     from medcl.data.experience import Experience
-    from medcl.engine.memory import ReplayMemory
+    from medcl.data.memory import ReplayMemory
 
 
-class SubspaceStrategy(Strategy):
-    """Base of strategies whose network is a subspace (S-C, MC-SGD): structure, BN, inference.
+@dataclass(frozen=True, kw_only=True)
+class SubspaceConnectivityOptions(SubspaceOptions):
+    """Options of :class:`SubspaceConnectivity`: the subspace's plus S-C's stages and inference."""
 
-    Args:
-        backbone: the feature extractor (turned into a subspace network in place).
-        n_endpoints: endpoints per tensor.
-        bn: ``"recompute"`` (statistics re-estimated at the evaluated point) or ``"batch"``.
-        bn_samples: samples of the current experience used to re-estimate them (plus the buffer).
-        stage1_replay: mix the replay memory into the trainer's batches (stage 1 / the
-            sequential chain); False trains on the experience alone, as the papers do.
-        seed: seeds the endpoints' independent initialisation.
-    """
+    beta: float = 1.0
+    connect: bool = True
+    init: Literal["previous", "fresh"] = "previous"
+    sampling: Literal["dirichlet", "grid"] = "dirichlet"
+    inference: Literal["midpoint", "endpoints", "sampled"] = "midpoint"
+    ensemble_size: int = 5
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        n_endpoints: int,
-        bn: Literal["recompute", "batch"] = "recompute",
-        bn_samples: int = 1024,
-        stage1_replay: bool = False,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(backbone)
-        self.uses_memory = stage1_replay  # the trainer samples the memory only when True
-        if n_endpoints < 1 or bn_samples < 1:
-            raise ConfigError(
-                f"strategy {self.name!r}: need n_endpoints >= 1 and bn_samples >= 1; got "
-                f"n_endpoints={n_endpoints}, bn_samples={bn_samples}."
-            )
-        self.bn, self.bn_samples, self.seed = bn, bn_samples, seed
-        if bn == "batch":
-            use_batch_statistics(backbone)
-        self.point = SubspacePoint(n_endpoints)
-        to_subspace(self.backbone, self.point, seed=seed)
-
-    def network(self) -> Classifier:
-        """Backbone + head as one module (the subspace network; no copy)."""
-        return Classifier(self.backbone, self.head)
-
-    def grow(self, info: ExperienceInfo) -> None:
-        """Widen the head; the new rows of every endpoint are initialised independently."""
-        ends = unwrap_subspace(self.head)
-        super().grow(info)
-        to_subspace(self.head, self.point, endpoints=ends, seed=self.seed + len(self.seen))
-
-    def midpoint(self) -> dict[str, Tensor]:
-        """Every subspace tensor's value at the midpoint (detached)."""
-        alpha, anchor = self.point.alpha, self.point.anchor
-        self.point.set_midpoint()
-        try:
-            return point_values(self.network())
-        finally:
-            self.point.set(alpha, anchor)
-
-    def recompute_statistics(self, exp: Experience, memory: ReplayMemory) -> None:
-        """Re-estimate BatchNorm statistics at the current point on the experience + buffer."""
-        if self.bn != "recompute":
-            return
-        idx = torch.randperm(len(exp.train))[: self.bn_samples]
-        parts = [exp.train.images[idx]] + ([memory.as_sampleset().images] if len(memory) else [])
-        images = torch.cat(parts)
-        device = next(self.parameters()).device
-        chunks = torch.tensor_split(images, math.ceil(len(images) / 256))  # no 1-sample batch
-        recompute_batchnorm(self.network(), (to_model_input(c).to(device) for c in chunks))
-
-    @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
-        """Scores at the midpoint ``(B, num_seen_classes)`` (no copy of the network)."""
-        alpha, anchor = self.point.alpha, self.point.anchor
-        self.point.set_midpoint()
-        try:
-            return self.network()(x)
-        finally:
-            self.point.set(alpha, anchor)
-
-    def deployable_model(self) -> nn.Module:
-        """One plain network with the midpoint's weights (the plain network's MACs)."""
-        alpha, anchor = self.point.alpha, self.point.anchor
-        self.point.set_midpoint()
-        try:
-            return fold(self.network())
-        finally:
-            self.point.set(alpha, anchor)
+    def check(self, component: str) -> None:
+        n, beta, k = self.n_endpoints, self.beta, self.ensemble_size
+        check_options(
+            component,
+            "n_endpoints >= 2, beta >= 0, 0 <= connect_momentum < 1, connect_epochs >= 0 and "
+            "positive grid_points, connect_lr, connect_batch_size, subset_size and ensemble_size",
+            [("n_endpoints", n, n >= 2), ("beta", beta, beta >= 0),
+             *self.connectivity_checks(), ("ensemble_size", k, k >= 1)],
+        )  # fmt: skip
+        super().check(component)
 
 
 @register_strategy("subspace")
@@ -198,49 +124,10 @@ class SubspaceConnectivity(SubspaceStrategy):
         seed: seeds endpoint initialisation and the sampled ensemble's points.
     """
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        n_endpoints: int = 2,
-        beta: float = 1.0,
-        connect: bool = True,
-        init: Literal["previous", "fresh"] = "previous",
-        sampling: Literal["dirichlet", "grid"] = "dirichlet",
-        grid_points: int = 5,
-        connect_epochs: int = 1,
-        connect_lr: float = 0.005,
-        connect_momentum: float = 0.8,
-        connect_batch_size: int = 64,
-        subset_size: int = 500,
-        bn: Literal["recompute", "batch"] = "recompute",
-        bn_samples: int = 1024,
-        stage1_replay: bool = False,
-        inference: Literal["midpoint", "endpoints", "sampled"] = "midpoint",
-        ensemble_size: int = 5,
-        seed: int = 0,
-    ) -> None:
-        checks = [("n_endpoints", n_endpoints, n_endpoints >= 2), ("beta", beta, beta >= 0),
-                  ("grid_points", grid_points, grid_points >= 1),
-                  ("connect_epochs", connect_epochs, connect_epochs >= 0),
-                  ("connect_lr", connect_lr, connect_lr > 0),
-                  ("connect_momentum", connect_momentum, 0 <= connect_momentum < 1),
-                  ("connect_batch_size", connect_batch_size, connect_batch_size >= 1),
-                  ("subset_size", subset_size, subset_size >= 1),
-                  ("ensemble_size", ensemble_size, ensemble_size >= 1)]  # fmt: skip
-        check_options(
-            f"strategy {self.name!r}",
-            "n_endpoints >= 2, beta >= 0, 0 <= connect_momentum < 1, connect_epochs >= 0 and "
-            "positive grid_points, connect_lr, connect_batch_size, subset_size and ensemble_size",
-            checks,
-        )
-        super().__init__(backbone, n_endpoints=n_endpoints, bn=bn, bn_samples=bn_samples,
-                         stage1_replay=stage1_replay, seed=seed)  # fmt: skip
-        self.beta, self.connect, self.init = beta, connect, init
-        self.sampling, self.grid_points = sampling, grid_points
-        self.connect_epochs, self.connect_lr = connect_epochs, connect_lr
-        self.connect_momentum, self.connect_batch_size = connect_momentum, connect_batch_size
-        self.subset_size, self.inference, self.ensemble_size = subset_size, inference, ensemble_size
+    Options = SubspaceConnectivityOptions
+
+    def __init__(self, backbone: Backbone, **options: Any) -> None:
+        super().__init__(backbone, **options)
         #: folded ensemble members (``inference != "midpoint"``), one per point
         self.members_: nn.ModuleList | None = None
         self._prev_mid: dict[str, Tensor] | None = None
@@ -303,11 +190,7 @@ class SubspaceConnectivity(SubspaceStrategy):
                 old_vertex=prev,
                 new_vertex=stage1,
                 sampling=self.sampling,
-                grid_points=self.grid_points,
-                epochs=self.connect_epochs,
-                lr=self.connect_lr,
-                momentum=self.connect_momentum,
-                batch_size=self.connect_batch_size,
+                **self.connectivity_sgd(),
             )
         self._prev_mid = None
         if self.members_ is not None:

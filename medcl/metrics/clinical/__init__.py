@@ -33,6 +33,7 @@ from __future__ import annotations
 __all__ = [
     "DEFAULT_METRICS",
     "METRICS",
+    "BootstrapOptions",
     "ClinicalMetrics",
     "bootstrap_ci",
     "compute_discrimination",
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 from medcl.metrics.clinical.accumulator import ClinicalMetrics
-from medcl.metrics.clinical.bootstrap import bootstrap_ci
+from medcl.metrics.clinical.bootstrap import BootstrapOptions, bootstrap_ci
 from medcl.metrics.clinical.discrimination import compute_discrimination, confusion
 from medcl.metrics.clinical.groups import per_group_metrics, site_heterogeneity
 from medcl.metrics.clinical.spec import DEFAULT_METRICS, METRICS

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = ["ClinicalMetrics"]
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,7 @@ from numpy.typing import ArrayLike
 
 from medcl.errors import DataError
 from medcl.metrics.calibration import _as_numpy, check_predictions
+from medcl.metrics.clinical.bootstrap import BootstrapOptions
 from medcl.metrics.clinical.groups import per_group_metrics
 from medcl.metrics.clinical.spec import DEFAULT_METRICS, MetricSpec, _check_metrics
 
@@ -26,7 +28,8 @@ class ClinicalMetrics:
         >>> table = acc.compute()  # doctest: +SKIP
 
     Args:
-        metrics, class_names, threshold, n_resamples, alpha, stratified, seed, n_bins: as in
+        metrics, class_names: as in :func:`per_group_metrics`.
+        **options: :class:`~medcl.metrics.clinical.bootstrap.BootstrapOptions`, as in
             :func:`per_group_metrics`.
     """
 
@@ -35,23 +38,11 @@ class ClinicalMetrics:
         metrics: Sequence[MetricSpec] = DEFAULT_METRICS,
         *,
         class_names: Sequence[str] | None = None,
-        threshold: float | None = None,
-        n_resamples: int = 1000,
-        alpha: float = 0.05,
-        stratified: bool = True,
-        seed: int = 0,
-        n_bins: int = 15,
+        **options: Any,
     ) -> None:
         self.metrics = _check_metrics(metrics)
-        self.options = {
-            "class_names": class_names,
-            "threshold": threshold,
-            "n_resamples": n_resamples,
-            "alpha": alpha,
-            "stratified": stratified,
-            "seed": seed,
-            "n_bins": n_bins,
-        }
+        self.class_names = class_names
+        self.options = BootstrapOptions(**options)
         self.reset()
 
     def reset(self) -> None:
@@ -101,5 +92,6 @@ class ClinicalMetrics:
             np.concatenate(self._prob),
             groups,
             self.metrics,
-            **self.options,
+            class_names=self.class_names,
+            **self.options.keywords(),
         )

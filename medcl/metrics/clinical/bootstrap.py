@@ -7,10 +7,12 @@ so no metric is recomputed per resample in Python (callables excepted).
 
 from __future__ import annotations
 
-__all__ = ["bootstrap_ci"]
+__all__ = ["BootstrapOptions", "bootstrap_ci"]
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,6 +39,44 @@ from medcl.metrics.clinical.spec import (
 
 #: Elements (resamples x samples) processed at once by the bootstrap; bounds peak memory.
 _CHUNK_ELEMENTS = 2_000_000
+
+
+@dataclass(frozen=True)
+class BootstrapOptions:
+    """How the confidence intervals are bootstrapped: the keyword options that
+    :func:`bootstrap_ci`, :func:`~medcl.metrics.clinical.per_group_metrics` and
+    :class:`~medcl.metrics.clinical.ClinicalMetrics` share.
+
+    Attributes:
+        threshold: binary only: predict class 1 when ``p_1 >= threshold``.
+        n_resamples: bootstrap resamples ``B``.
+        alpha: 1 - confidence level (0.05 gives 95% intervals).
+        stratified: resample within each class of ``y_true`` (keeps class counts fixed, so a
+            class present in the sample is present in every resample).
+        seed: seed of the resampling generator.
+        n_bins: confidence bins for ``"ece"``.
+    """
+
+    threshold: float | None = None
+    n_resamples: int = 1000
+    alpha: float = 0.05
+    stratified: bool = True
+    seed: int | np.random.SeedSequence = 0
+    n_bins: int = 15
+
+    def check(self) -> None:
+        """Raise :class:`~medcl.errors.DataError` for a resample count or level out of range."""
+        n = self.n_resamples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise DataError(f"n_resamples must be an integer >= 2; got {n!r}.")
+        if not 0.0 < self.alpha < 1.0:
+            raise DataError(
+                f"alpha must lie in (0, 1), e.g. 0.05 for 95% intervals; got {self.alpha!r}."
+            )
+
+    def keywords(self, **changes: Any) -> dict[str, Any]:
+        """The options as keyword arguments, with ``changes`` applied (``seed=child``)."""
+        return dict(vars(self)) | changes
 
 
 class _AurocPlan:
@@ -109,29 +149,18 @@ def _replicates(
     yp: NDArray[np.float64],
     metrics: Sequence[MetricSpec],
     names: list[str],
-    *,
-    threshold: float | None,
-    n_resamples: int,
-    stratified: bool,
-    seed: int | np.random.SeedSequence,
-    n_bins: int,
+    **options: Any,
 ) -> NDArray[np.float64]:
-    """``(n_resamples, R)`` bootstrap replicates of every row of :func:`_row_labels` (cached)."""
+    """``(n_resamples, R)`` bootstrap replicates of every row of :func:`_row_labels` (cached).
+
+    ``options`` are :class:`BootstrapOptions` (``alpha`` plays no part here).
+    """
     import hashlib
 
-    seed_key = _seed_key(seed)
+    opt = BootstrapOptions(**options)
+    seed_key = _seed_key(opt.seed)
     if seed_key is None or any(callable(m) for m in metrics):
-        return _compute_replicates(
-            yt,
-            yp,
-            metrics,
-            names,
-            threshold=threshold,
-            n_resamples=n_resamples,
-            stratified=stratified,
-            seed=seed,
-            n_bins=n_bins,
-        )
+        return _compute_replicates(yt, yp, metrics, names, opt)
     digest = hashlib.blake2b(np.ascontiguousarray(yt).tobytes(), digest_size=16)
     digest.update(np.ascontiguousarray(yp).tobytes())
     digest.update(str(yp.shape).encode())
@@ -139,24 +168,14 @@ def _replicates(
         digest.hexdigest(),
         tuple(metrics),
         tuple(names),
-        threshold,
-        n_resamples,
-        stratified,
+        opt.threshold,
+        opt.n_resamples,
+        opt.stratified,
         seed_key,
-        n_bins,
+        opt.n_bins,
     )
     if key not in _REPLICATE_CACHE:
-        out = _compute_replicates(
-            yt,
-            yp,
-            metrics,
-            names,
-            threshold=threshold,
-            n_resamples=n_resamples,
-            stratified=stratified,
-            seed=seed,
-            n_bins=n_bins,
-        )
+        out = _compute_replicates(yt, yp, metrics, names, opt)
         out.flags.writeable = False
         if len(_REPLICATE_CACHE) >= _CACHE_SIZE:
             _REPLICATE_CACHE.pop(next(iter(_REPLICATE_CACHE)))
@@ -169,25 +188,21 @@ def _compute_replicates(
     yp: NDArray[np.float64],
     metrics: Sequence[MetricSpec],
     names: list[str],
-    *,
-    threshold: float | None,
-    n_resamples: int,
-    stratified: bool,
-    seed: int | np.random.SeedSequence,
-    n_bins: int,
+    opt: BootstrapOptions,
 ) -> NDArray[np.float64]:
     """``(n_resamples, R)`` bootstrap replicates of every row of :func:`_row_labels`."""
     n, n_classes = yp.shape
-    rng = np.random.default_rng(seed)
+    n_resamples, n_bins = opt.n_resamples, opt.n_bins
+    rng = np.random.default_rng(opt.seed)
     rows = _row_labels(metrics, names)
-    pred = _predict(yp, threshold)
+    pred = _predict(yp, opt.threshold)
     codes = yt * n_classes + pred  # (N,) cell of the confusion matrix
     plans = [_AurocPlan(yt == c, yp[:, c]) for c in range(n_classes)] if "auroc" in metrics else []
     if "ece" in metrics:
         confidence, correct = top_label(yt, yp)
         gap_by_bin = np.zeros((n, n_bins))  # (N, n_bins): correct - confidence in its bin
         gap_by_bin[np.arange(n), confidence_bins(confidence, n_bins)] = correct - confidence
-    strata = _strata(yt, stratified)
+    strata = _strata(yt, opt.stratified)
     chunk = max(1, _CHUNK_ELEMENTS // n)
     out = np.empty((n_resamples, len(rows)))
     for lo in range(0, n_resamples, chunk):
@@ -221,12 +236,7 @@ def bootstrap_ci(
     metrics: Sequence[MetricSpec] = DEFAULT_METRICS,
     *,
     class_names: Sequence[str] | None = None,
-    threshold: float | None = None,
-    n_resamples: int = 1000,
-    alpha: float = 0.05,
-    stratified: bool = True,
-    seed: int | np.random.SeedSequence = 0,
-    n_bins: int = 15,
+    **options: Any,
 ) -> pd.DataFrame:
     """Point estimates with percentile bootstrap confidence intervals.
 
@@ -241,39 +251,27 @@ def bootstrap_ci(
         metrics: names from :data:`METRICS` and/or callables ``fn(y_true (N,), y_prob (N, C))
             -> float`` (row ``class = "overall"``, ``metric = fn.__name__``; called per resample).
         class_names: ``C`` names for the ``class`` column.
-        threshold: binary only: predict class 1 when ``p_1 >= threshold``.
-        n_resamples: bootstrap resamples ``B``.
-        alpha: 1 - confidence level (0.05 gives 95% intervals).
-        stratified: resample within each class of ``y_true`` (keeps class counts fixed, so a
-            class present in the sample is present in every resample).
-        seed: seed of the resampling generator.
-        n_bins: confidence bins for ``"ece"``.
+        **options: :class:`BootstrapOptions` (``threshold``, ``n_resamples``, ``alpha``,
+            ``stratified``, ``seed``, ``n_bins``).
 
     Returns:
         Tidy frame ``metric, class, value, ci_low, ci_high, se``: ``value`` on the full sample,
         the CI the ``alpha/2`` and ``1 - alpha/2`` percentiles of the replicates, ``se`` their
         standard deviation. Resamples where a metric is undefined are left out (with a warning).
+
+    Raises:
+        TypeError: an option that :class:`BootstrapOptions` does not have.
+        DataError: bad predictions, an unknown metric, or an option out of range.
     """
+    opt = BootstrapOptions(**options)
     yt, yp = check_predictions(y_true, y_prob)
     metrics = _check_metrics(metrics)
     names = _class_names(class_names, yp.shape[1])
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 2:
-        raise DataError(f"n_resamples must be an integer >= 2; got {n_resamples!r}.")
-    if not 0.0 < alpha < 1.0:
-        raise DataError(f"alpha must lie in (0, 1), e.g. 0.05 for 95% intervals; got {alpha!r}.")
-    table = _point(yt, yp, metrics, names, threshold, n_bins)
+    opt.check()
+    n_resamples, alpha = opt.n_resamples, opt.alpha
+    table = _point(yt, yp, metrics, names, opt.threshold, opt.n_bins)
     _warn_with_reasons(table)
-    reps = _replicates(
-        yt,
-        yp,
-        metrics,
-        names,
-        threshold=threshold,
-        n_resamples=n_resamples,
-        stratified=stratified,
-        seed=seed,
-        n_bins=n_bins,
-    )
+    reps = _replicates(yt, yp, metrics, names, **options)
     n_defined = np.isfinite(reps).sum(axis=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN on purpose

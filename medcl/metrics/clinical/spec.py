@@ -6,7 +6,7 @@ produces. The checks word their errors scikit-learn style (rule, value received,
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_METRICS", "METRICS", "MetricSpec"]
+__all__ = ["DEFAULT_METRICS", "METRICS", "MetricSpec", "why_undefined"]
 
 from collections.abc import Callable, Sequence
 
@@ -44,6 +44,20 @@ _WHY = {
 }
 
 MetricSpec = str | Callable[[NDArray[np.int64], NDArray[np.float64]], float]
+
+
+def why_undefined(metric: str, class_name: str) -> str:
+    """Why the ``(metric, class)`` row of a table can be NaN, in words (for notes and reports).
+
+    Args:
+        metric: a name from :data:`METRICS`.
+        class_name: a class name, ``"macro"`` or ``"overall"``.
+    """
+    if class_name == "macro":
+        return f"{metric} is undefined for every class on these rows"
+    if class_name == "overall" or metric not in _WHY:
+        return "no rows to score"
+    return _WHY[metric].format(neg_or_pos="positives or negatives")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Sections follow Mitchell et al., "Model Cards for Model Reporting" (FAT* 2019) a
 continual-learning update touches them: intended use, data and sites with licences, per-site
 discrimination and calibration with confidence intervals, update history (experiences and
 gate decisions), the out-of-distribution guard, and known limitations. Everything comes from
-``report.json`` (and the export metadata when there is one); it holds no file paths and no
+``report.json`` and, when given, the export metadata (the caller reads it, e.g. from the run's
+bundle: :func:`medcl.export.run_export.run_bundle_metadata`); it holds no file paths and no
 per-row data, so the card carries no identifiers.
 """
 
@@ -17,6 +18,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from medcl.engine.checkpoint import atomic_write_text
+from medcl.engine.layout import RunLayout
 from medcl.errors import DataError
 
 _SITE_METRICS = (("auroc", "macro"), ("sensitivity", "macro"), ("specificity", "macro"))
@@ -42,7 +45,7 @@ def _pick(rows: list[dict[str, Any]], metric: str, cls: str, group: Any = None):
 
 
 def _read_report(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "report.json"
+    path = RunLayout(run_dir).report_json
     if not path.is_file():
         raise DataError(
             f"{path} is missing; the card is generated from the clinical report. Run "
@@ -200,17 +203,17 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
-def write_card(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``model_card.md`` (default ``RUN_DIR/model_card.md``); return its path."""
-    from medcl.engine.checkpoint import atomic_write_text
+def write_card(
+    run_dir: str | Path, out: str | Path | None = None, *, meta: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model_card.md`` (default ``RUN_DIR/model_card.md``); return its path.
 
+    Args:
+        run_dir: a run directory with ``report.json``.
+        out: the file to write.
+        meta: export metadata (the OOD guard, training facts), e.g. the run's bundle's.
+    """
     run_dir = Path(run_dir)
-    meta = None
-    bundle = run_dir / "export" / "bundle"
-    if (bundle / "configs" / "metadata.json").is_file():
-        from medcl.export.bundle_runtime import read_bundle_metadata
-
-        meta = read_bundle_metadata(bundle)
-    path = Path(out) if out is not None else run_dir / "model_card.md"
+    path = Path(out) if out is not None else RunLayout(run_dir).model_card
     atomic_write_text(path, model_card(run_dir, meta=meta))
     return path

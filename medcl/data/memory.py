@@ -87,12 +87,20 @@ class ReplayMemory:
         self._sources.update({e.index: e.train for e in experiences})
 
     # -- selection -------------------------------------------------------------------------
-    def update(self, exp: Experience, feature_fn: Callable[[Tensor], Tensor] | None = None) -> None:
+    @property
+    def needs_features(self) -> bool:
+        """Whether :meth:`update` selects on features (herding): the caller must pass them."""
+        return self.size > 0 and self.selection == "herding"
+
+    def update(self, exp: Experience, features: Callable[[Tensor], Tensor] | None = None) -> None:
         """Add ``exp``'s exemplars and shrink older groups to the new per-group budget.
 
         Args:
             exp: the experience just learned.
-            feature_fn: ``(B, C, ...) raw images -> (B, F)`` features; required for herding.
+            features: ``(n,)`` rows of ``exp.train`` -> ``(n, F)`` features of those rows;
+                required for herding (the trainer serves them from the strategy's
+                :class:`~medcl.models.feature_cache.FeatureCache`, so features another step
+                already computed are not computed again).
         """
         if self.size == 0:
             return
@@ -108,7 +116,7 @@ class ReplayMemory:
         for g, (e, y) in enumerate(groups):
             quota = budget + (1 if g < extra else 0)
             if e == exp.index:
-                idx = self._select(exp.train, y, quota, feature_fn)
+                idx = self._select(exp.train, y, quota, features)
             else:  # existing group: selection order is priority order
                 mask = (self.exp_ == e) & (self.label_ == y)
                 idx = self.index_[mask][:quota]
@@ -122,7 +130,7 @@ class ReplayMemory:
         )
 
     def _select(
-        self, data: SampleSet, label: int, quota: int, feature_fn: Callable[[Tensor], Tensor] | None
+        self, data: SampleSet, label: int, quota: int, features: Callable[[Tensor], Tensor] | None
     ) -> Tensor:
         rows = torch.nonzero(data.labels == label).flatten()
         if quota >= len(rows):
@@ -130,15 +138,12 @@ class ReplayMemory:
         if self.selection == "random":
             g = torch.Generator().manual_seed(self.seed * 7919 + label * 104729 + len(data))
             return rows[torch.randperm(len(rows), generator=g)[:quota]]
-        if feature_fn is None:
+        if features is None:
             raise ConfigError(
                 "memory.selection 'herding' needs features; the trainer must pass "
-                "feature_fn to ReplayMemory.update."
+                "features to ReplayMemory.update."
             )
-        feats = torch.cat(
-            [feature_fn(data.images[rows[i : i + 256]]) for i in range(0, len(rows), 256)]
-        )
-        return rows[herding_order(feats, quota)]
+        return rows[herding_order(features(rows), quota)]
 
     # -- access ------------------------------------------------------------------------------
     def gather(self, which: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -150,6 +155,15 @@ class ReplayMemory:
             m = e == ex
             images[m] = self._sources[ex].images[i[m]]
         return images, self.label_[which], e
+
+    def sources(self) -> list[tuple[SampleSet, Tensor, Tensor]]:
+        """Where the exemplars live: per source experience ``(its training set, rows of it,
+        positions of those exemplars in the memory)`` (e.g. to look their features up)."""
+        out = []
+        for ex in torch.unique(self.exp_).tolist():
+            pos = torch.nonzero(self.exp_ == ex).flatten()
+            out.append((self._sources[ex], self.index_[pos], pos))
+        return out
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """``n`` exemplars drawn uniformly with replacement: ``(images, labels, exp ids)``."""

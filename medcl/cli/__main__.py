@@ -1,0 +1,8 @@
+"""``python -m medcl.cli``: the ``medcl`` command (as ``python -m medcl``)."""
+
+from __future__ import annotations
+
+from medcl.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

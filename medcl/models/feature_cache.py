@@ -1,0 +1,203 @@
+"""Model outputs on sample sets, computed once per model state: :class:`FeatureCache`.
+
+Several consumers ask for the same forward passes: DynaMMo's stage 2 herds the new classes on
+the merged-adapter features, then the replay memory herds the same experience on the same
+features; the every-k curves score old, new and all test subsets at one instant. They ask the
+one cache of the strategy (:attr:`medcl.strategies.base.Strategy.feature_cache`) instead of
+running the model themselves.
+
+The invalidation rule (no hook has to remember to call anything): an entry holds the outputs of
+one named function of one model on rows of one images tensor, and is valid while
+
+1. the inputs are the same tensor (the entry holds it, so its identity cannot be reused);
+2. the model has the same parameters and buffers, as objects (growing a head, adding an adapter
+   set or replacing a network changes them);
+3. every parameter and buffer of every module that ran to produce the outputs is at the
+   version it had then. torch increments a tensor's version on every in-place write (optimizer
+   steps, ``load_state_dict``, merges, masks); BatchNorm's running statistics are covered by
+   its ``num_batches_tracked``, which every training-mode pass increments.
+
+So a change that touches only modules the outputs do not depend on (stage 2 re-tuning the
+heads) keeps the features, and any other change drops them. Outputs are computed with every
+module in eval mode (the modes are restored after), without gradients. What the rule cannot
+see, code that changes such state calls :meth:`FeatureCache.clear`: a write through
+``tensor.data`` (torch does not count it; DDP's broadcast does this) or a Python attribute that
+changes what a forward computes without changing any tensor. The trainer clears the cache when
+an experience starts and after synchronising ranks.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FeatureCache"]
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from medcl.data.transforms import to_model_input
+from medcl.progress import progress_bar
+
+
+def _tensors(module: nn.Module, *, recurse: bool) -> list[Tensor]:
+    return [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]
+
+
+@dataclass
+class _Entry:
+    images: Tensor  # (N, C, ...) the inputs; held, so the identity check is sound
+    tree: list[Tensor]  # every parameter and buffer of the model when computed
+    watched: list[Tensor] = field(default_factory=list)  # what produced the outputs
+    versions: list[int] = field(default_factory=list)
+    values: Tensor | None = None  # (N, ...) float32 outputs on the CPU
+    done: Tensor | None = None  # (N,) bool: rows computed
+
+    def valid(self, images: Tensor, tree: list[Tensor]) -> bool:
+        return (
+            self.images is images
+            and len(self.tree) == len(tree)
+            and all(a is b for a, b in zip(self.tree, tree, strict=True))
+            and all(t._version == v for t, v in zip(self.watched, self.versions, strict=True))
+        )
+
+    def watch(self, ran: list[Tensor]) -> None:
+        """Record the tensors that ran (all of the model's when some ran outside it)."""
+        inside = {id(t) for t in self.tree}
+        if not all(id(t) in inside for t in ran):  # e.g. a copy made inside the function
+            ran = self.tree
+        known = {id(t) for t in self.watched}
+        for t in ran:
+            if id(t) not in known:
+                known.add(id(t))
+                self.watched.append(t)
+        self.versions = [t._version for t in self.watched]
+
+
+class FeatureCache:
+    """Outputs of a model on sample sets, computed once per model state (see the module).
+
+    Args:
+        batch_size: images per forward pass (the run sets ``eval.batch_size``).
+
+    Attributes:
+        computed: rows computed so far (forward passes, one per row).
+        reused: rows served from the cache.
+    """
+
+    #: False turns the cache off: every call computes (to check that results do not change).
+    enabled: ClassVar[bool] = True
+
+    def __init__(self, *, batch_size: int = 512) -> None:
+        self.batch_size = batch_size
+        self.computed = 0
+        self.reused = 0
+        self._entries: dict[tuple[str, bool, int], _Entry] = {}
+
+    def __deepcopy__(self, memo: dict) -> FeatureCache:
+        """A copy of a model gets an empty cache (entries belong to the original's tensors)."""
+        return FeatureCache(batch_size=self.batch_size)
+
+    def clear(self) -> None:
+        """Drop every entry (see the module for when a caller must)."""
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def outputs(
+        self,
+        name: str,
+        model: nn.Module,
+        fn: Callable[[Tensor], Tensor],
+        images: Tensor,
+        rows: Tensor | None = None,
+        *,
+        bf16: bool = False,
+        batch_size: int | None = None,
+        desc: str | None = None,
+    ) -> Tensor:
+        """``fn(model input)`` for ``images[rows]``, computed only for rows not yet cached.
+
+        Args:
+            name: what ``fn`` computes, e.g. ``"features"`` or ``"scores"``; one name, one
+                function of ``model``.
+            model: the module whose state the outputs depend on (a strategy).
+            fn: ``(B, C, H, W[, D])`` model input -> ``(B, ...)`` outputs.
+            images: ``(N, C, H, W[, D])`` raw images (uint8 or float in [0, 1]), e.g. a sample
+                set's ``images``, on any device (each batch is moved to the model's).
+            rows: ``(n,)`` rows of ``images`` (default: all).
+            bf16: run under bf16 autocast (the caller checked the device supports it; see
+                :func:`medcl.engine.device.bf16_available`); a separate entry.
+            batch_size: images per forward pass (default: :attr:`batch_size`).
+            desc: progress-bar label while computing (None: no bar).
+
+        Returns:
+            ``(n, ...)`` float32 outputs on the CPU, in the order of ``rows``.
+        """
+        rows = torch.arange(len(images)) if rows is None else torch.as_tensor(rows).long()
+        tree = _tensors(model, recurse=True)
+        key = (name, bf16, id(images))
+        entry = self._entries.get(key)
+        if entry is None or not entry.valid(images, tree):
+            entry = _Entry(images, tree)
+        todo = rows if entry.done is None else rows[~entry.done[rows]]
+        todo = torch.unique(todo)  # sorted, once each
+        self.reused += len(rows) - len(todo)
+        if len(todo):
+            size = batch_size or self.batch_size
+            self._compute(entry, model, fn, todo, bf16=bf16, batch_size=size, desc=desc)
+        if self.enabled:
+            self._entries[key] = entry
+        else:
+            self._entries.pop(key, None)
+        assert entry.values is not None
+        return entry.values[rows]
+
+    def _compute(
+        self,
+        entry: _Entry,
+        model: nn.Module,
+        fn: Callable[[Tensor], Tensor],
+        rows: Tensor,
+        *,
+        bf16: bool,
+        batch_size: int,
+        desc: str | None,
+    ) -> None:
+        """Run ``fn`` on ``rows`` in eval mode, recording which modules ran."""
+        device = next(model.parameters()).device
+        modes = [(m, m.training) for m in model.modules()]
+        ran: dict[int, nn.Module] = {}
+
+        def seen(module: nn.Module, args: object) -> None:
+            ran[id(module)] = module
+
+        hook = nn.modules.module.register_module_forward_pre_hook(seen)
+        chunks = rows.split(batch_size)
+        bar = progress_bar(total=len(rows), desc=desc, unit="img", hide=desc is None)
+        model.eval()
+        try:
+            with (
+                torch.no_grad(),
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+            ):
+                for idx in chunks:
+                    x = to_model_input(entry.images[idx].to(device))  # (B, C, H, W[, D])
+                    out = fn(x).float().cpu()  # (B, ...)
+                    if entry.values is None:
+                        n = len(entry.images)
+                        entry.values = out.new_zeros((n, *out.shape[1:]))
+                        entry.done = torch.zeros(n, dtype=torch.bool)
+                    entry.values[idx] = out
+                    bar.update(len(idx))
+        finally:
+            hook.remove()
+            bar.close()
+            for m, training in modes:
+                m.training = training
+        assert entry.done is not None
+        entry.done[rows] = True
+        self.computed += len(rows)
+        entry.watch([t for m in ran.values() for t in _tensors(m, recurse=False)])
