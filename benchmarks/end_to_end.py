@@ -5,9 +5,10 @@ starts over; a part that was interrupted is run again from scratch):
 
 - ``main``: ``medcl run configs/medmnist-cross3-dynammo.yaml`` as a subprocess (the user's
   command, report included): its wall time and the phase split ``metrics.json`` records under
-  ``timing`` (train = stage 1; consolidation = merge + stage 2, i.e. its herding features and
-  the head re-tuning; memory = exemplar selection; eval, curves, predictions, checkpoint,
-  metrics; setup = data, model, untrained baseline; report).
+  ``timing`` (train = stage 1; consolidation = merge + stage-2 head re-tuning; features = the
+  forward passes for herding and the stage-2 set, each once; memory = exemplar selection; eval,
+  curves, predictions, checkpoint, metrics; setup = data, model, untrained baseline; report).
+  "Training" in the targets is train + consolidation.
 - ``loop``: the main job's first experience (DynaMMo stage 1 on the frozen pretrained
   EfficientNet-Lite0, 64 px, batch 64) for the same number of updates, same seeded batches,
   alternating repeats: medcl's ``fit_experience`` vs a plain PyTorch loop on the same model,
@@ -43,7 +44,6 @@ from _common import REPO, RESULTS, data_root, json_text, markdown_table, write_r
 
 MAIN = REPO / "configs" / "medmnist-cross3-dynammo.yaml"
 STREAM = REPO / "configs" / "pneumonia-sites-dynammo.yaml"
-OUTSIDE = ("setup", "curves", "memory", "eval", "predictions", "checkpoint", "metrics", "report")
 
 
 # -- the medcl command as a user runs it ------------------------------------------------------
@@ -77,9 +77,9 @@ def phase_totals(timing: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def main_part(args, root: Path, work: Path) -> dict:
+def main_part(args, root: Path, work: Path, *extra: str) -> dict:
     over = ["train.max_updates=3", "strategy.retune_epochs=2"] if args.smoke else []
-    res = medcl_run(MAIN, work, "main", over, root)
+    res = medcl_run(MAIN, work, "main" + "-".join(("", *extra)), [*over, *extra], root)
     phases = phase_totals(res["metrics"]["timing"])
     training = phases.get("train", 0.0) + phases.get("consolidation", 0.0)
     return {
@@ -121,7 +121,7 @@ def loop_part(args, root: Path) -> dict:
         )  # fmt: skip
         return stats.images_per_s
 
-    def raw(channels_last: bool = False, compiled: bool = False) -> float:
+    def raw(channels_last: bool = False, compiled: bool = False, updates: int = updates) -> float:
         model = copy.deepcopy(fresh)
         model.grow(experience_info(exp, 2))
         params = list(model.trainable_parameters())
@@ -151,6 +151,7 @@ def loop_part(args, root: Path) -> dict:
             images += len(idx)
         return images / (time.perf_counter() - start)
 
+    raw(updates=2)  # warm-up (kernel selection, allocator): not measured
     runs: dict[str, list[float]] = {}
     variants = {
         "raw eager": lambda: raw(),
@@ -170,7 +171,41 @@ def loop_part(args, root: Path) -> dict:
             runs.setdefault(name, []).append(fn())
             say(args, f"loop repeat {r}: {name} {runs[name][-1]:.1f} img/s")
     median = {k: statistics.median(v) for k, v in runs.items()}
-    return {"updates": updates, "threads": torch.get_num_threads(), "runs": runs, "median": median}
+    scoring = eval_sweep(fresh, exp, n=128 if args.smoke else 1024)
+    say(args, f"scoring images/s by (layout, eval.batch_size): {scoring}")
+    return {
+        "updates": updates,
+        "threads": torch.get_num_threads(),
+        "runs": runs,
+        "median": median,
+        "scoring": scoring,
+    }
+
+
+def eval_sweep(fresh, exp, n: int) -> list[dict[str, Any]]:
+    """Scoring throughput of the trained-structure model by layout and ``eval.batch_size``."""
+    from medcl.engine.evaluate import predict_proba
+    from medcl.engine.trainer import experience_info
+
+    model = copy.deepcopy(fresh)
+    model.grow(experience_info(exp, 2))
+    images = exp.test.images[:n]
+    rows = []
+    for layout in ("contiguous", "channels_last"):
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        model.to(memory_format=fmt)
+        for batch in (64, 128, 256, 512):
+            model.feature_cache.clear()
+            start = time.perf_counter()
+            predict_proba(model, images, batch_size=batch)
+            rows.append(
+                {
+                    "layout": layout,
+                    "batch": batch,
+                    "images_per_s": n / (time.perf_counter() - start),
+                }
+            )
+    return rows
 
 
 # -- cost as the stream grows ----------------------------------------------------------------
@@ -209,6 +244,9 @@ def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(
             target("time outside stage-1 + stage-2 training", share, "<= 0.20", share <= 0.2)
         )
+    if "main_channels_last" in parts:
+        w = parts["main_channels_last"]["wall_s"]
+        out.append(target("main job wall time, train.channels_last (s)", w, "<= 50", w <= 50))
     if "loop" in parts:
         med = parts["loop"]["median"]
         ratio = med["medcl eager"] / med["raw eager"]
@@ -232,18 +270,25 @@ def markdown(parts: dict[str, Any], smoke: bool) -> str:
     lines = ["# End-to-end speed (issue 25)", ""]
     if smoke:
         lines += ["**Smoke run (tiny budgets): these numbers are not results.**", ""]
-    if "main" in parts:
-        m = parts["main"]
-        rows = [{"phase": k, "seconds": v} for k, v in m["phases_s"].items()]
-        rows += [{"phase": "untimed (imports, start-up)", "seconds": m["untimed_s"]}]
+    mains = [k for k in ("main", "main_channels_last") if k in parts]
+    if mains:
+        phases = list(dict.fromkeys(p for k in mains for p in parts[k]["phases_s"]))
+        rows = [{"phase": p} | {k: parts[k]["phases_s"].get(p, 0.0) for k in mains} for p in phases]
+        rows += [
+            {"phase": "untimed (imports, start-up, exit)"}
+            | {k: parts[k]["untimed_s"] for k in mains},
+            {"phase": "**wall**"} | {k: parts[k]["wall_s"] for k in mains},
+            {"phase": "stage-1 + stage-2 training"} | {k: parts[k]["training_s"] for k in mains},
+            {"phase": "share outside training"}
+            | {k: parts[k]["outside_training_share"] for k in mains},
+            {"phase": "final accuracy"} | {k: parts[k]["final_accuracy"] for k in mains},
+        ]
         lines += [
-            f"## Main job: `medcl run {MAIN.relative_to(REPO)}`",
+            f"## Main job: `medcl run {MAIN.relative_to(REPO)}` (seconds per phase)",
             "",
-            f"Wall {m['wall_s']:.1f} s; stage-1 + stage-2 training {m['training_s']:.1f} s "
-            f"(outside it: {100 * m['outside_training_share']:.0f} %); final accuracy "
-            f"{m['final_accuracy']}.",
+            "`main_channels_last` adds `--set train.channels_last=true`.",
             "",
-            markdown_table(rows, ["phase", "seconds"]),
+            markdown_table(rows, ["phase", *mains]),
             "",
         ]
     if "loop" in parts:
@@ -261,10 +306,15 @@ def markdown(parts: dict[str, Any], smoke: bool) -> str:
             "",
             markdown_table(rows, ["loop", "median_images_per_s", "runs"]),
             "",
+            "Scoring (evaluation, herding features) by layout and `eval.batch_size`:",
+            "",
+            markdown_table(loop.get("scoring", []), ["layout", "batch", "images_per_s"]),
+            "",
         ]
     if "stream" in parts:
         s = parts["stream"]
-        cols = ["T", "total_s", "train_s", "curves_s", "consolidation_s", "memory_s", "eval_s"]
+        cols = ["T", "total_s", "train_s", "curves_s", "consolidation_s", "features_s"]
+        cols += ["memory_s", "eval_s"]
         cols += ["predictions_s", "checkpoint_s", "metrics_s", "eval_share"]
         lines += [
             f"## Stream of {s['sites']} sites: wall {s['wall_s']:.1f} s",
@@ -282,9 +332,11 @@ def main() -> None:
     ap.add_argument("--root", help="MedMNIST root (default $MEDCL_DATA_ROOT)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default results/)")
     ap.add_argument(
-        "--work", type=Path, default=None, help="run directories (default OUT/end_to_end_runs)"
+        "--work", type=Path, default=None, help="run directories (default runs/end_to_end)"
     )
-    ap.add_argument("--parts", default="main,loop,stream", help="comma-separated subset")
+    ap.add_argument(
+        "--parts", default="main,main_channels_last,loop,stream", help="comma-separated subset"
+    )
     ap.add_argument("--updates", type=int, default=None, help="loop updates (default 74)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="loop threads (default: all)")
@@ -298,7 +350,7 @@ def main() -> None:
     root = data_root(args.root)
     out = args.out or RESULTS
     name = "end_to_end_smoke" if args.smoke else "end_to_end"
-    work = args.work or out / f"{name}_runs"
+    work = args.work or REPO / "runs" / name  # run directories stay out of results/
     work.mkdir(parents=True, exist_ok=True)
     partial = work / "partial.json"
     parts: dict[str, Any] = (
@@ -306,6 +358,7 @@ def main() -> None:
     )
     runners = {
         "main": lambda: main_part(args, root, work),
+        "main_channels_last": lambda: main_part(args, root, work, "train.channels_last=true"),
         "loop": lambda: loop_part(args, root),
         "stream": lambda: stream_part(args, root, work),
     }

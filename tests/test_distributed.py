@@ -68,10 +68,12 @@ CONFIG = {
 # Tolerance of the 1-process vs 2-process comparison. Not exact: the two ranks' gradients are
 # summed by gloo's all-reduce and each rank's half-batch loss is a separate float32 reduction,
 # so sums are taken in a different order than in one process (~1e-7 relative per update), and
-# 32 SGD updates with momentum carry that rounding into the weights. Measured: 2e-6 at most on
-# the final probabilities; 1e-4 leaves a 50x margin and still catches any real difference
-# (a different batch, a missing gradient average, a per-rank schedule).
-PROB_ATOL = 1e-4
+# 32 SGD updates with momentum carry that rounding into the weights, by an amount that depends on
+# the seed. Measured max |difference| of the final probabilities (config seeds 0, 1, 2): default
+# kernels 4e-6, 8e-5, 4e-4; avx2 2e-6, 4e-5, 1.5e-3. A real difference is far larger: doubling
+# the gradient (as a missing average does) moves them by 0.10-0.12 (seeds 0-2). 1e-2 lies
+# between the two, about 7x above the largest rounding and 10x below that error.
+PROB_ATOL = 1e-2
 
 
 def _env() -> dict[str, str]:

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from medcl.data.samples import SampleSet
 from medcl.data.transforms import to_model_input
 from medcl.engine.device import autocast, bf16_available
+from medcl.models.feature_cache import DEFAULT_BATCH_SIZE
+from medcl.progress import progress_bar
 
 if TYPE_CHECKING:
     from medcl.data.experience import Experience
@@ -40,11 +42,11 @@ def predict_proba(
         images: ``(N, C, H, W[, D])`` raw images (uint8 or float in [0, 1]), on any device;
             each batch is moved to the model's device before it is scaled.
         rows: ``(n,)`` rows of ``images`` to score (default: all).
-        batch_size: images per forward pass (default: the strategy cache's, ``eval.batch_size``;
-            512 for a plain module).
+        batch_size: images per forward pass (default: the strategy cache's, which the run sets
+            to ``eval.batch_size``; 128 for a plain module).
         amp: bf16 autocast where the model's device supports it (``train.amp``); see
             :func:`medcl.engine.device.autocast`.
-        desc: progress-bar label (shown while scoring several batches).
+        desc: progress-bar label (None: no bar).
 
     Returns:
         ``(n, K)`` float32 probabilities on the CPU (softmax of the fp32-cast scores).
@@ -60,14 +62,18 @@ def predict_proba(
         )  # fmt: skip
         return torch.softmax(scores, 1)
     images = images if rows is None else images[rows]
+    size = batch_size or DEFAULT_BATCH_SIZE
     was_training = model.training
     model.eval()
     out = []
-    for i in range(0, len(images), batch_size or 512):
-        x = to_model_input(images[i : i + (batch_size or 512)].to(device))  # (B, C, H, W[, D])
+    bar = progress_bar(total=len(images), desc=desc, unit="img", hide=desc is None)
+    for i in range(0, len(images), size):
+        x = to_model_input(images[i : i + size].to(device))  # (B, C, H, W[, D])
         with autocast(device, amp):
             scores = model(x)  # (B, K), bf16 under autocast
         out.append(torch.softmax(scores.float(), 1).cpu())
+        bar.update(len(x))
+    bar.close()
     model.train(was_training)
     return torch.cat(out)
 

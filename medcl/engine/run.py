@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 
 from medcl.config import RunConfig, config_changes, read_yaml
@@ -291,6 +292,8 @@ def learn_experience(
     # 2. evaluate every experience, 3. write its predictions (rank 0 from here on)
     with timer("eval"):
         evals = _evaluate(strategy, scenario, state, monitor, exp, stats)
+    # back to the deployed layout after train.channels_last: what latency and export measure
+    strategy.to(memory_format=torch.contiguous_format)
     bar = progress_bar(total=3, desc=f"exp {exp.index} {exp.name}: writing results", unit="file")
     with timer("predictions"):
         save_predictions(run_dir, exp.index, list(scenario.experiences), evals)

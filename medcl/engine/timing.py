@@ -2,10 +2,12 @@
 
 A run times each experience's phases with one :class:`PhaseTimer`: ``train`` (the update loop,
 without the curve evaluations inside it), ``curves``, ``consolidation`` (the strategy's
-``after_experience``: merges, Fisher, stage-2 re-tuning), ``memory`` (exemplar selection),
-``eval`` (every test set), ``predictions``, ``checkpoint`` and ``metrics`` (files written);
-``setup`` (data, model, the untrained baseline) once per start, ``report`` when the command
-line writes the report.
+``after_experience``: merges, Fisher, stage-2 re-tuning), ``features`` (the forward passes
+consolidation and exemplar selection make, e.g. herding features, each once per model state:
+:class:`~medcl.models.feature_cache.FeatureCache`), ``memory`` (exemplar selection), ``eval``
+(every test set), ``predictions``, ``checkpoint`` and ``metrics`` (files written); ``setup``
+(data, model, the untrained baseline) once per start, ``report`` when the command line writes
+the report.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ PHASES = (
     "train",
     "curves",
     "consolidation",
+    "features",
     "memory",
     "eval",
     "predictions",

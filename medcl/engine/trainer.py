@@ -125,7 +125,8 @@ def fit_experience(
         logger: logs the training loss (averaged over ranks) and lr every ``logger.every``
             updates; every rank passes one built from the same config.
         timer: receives the wall time of ``train`` (the loop without curve evaluations),
-            ``curves``, ``consolidation`` and ``memory``.
+            ``curves``, ``consolidation``, ``memory`` and ``features`` (the forward passes
+            consolidation and memory selection made, e.g. for herding).
     """
     timer = timer if timer is not None else PhaseTimer()
     cache = strategy.feature_cache
@@ -146,8 +147,9 @@ def fit_experience(
     )
     n_replay = replay_batch_size or cfg.batch_size
 
-    # NHWC (train.channels_last): the same weights in another memory layout (2D only), kept for
-    # evaluation too; checkpoints store them contiguous, so they do not change
+    # NHWC (train.channels_last): the same weights in another memory layout (2D only), kept
+    # through consolidation, memory and evaluation; the run restores the contiguous layout after
+    # evaluation, and checkpoints store contiguous tensors, so neither changes
     channels_last = cfg.channels_last and exp.train.spatial_dims == 2
     if channels_last:
         strategy.to(memory_format=torch.channels_last)
@@ -252,21 +254,29 @@ def fit_experience(
     # every rank runs both from rank 0's state (BatchNorm statistics are per rank until here)
     dist.sync(strategy)
     cache.clear()  # the broadcast wrote through `.data`, which tensor versions do not count
+    # the forward passes of both (features for herding, stage-2 sets) are timed as "features"
+    passes = cache.seconds
     with timer("consolidation"):
         strategy.after_experience(exp, memory)
+    timer.add("features", cache.seconds - passes)
+    timer.add("consolidation", passes - cache.seconds)
     strategy.eval()
-    with timer("memory"):
-        # herding's features from the cache: a consolidation that herded on the same features
-        # (DynaMMo's stage 2) already computed them
-        def features(rows: Tensor | None = None) -> Tensor:
-            desc = f"exp {exp.index} {exp.name}: memory features"
-            return cache.outputs(
-                "features", strategy, strategy.features, exp.train.images, rows, desc=desc
-            )
 
+    # herding's features from the cache: a consolidation that herded on the same features
+    # (DynaMMo's stage 2) already computed them
+    def features(rows: Tensor | None = None) -> Tensor:
+        desc = f"exp {exp.index} {exp.name}: memory features"
+        return cache.outputs(
+            "features", strategy, strategy.features, exp.train.images, rows, desc=desc
+        )
+
+    passes = cache.seconds
+    with timer("memory"):
         if memory.needs_features:
             features()  # every row in one pass (one progress line); herding reads them per class
         memory.update(exp, features=features)
+    timer.add("features", cache.seconds - passes)
+    timer.add("memory", passes - cache.seconds)
     dist.sync(strategy, memory)  # every rank continues from exactly rank 0's model and memory
     cache.clear()
     return FitStats(updates=step, images=seen, seconds=seconds)

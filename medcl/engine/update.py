@@ -23,6 +23,7 @@ from medcl.engine.run import curve_monitor, learn_experience
 from medcl.engine.rundir import RunLock, run_progress
 from medcl.engine.threads import first_environment, resolve_threads, use_threads
 from medcl.errors import ConfigError
+from medcl.progress import show_progress
 
 
 def update(
@@ -82,6 +83,7 @@ def update(
         cohort = {"data": data, "site": site, "new_classes": new_classes}
         state.extra_experiences.append(cohort | {"scenario": data_facts(scenario)})
         memory.attach(scenario.experiences)
+        strategy.feature_cache.batch_size = cfg.eval.batch_size
         for row in state.accuracy:  # earlier rows had no entry for the new experience
             row.append(float("nan"))
         for row in state.task_accuracy:
@@ -90,10 +92,11 @@ def update(
         monitor = curve_monitor(cfg, scenario, state)
         logger = create_logger(cfg.logging, run_dir, run_name=cfg.run_name)
         try:
-            learn_experience(
-                run_dir, cfg, scenario, strategy, memory, state, monitor, scenario[-1],
-                quiet=quiet, logger=logger,
-            )  # fmt: skip
+            with show_progress(not quiet):
+                learn_experience(
+                    run_dir, cfg, scenario, strategy, memory, state, monitor, scenario[-1],
+                    quiet=quiet, logger=logger,
+                )  # fmt: skip
         finally:
             logger.close()
     return run_dir

@@ -28,8 +28,9 @@ an experience starts and after synchronising ranks.
 
 from __future__ import annotations
 
-__all__ = ["FeatureCache"]
+__all__ = ["DEFAULT_BATCH_SIZE", "FeatureCache"]
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -39,6 +40,10 @@ from torch import Tensor, nn
 
 from medcl.data.transforms import to_model_input
 from medcl.progress import progress_bar
+
+#: Images per forward pass when scoring, unless set (the run sets ``eval.batch_size``;
+#: benchmarks/end_to_end.py measures scoring throughput per batch size).
+DEFAULT_BATCH_SIZE = 128
 
 
 def _tensors(module: nn.Module, *, recurse: bool) -> list[Tensor]:
@@ -84,15 +89,17 @@ class FeatureCache:
     Attributes:
         computed: rows computed so far (forward passes, one per row).
         reused: rows served from the cache.
+        seconds: wall time spent computing.
     """
 
     #: False turns the cache off: every call computes (to check that results do not change).
     enabled: ClassVar[bool] = True
 
-    def __init__(self, *, batch_size: int = 512) -> None:
+    def __init__(self, *, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
         self.batch_size = batch_size
         self.computed = 0
         self.reused = 0
+        self.seconds = 0.0
         self._entries: dict[tuple[str, bool, int], _Entry] = {}
 
     def __deepcopy__(self, memo: dict) -> FeatureCache:
@@ -167,6 +174,7 @@ class FeatureCache:
         desc: str | None,
     ) -> None:
         """Run ``fn`` on ``rows`` in eval mode, recording which modules ran."""
+        start = time.perf_counter()
         device = next(model.parameters()).device
         modes = [(m, m.training) for m in model.modules()]
         ran: dict[int, nn.Module] = {}
@@ -200,4 +208,5 @@ class FeatureCache:
         assert entry.done is not None
         entry.done[rows] = True
         self.computed += len(rows)
+        self.seconds += time.perf_counter() - start
         entry.watch([t for m in ran.values() for t in _tensors(m, recurse=False)])

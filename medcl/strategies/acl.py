@@ -29,8 +29,9 @@ resamples the memory to another share, and ``"batch"`` instead adds ``memory.rep
 memory samples to every batch (medcl's replay convention; not the reference's).
 
 Stage 2's class-balanced set takes, per new class, the samples chosen by iCaRL herding on the
-merged-adapter features (the reference's ``ReplayBank`` herding), as many as the memory holds per
-group. After each experience :meth:`ACL.diagnostics` records every adapter set's ``alpha`` (per
+merged-adapter features in eval mode (the reference's ``ReplayBank`` herding, whose
+``_extract_vectors`` calls ``model.eval()``), as many as the memory holds per group; the memory
+update that follows herds on the same features, read from :attr:`Strategy.feature_cache`. After each experience :meth:`ACL.diagnostics` records every adapter set's ``alpha`` (per
 stage) and its relative L2 distance from the set it was initialised from.
 
 Deviations (everything else follows the paper and its reference code):
