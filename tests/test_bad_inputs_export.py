@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from _tiny import tiny_raw
 from PIL import Image
 from torch import nn
 
@@ -32,28 +33,7 @@ from medcl.errors import ConfigError, DataError
 from medcl.export import export_run, load_predictor, predict_files
 from medcl.models.weights import read_state_dict
 
-TINY = {
-    "seed": 0,
-    "scenario": {
-        "name": "synthetic-ci",
-        "num_classes": 4,
-        "classes_per_experience": 2,
-        "n_train": 32,
-        "n_test": 16,
-        "image_size": 16,
-    },
-    "strategy": {"name": "finetune"},
-    "model": {"backbone": "test_resnet", "small_input": True},
-    "train": {
-        "epochs": 1,
-        "max_updates": 2,
-        "batch_size": 16,
-        "augment": "none",
-        "num_threads": 1,
-    },
-    "eval": {"curve_subset": 16},
-    "memory": {"size": 8},
-}
+TINY = tiny_raw(train={"epochs": 1, "max_updates": 2, "batch_size": 16}, memory={"size": 8})
 NO_UNPICKLING_ADVICE = ("weights_only=False", "will likely succeed")
 
 

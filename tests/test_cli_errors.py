@@ -15,29 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _tiny import TINY  # re-exported: other test modules import it from here
 
 import medcl
 from medcl.cli import main
 from medcl.engine.checkpoint import json_dumps
 from medcl.engine.rundir import RunLock
-
-TINY = {
-    "seed": 0,
-    "scenario": {
-        "name": "synthetic-ci",
-        "num_classes": 4,
-        "classes_per_experience": 2,
-        "n_train": 32,
-        "n_test": 16,
-        "image_size": 16,
-    },
-    "strategy": {"name": "finetune"},
-    "model": {"backbone": "test_resnet", "small_input": True},
-    # one thread: runs compared for equality must not depend on the machine's load
-    "train": {"epochs": 2, "batch_size": 32, "augment": "none", "num_threads": 1},
-    "eval": {"curve_subset": 16},
-    "memory": {"size": 8},
-}
 
 
 def _config(tmp_path: Path, **top) -> Path:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _tiny import tiny_raw
 
 from medcl.cli import main
 from medcl.config import config_changes, load_config, validate_config
@@ -28,31 +29,12 @@ from medcl.models.heads import ExpandableHead
 from medcl.registry import Registry
 from medcl.strategies import create_strategy, list_strategies
 
-TINY = {
-    "seed": 0,
-    "scenario": {
-        "name": "synthetic-ci",
-        "num_classes": 4,
-        "classes_per_experience": 2,
-        "n_train": 64,
-        "n_test": 24,
-        "image_size": 16,
-    },
-    "strategy": {"name": "finetune"},
-    "model": {"backbone": "test_resnet", "small_input": True},
-    "train": {
-        "epochs": 15,
-        "batch_size": 32,
-        "lr": 0.05,
-        "augment": "none",
-        "eval_every": 10,
-        # one thread: runs compared for equality must not depend on the machine's load
-        # (`auto` picks the free cores at each start; the thread count changes the numerics)
-        "num_threads": 1,
-    },
-    "eval": {"curve_subset": 32},
-    "memory": {"size": 40, "selection": "random"},
-}
+TINY = tiny_raw(
+    scenario={"n_train": 64, "n_test": 24},
+    train={"epochs": 15, "lr": 0.05, "eval_every": 10},
+    eval={"curve_subset": 32},
+    memory={"size": 40, "selection": "random"},
+)
 
 
 def tiny_config(tmp_path: Path, **changes: dict) -> dict:

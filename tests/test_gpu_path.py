@@ -8,6 +8,7 @@ Tests marked ``gpu`` need a CUDA device and skip cleanly without one
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from pathlib import Path
 
@@ -127,7 +128,9 @@ def test_flops_are_counted_on_the_models_device():
 def test_latency_is_timed_on_the_models_device():
     model = create_backbone("test_resnet", in_chans=1, small_input=True)
     seconds = measure_latency(model, (1, 16, 16), repeats=3, warmup=1)
-    assert 0 < seconds < 10
+    assert (
+        math.isfinite(seconds) and seconds > 0
+    )  # measured, never a limit (no time limits in unit tests)
 
 
 @pytest.mark.skipif(CUDA, reason="checks the no-CUDA behaviour")

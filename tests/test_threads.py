@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _tiny import tiny_raw
 
 import medcl.engine.threads as threads
 from medcl.cli import main
@@ -25,24 +26,12 @@ from medcl.engine.threads import (
 )
 from medcl.errors import ConfigError
 
-TINY = {
-    "seed": 0,
-    "name": "threads",
-    "scenario": {
-        "name": "synthetic-ci",
-        "num_classes": 4,
-        "classes_per_experience": 2,
-        "n_train": 32,
-        "n_test": 16,
-        "image_size": 16,
-    },
-    "strategy": {"name": "finetune"},
-    "model": {"backbone": "test_resnet", "small_input": True},
-    "train": {"epochs": 1, "batch_size": 16, "augment": "none"},
-    "eval": {"curve_subset": 16},
-    "memory": {"size": 0},
-    "logging": {"tensorboard": False},
-}
+TINY = tiny_raw(
+    name="threads",
+    train={"epochs": 1, "batch_size": 16, "num_threads": "auto"},
+    memory={"size": 0},
+    logging={"tensorboard": False},
+)
 
 
 def tiny(tmp_path: Path, **train) -> dict:
