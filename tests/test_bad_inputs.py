@@ -8,7 +8,6 @@ before and after.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import warnings
@@ -18,6 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 from test_cli_errors import TINY, _one_error_line, snapshot
+from test_reliability import _copy
 
 from medcl.cli import main
 from medcl.config import validate_config
@@ -46,18 +46,6 @@ def stopped(tmp_path_factory) -> Path:
     """The same run interrupted after experience 0 of 2."""
     folder = tmp_path_factory.mktemp("stopped")
     return run(validate_config(_tiny(folder)), quiet=True, stop_after=0)
-
-
-def _copy(run_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
-    """A copy of ``run_dir`` under ``tmp_path/runs`` (its config moved there) and that config."""
-    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
-    raw["output_dir"] = str(tmp_path / "runs")
-    dst = tmp_path / "runs" / run_dir.name
-    shutil.copytree(run_dir, dst)
-    text = yaml.safe_dump(raw, sort_keys=False)
-    (dst / "config.yaml").write_text(text)
-    (tmp_path / "cfg.yaml").write_text(text)
-    return dst, tmp_path / "cfg.yaml"
 
 
 def _criteria(path: Path, criteria: list[dict], **top) -> Path:
