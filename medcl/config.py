@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from medcl import config_sections
 from medcl.config_sections import (  # noqa: F401  (listed in __all__ through config_sections.__all__)
     CacheMode,
+    CalibrationConfig,
     DataConfig,
     EvalConfig,
     LoggingConfig,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "CacheMode",
+    "CalibrationConfig",
     "DataConfig",
     "EvalConfig",
     "LoggingConfig",
@@ -140,6 +141,36 @@ class EvalConfig(_Strict):
     )
 
 
+class CalibrationConfig(_Strict):
+    """Post-hoc calibration after every experience (:mod:`medcl.engine.posthoc`): a temperature
+    and split-conformal prediction sets, fitted on the validation splits of the seen experiences
+    (seeded parts: a third fits the temperature, the rest calibrates the sets)."""
+
+    temperature: bool = Field(True, description="fit a temperature (off: T = 1)")
+    conformal: bool = Field(True, description="calibrate APS prediction sets")
+    alpha: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="miscoverage: sets hold the label with probability >= 1 - alpha",
+    )
+    score: Literal["lac", "aps"] = Field(
+        "lac",
+        description="non-conformity score: lac (1 - p, smallest sets; adapts on two-class "
+        "tasks) or aps (ranked mass; three or more classes)",
+    )
+    mondrian: Literal["none", "site", "class", "site_class"] = Field(
+        "site_class",
+        description="set thresholds for all rows, per site (experience), per class (keeps "
+        "coverage under prevalence shift) or per (site, class)",
+    )
+    memory: bool = Field(
+        False,
+        description="also fit the temperature on the replay memory; off by default: the model "
+        "was trained on those images, so they are over-confident and pull T down",
+    )
+
+
 class MemoryConfig(_Strict):
     size: int = Field(200, ge=0)
     selection: Literal["random", "herding"] = "random"
@@ -202,6 +233,7 @@ class RunConfig(_Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     memory: MemoryConfig = MemoryConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
     data: DataConfig = DataConfig()
     logging: LoggingConfig = LoggingConfig()
 

@@ -11,6 +11,7 @@ the update must show to replace the model in use. ``criteria.yaml`` is that stat
       - {metric: sensitivity, class: pneumonia, rule: floor, value: 0.85, where: overall}
       - {metric: ece, rule: ceiling, value: 0.10}
       - {metric: forgetting, rule: ceiling, value: 0.05}
+      - {metric: coverage, rule: floor, value: 0.87}   # 1 - alpha - delta: 0.1, 0.03
 
 Rules, each judged on a confidence bound, never on a point estimate alone:
 
@@ -22,6 +23,10 @@ Rules, each judged on a confidence bound, never on a point estimate alone:
   must stay under ``value`` (per-site/overall stratified bootstrap), on every cohort the new
   model knows.
 - ``forgetting`` (``ceiling`` only): the run's average forgetting (a point value; no CI).
+- ``coverage`` (``floor`` only): the lower Wilson bound of how often the new model's conformal
+  sets hold the label on its test rows (:meth:`medcl.reports.results.RunResults.coverage`) must
+  reach ``value``: write ``1 - alpha - delta`` for sets calibrated at ``alpha`` with tolerance
+  ``delta`` (0.87 for 0.1 and 0.03). Without a conformal calibration record it fails, noted.
 
 Every metric is a fraction: ``value`` lies in [0, 1] and ``margin`` in [0, 0.5] (write 0.10
 for 10 %); anything else, an unknown key, metric or rule is refused when the file is loaded.
@@ -63,13 +68,18 @@ from medcl.errors import ConfigError, DataError, did_you_mean
 from medcl.metrics.clinical.spec import METRICS as CLINICAL_METRICS
 from medcl.metrics.clinical.spec import why_undefined
 
-#: What a criterion can judge: every clinical metric, and the run's average forgetting.
-METRICS = (*CLINICAL_METRICS, "forgetting")
+#: What a criterion can judge: clinical metrics, average forgetting, conformal-set coverage.
+METRICS = (*CLINICAL_METRICS, "forgetting", "coverage")
 RULES = ("non_inferiority", "floor", "ceiling")
 #: Largest non-inferiority margin: a larger one accepts nearly any model.
 MAX_MARGIN = 0.5
 _OVERALL_ONLY = {"accuracy", "ece"}
 _SHOWN = {"auroc": "AUROC", "ece": "ECE", "ppv": "PPV", "npv": "NPV", "f1": "F1"}
+_AS_CLINICAL = {"coverage": "value", "coverage_low": "ci_low", "coverage_high": "ci_high"}
+_NO_SETS = (
+    "the model has no conformal sets: no calibration/after-NNN.json, or one without thresholds "
+    "(train with calibration.conformal: true)"
+)
 
 
 def _fraction_hint(value: float) -> str:
@@ -128,7 +138,9 @@ class Criterion(BaseModel):
                 )
         if self.metric == "forgetting" and self.rule != "ceiling":
             raise ValueError("forgetting takes rule ceiling only (a point value from the run)")
-        pooled = _OVERALL_ONLY | {"balanced_accuracy", "forgetting"}
+        if self.metric == "coverage" and self.rule != "floor":
+            raise ValueError("coverage takes rule floor only (value: 1 - alpha - delta, e.g. 0.87)")
+        pooled = _OVERALL_ONLY | {"balanced_accuracy", "forgetting", "coverage"}
         if self.metric in pooled and self.class_name == "macro":
             self.class_name = "overall"
         return self
@@ -243,7 +255,7 @@ def _groups(c: Criterion, groups: list[str]) -> list[str]:
 
 def _judge(c: Criterion, group: str, row: pd.Series | None, lower_better: bool) -> dict[str, Any]:
     if row is None:
-        return _judge_missing(c, group)
+        return _row(c, group, np.nan, np.nan, np.nan, False, "no such metric/class/group")
     if c.rule == "non_inferiority":
         est, lo, hi = row["delta"], row["delta_low"], row["delta_high"]
         ok = (hi < c.margin) if lower_better else (lo > -c.margin)
@@ -256,10 +268,6 @@ def _judge(c: Criterion, group: str, row: pd.Series | None, lower_better: bool) 
     return _row(c, group, float(est), float(lo), float(hi), bool(ok))
 
 
-def _judge_missing(c: Criterion, group: str) -> dict[str, Any]:
-    return _row(c, group, np.nan, np.nan, np.nan, False, "no such metric/class/group")
-
-
 def evaluate_criteria(
     criteria: GateCriteria, new_run: str | Path, deployed_run: str | Path, deployed_after: int
 ) -> pd.DataFrame:
@@ -270,12 +278,7 @@ def evaluate_criteria(
     from medcl.reports.results import RunResults
 
     new, old = RunResults(new_run), RunResults(deployed_run)
-    opts = {
-        "n_resamples": criteria.n_resamples,
-        "alpha": criteria.alpha,
-        "seed": criteria.seed,
-        "threshold": criteria.threshold,
-    }
+    opts = criteria.model_dump(include={"n_resamples", "alpha", "seed", "threshold"})
     after, before = new.predictions(), old.predictions(deployed_after)
     with warnings.catch_warnings():
         # a metric undefined on a group (e.g. a class absent from a site) is NaN; a criterion
@@ -283,6 +286,11 @@ def evaluate_criteria(
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         paired = compare_run_predictions(new, before, after, **opts)
         own = new.clinical(**opts)
+    cov = None  # coverage of the conformal sets, as rows of a clinical table (None: no sets)
+    if any(c.metric == "coverage" for c in criteria.criteria):
+        cov = new.coverage(confidence=1 - criteria.alpha)
+    if cov is not None:
+        cov = cov.rename(columns=_AS_CLINICAL).assign(metric="coverage", **{"class": "overall"})
     rows = []
     for c in criteria.criteria:
         if c.metric == "forgetting":
@@ -290,7 +298,10 @@ def evaluate_criteria(
             ok = f is not None and np.isfinite(f) and f <= c.value
             rows.append(_row(c, "overall", f, f, f, ok, "point value (no CI)"))
             continue
-        table = paired if c.rule == "non_inferiority" else own
+        if c.metric == "coverage" and cov is None:
+            rows.append(_row(c, "overall", np.nan, np.nan, np.nan, False, _NO_SETS))
+            continue
+        table = cov if c.metric == "coverage" else paired if c.rule == "non_inferiority" else own
         for g in _groups(c, list(dict.fromkeys(table["group"].astype(str)))):
             sel = table[
                 (table["group"].astype(str) == g)
@@ -373,14 +384,10 @@ def run_gate(
         data["gate"].append(record)
         _atomic_json(report, data)
     if decision == "PASS":
-        pointer = files.deployed
-        history = json.loads(pointer.read_text()).get("history", []) if pointer.is_file() else []
-        if pointer.is_file():
-            history.append(
-                {k: v for k, v in json.loads(pointer.read_text()).items() if k != "history"}
-            )
+        prev = json.loads(files.deployed.read_text()) if files.deployed.is_file() else None
+        history = [*prev.pop("history", []), prev] if prev is not None else []  # oldest first
         _atomic_json(
-            pointer,
+            files.deployed,
             {
                 "after": new.final,
                 "checkpoint": relative.checkpoint(new.final).as_posix(),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,3 +41,15 @@ def medmnist_file(data_root: Path) -> Callable[[str], Path]:
         return path
 
     return need
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models on 2 shared cores: one torch thread for a module's tests (restored after);
+    a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch  # here, not at the top: some tests check what importing medcl pulls in
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

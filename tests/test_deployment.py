@@ -37,12 +37,7 @@ MR_SMALL = Path(pydicom.data.get_testdata_file("MR_small.dcm"))
 ANATOMICAL = Path(nibabel.testing.data_path) / "anatomical.nii"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +161,9 @@ def test_monai_bundle_run_matches_medcl_predict(deployed, samples, tmp_path):
     got = pd.read_csv(tmp_path / "predictions.csv", keep_default_na=False)
     cols = [c for c in got.columns if c.startswith("p_")]
     assert list(got["input"]) == [str(p) for p in sorted(samples.iterdir())]
+    # the run's conformal sets, beside the top class as in medcl predict
+    ok = got[got["status"] == "ok"]
+    assert [s.split("|")[0] for s in ok["prediction_set"]] == list(ok["predicted_class"])
     for model, backend in ((deployed["dir"], "torchscript"), (b, "torchscript"), (b, "onnx")):
         want = predict_files(load_predictor(model, backend=backend), [samples])
         assert list(want["input"]) == list(got["input"])

@@ -67,13 +67,7 @@ def _train(strategy, exps, memory_size=24):
 CI = [_exp(0, [0, 1]), _exp(1, [2, 3])]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on 2 shared cores: one thread avoids oversubscription (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +272,25 @@ def test_bad_options_are_clear_errors():
         RoutedAdapterModel(bb, sets, [OthersHead(96, [0]), OthersHead(96, [1])], 2)
 
 
+def test_head_lr_gives_the_head_its_own_rate():
+    """``head_lr``: stage 1's optimiser has the head at that rate, the adapters at train.lr;
+    without it, one group at train.lr."""
+    from medcl.engine.trainer import make_optimizer
+
+    for head_lr in (None, 1e-4):
+        s = create_strategy("dynammo", _backbone(), backbone_init="checkpoint", head_lr=head_lr)
+        s.grow(ExperienceInfo(0, "e0", 0, (0, 1), 2))
+        params = [p for p in s.trainable_parameters() if p.requires_grad]
+        groups = make_optimizer(CFG, params, s).param_groups
+        head = {id(p) for p in s.heads[-1].parameters()}
+        rates = {id(p): g["lr"] for g in groups for p in g["params"]}
+        assert sum(len(g["params"]) for g in groups) == len(params) > len(head)
+        assert all(rates[id(p)] == CFG.lr for p in params if id(p) not in head)
+        assert {rates[i] for i in head} == {CFG.lr if head_lr is None else head_lr}
+    with pytest.raises(ConfigError, match="head_lr must be > 0"):
+        create_strategy("acl", _backbone(), head_lr=0.0)
+
+
 # -- on a pretrained backbone (issue 10) ---------------------------------------------------------
 
 
@@ -370,4 +383,5 @@ def test_no_adapters_ablation_trains_heads_on_frozen_features():
     s.backbone.eval()
     assert torch.allclose(s.features(x), s.backbone(x))
     assert torch.equal(s.predict(x), model(x))
-    assert s.diagnostics() == {}
+    assert "adapter_sets" not in s.diagnostics()  # no adapters; stage 2's routing is recorded
+    assert 0 <= s.diagnostics()["routing_stage2"]["accuracy"] <= 1

@@ -227,6 +227,9 @@ def test_run_directory_contents(tmp_path):
     m = _metrics(run_dir)
     assert np.array(m["accuracy_matrix"]).shape == (2, 2)
     assert m["compute"]["parameters"] > 0 and m["compute"]["macs"] > 0
+    for fit in m["fit"]:  # first / highest / last stage-1 loss of each experience
+        loss = fit["loss"]
+        assert 0 < loss["first"] <= loss["max"] and 0 < loss["last"] <= loss["max"]
     curves = __import__("pandas").read_csv(run_dir / "curves.csv")
     assert set(curves.experience) == {0, 1} and (curves.offset == 0).sum() == 2
     # the curves' subsets (eval.curve_subset) and the wall time of every phase

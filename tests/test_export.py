@@ -27,6 +27,7 @@ from medcl.cli import main
 from medcl.config import validate_config
 from medcl.data.decode import load_image_files
 from medcl.engine.evaluate import predict_proba
+from medcl.engine.posthoc import read_posthoc
 from medcl.engine.run import run
 from medcl.engine.update import update
 from medcl.errors import ConfigError, MedclError
@@ -42,18 +43,14 @@ from medcl.export import (
     run_metadata,
 )
 from medcl.export.bundle import read_bundle_metadata
+from medcl.metrics.conformal import apply_temperature
 
 CT_SMALL = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
 ANATOMICAL = Path(nibabel.testing.data_path) / "anatomical.nii"  # (33, 41, 25) volume
 STRATEGIES = ("finetune", "dynammo")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +81,13 @@ def runs(tmp_path_factory, data_root) -> dict[str, dict]:
         )
         run_dir = run(cfg, quiet=True)
         scenario, strat = load_run_strategy(run_dir)
+        module = ExportModule(strat.deployable_model()).eval()
+        module.temperature.fill_(read_posthoc(run_dir, 1).temperature)  # as every export has it
         result[name] = {
             "dir": run_dir,
             "scenario": scenario,
             "strategy": strat,
-            "module": ExportModule(strat.deployable_model()).eval(),
+            "module": module,
             "bundle": export_run(run_dir, "bundle"),
         }
     return result
@@ -107,8 +106,10 @@ def test_exported_models_match_pytorch_on_medmnist(runs, name):
     x = _real_images(r)
     with torch.no_grad():
         want, route, _ = r["module"](x)
-    # the wrapper is exactly the evaluated model: softmax of the strategy's scores
-    assert (want - predict_proba(r["strategy"], x)).abs().max() <= 1e-5
+    # the wrapper is exactly the evaluated model: softmax of the strategy's scores / T
+    t = float(r["module"].temperature)
+    calibrated = apply_temperature(predict_proba(r["strategy"], x).double().numpy(), t)
+    assert np.abs(want.numpy() - calibrated).max() <= 1e-5
     for backend in ("torchscript", "onnx"):
         pred = load_predictor(r["bundle"], backend=backend)
         for batch in (x[:1], x):  # dynamic batch axis

@@ -97,3 +97,66 @@ def test_mismatched_states_are_clear_errors():
         merge_state_dicts([{"a": torch.ones(1)}, {"a": torch.ones(2)}])
     with pytest.raises(ConfigError, match="at least one"):
         merge_state_dicts([])
+
+
+# -- BatchNorm statistics are averaged, never TIES-merged (issue 22) ---------------------------
+
+
+def _bn_states(n=3, channels=16, seed=0):
+    """The initial state of a ``BatchNorm2d(channels)`` and ``n`` states after different data
+    (set ``t`` saw ``t + 1`` batches, so its ``num_batches_tracked`` is ``t + 1``)."""
+    g = torch.Generator().manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(channels)
+    init = {k: v.clone() for k, v in bn.state_dict().items()}
+    states = []
+    for t in range(n):
+        bn.load_state_dict(init)
+        with torch.no_grad():
+            bn.weight.add_(torch.randn(channels, generator=g))
+        for _ in range(t + 1):
+            scale = torch.rand(channels, 1, 1, generator=g) * 3 + 0.5  # per-channel spread
+            bn.train()(torch.randn(8, channels, 4, 4, generator=g) * scale + t)
+        states.append({f"bn.{k}": v.clone() for k, v in bn.state_dict().items()})
+    return {f"bn.{k}": v for k, v in init.items()}, states
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 2.0, 5.0]])
+def test_ties_averages_batchnorm_statistics(weights):
+    base, states = _bn_states()
+    out = merge_state_dicts(states, method="ties", density=0.2, base=base, weights=weights)
+    w = torch.tensor(weights or [1.0, 1.0, 1.0])
+    w = w / w.sum()
+    for key in ("bn.running_var", "bn.running_mean"):
+        stacked = torch.stack([s[key] for s in states])  # (3, 16)
+        want = torch.einsum("t,tc->c", w, stacked)
+        torch.testing.assert_close(out[key], want)
+        # no channel reset to the initial value (1.0 / 0.0) by trimming
+        assert not torch.isclose(out[key], base[key]).any()
+    # the learnable affine weight is still TIES-merged: trimmed to 20 %, it differs from the mean
+    assert not torch.allclose(
+        out["bn.weight"], torch.stack([s["bn.weight"] for s in states]).mean(0)
+    )
+
+
+def test_ties_merges_parameters_and_averages_statistics_by_hand():
+    # the hand-worked TIES case above, as a BatchNorm weight, beside a running_var of the same
+    # values: the weight is trimmed/elected ([2, -2, 0, 3.5]), the statistic is the plain mean
+    rows = ([1.0, -2.0, 0.5, 3.0], [2.0, 1.5, -0.1, -1.0], [-1.2, 1.0, 0.2, 4.0])
+    states = [{"bn.weight": torch.tensor(r), "bn.running_var": torch.tensor(r)} for r in rows]
+    out = merge_state_dicts(states, method="ties", density=0.5)
+    torch.testing.assert_close(out["bn.weight"], torch.tensor([2.0, -2.0, 0.0, 3.5]))
+    torch.testing.assert_close(out["bn.running_var"], torch.tensor(rows).mean(0))
+    # `statistics` names the averaged keys explicitly (here: none, so both are TIES-merged)
+    out = merge_state_dicts(states, method="ties", density=0.5, statistics=())
+    torch.testing.assert_close(out["bn.running_var"], torch.tensor([2.0, -2.0, 0.0, 3.5]))
+    out = merge_state_dicts(states, method="ties", density=0.5, statistics={"bn.weight"})
+    torch.testing.assert_close(out["bn.weight"], torch.tensor(rows).mean(0))
+
+
+@pytest.mark.parametrize("method", ["mean", "weighted", "ties"])
+def test_num_batches_tracked_stays_an_integer_counter(method):
+    base, states = _bn_states()
+    out = merge_state_dicts(states, method=method, weights=[1.0, 1.0, 2.0], base=base)
+    n = out["bn.num_batches_tracked"]
+    assert n.dtype == torch.long and n.shape == () and n.item() == 3  # the last state's count
+    torch.nn.BatchNorm2d(16).load_state_dict({k[3:]: v for k, v in out.items()})  # loads

@@ -42,12 +42,7 @@ from medcl.strategies import Classifier, create_strategy
 CFG = TrainConfig(epochs=3, batch_size=16, lr=0.05, augment="none")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def new_strategy(name: str, **params):

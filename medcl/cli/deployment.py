@@ -67,12 +67,29 @@ def predict_cmd(
             "probabilities cast back to fp32). Off: the OOD threshold was fitted in fp32.",
         ),
     ] = False,
+    site: Annotated[
+        str | None,
+        typer.Option(
+            "--site",
+            help="Site (experience name) the inputs come from: selects its conformal threshold "
+            "for prediction_set. Default: the threshold that covers every calibrated site.",
+        ),
+    ] = None,
+    saliency: Annotated[
+        Path | None,
+        typer.Option(
+            "--saliency",
+            help="Write a Grad-CAM overlay PNG per input into this folder (the predicted "
+            "class; needs the run directory or a .safetensors export).",
+        ),
+    ] = None,
     experience: Experience = None,
     allow_partial: AllowPartial = False,
     quiet: Quiet = False,
 ) -> None:
-    """Class probabilities per input file, with an `ood` flag and its reason per row; exit code
-    1 when any file failed (its row says why)."""
+    """Class probabilities per input file (calibrated), the conformal prediction set and its size
+    when the model has one, an `ood` flag and its reason per row; exit code 1 when any file
+    failed (its row says why)."""
     from medcl.export import load_predictor, predict_files
 
     predictor = load_predictor(
@@ -84,7 +101,13 @@ def predict_cmd(
         amp=amp,
     )
     df = predict_files(
-        predictor, inputs, batch_size=batch_size, progress=not quiet, reject_ood=reject_ood
+        predictor,
+        inputs,
+        batch_size=batch_size,
+        progress=not quiet,
+        reject_ood=reject_ood,
+        site=site,
+        saliency=saliency,
     )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,10 @@ def report_cmd(
         bool,
         typer.Option(help="Reload the data for error thumbnails, train/val counts and sources."),
     ] = True,
+    saliency: Annotated[
+        bool,
+        typer.Option(help="Grad-CAM maps of the confident errors per site (needs thumbnails)."),
+    ] = True,
     out: Annotated[
         Path | None, typer.Option("--out", help="Output folder (default: RUN_DIR).")
     ] = None,
@@ -69,6 +73,7 @@ def report_cmd(
         errors_per_class=errors,
         safe_id_columns=safe_id_column or (),
         thumbnails=thumbnails,
+        saliency=saliency,
         experience=experience,
         allow_partial=allow_partial,
     )

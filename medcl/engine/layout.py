@@ -8,6 +8,7 @@
     curves.csv                                     old/new/all accuracy every k updates
     predictions/after-NNN.npz + .csv               test probabilities after each experience
     checkpoints/exp-NNN/ + latest.json             resumable state (atomic, safetensors)
+    calibration/after-NNN.json                     temperature + conformal thresholds per model
     tensorboard/                                   experiment log (``logging``; rank 0 only)
     report.html, report.json, model_card.md        ``medcl report`` / ``medcl card``
     gate/after-NNN.json, deployed.json             ``medcl gate``: decisions, the deployed model
@@ -61,6 +62,7 @@ class RunLayout:
         # resumable state
         self.checkpoints = root / "checkpoints"
         self.latest = self.checkpoints / "latest.json"  # {"checkpoint": "exp-NNN", "completed"}
+        self.calibration = root / "calibration"  # post-hoc calibration after each experience
         # the clinical report and the model card
         self.report_html = root / "report.html"
         self.report_json = root / "report.json"
@@ -78,6 +80,11 @@ class RunLayout:
     def predictions_after(self, k: int, suffix: str = ".npz") -> Path:
         """``predictions/after-NNN.npz`` (probabilities) or ``.csv`` (per-row metadata)."""
         return self.predictions / f"{_after(k)}{suffix}"
+
+    def calibration_after(self, k: int) -> Path:
+        """``calibration/after-NNN.json``: temperature and conformal thresholds of the model
+        after experience ``k`` (:mod:`medcl.engine.posthoc`)."""
+        return self.calibration / f"{_after(k)}.json"
 
     def gate_after(self, k: int) -> Path:
         """``gate/after-NNN.json``: the gate's decision on the model after experience ``k``."""

@@ -5,8 +5,8 @@ from (seed, experience index), so ``--resume`` after a crash repeats exactly wha
 uninterrupted run would have done. Under ``torchrun`` every process trains (DDP,
 :mod:`medcl.engine.distributed`) and rank 0 alone evaluates and writes.
 
-One experience is :func:`learn_experience`: train, evaluate, write predictions, checkpoint,
-write metrics, log -- each a small step below. Resuming is :mod:`medcl.engine.resume`; adding a
+One experience is :func:`learn_experience`: train, evaluate, recalibrate
+(:mod:`medcl.engine.posthoc`), write predictions, checkpoint, write metrics, log. Resuming is :mod:`medcl.engine.resume`; adding a
 cohort to a finished run is :mod:`medcl.engine.update`.
 """
 
@@ -46,6 +46,7 @@ from medcl.engine.distributed import (
 from medcl.engine.evaluate import CurveMonitor, ExperienceEval, evaluate
 from medcl.engine.layout import RunLayout, checkpoint_name
 from medcl.engine.loggers import ExperimentLogger, check_logging, create_logger
+from medcl.engine.posthoc import fit_posthoc, write_posthoc
 from medcl.engine.resume import restore_checkpoint
 from medcl.engine.rundir import RunLock, check_output_dir, run_progress
 from medcl.engine.state import RunState
@@ -139,8 +140,7 @@ def check_run(
                 f"run directory {run_dir} already exists; pass --resume to continue it, "
                 "or choose another `name` (--set name=...) to start a new run."
             )
-        # a run started by an earlier medcl lacks keys added since (e.g. `logging`): their
-        # defaults change nothing, so it resumes
+        # a run by an earlier medcl lacks keys added since: their defaults change nothing
         saved = files.config
         changes = config_changes(read_yaml(saved, what="run config"), cfg)
         if changes:
@@ -289,19 +289,25 @@ def learn_experience(
     state.completed = exp.index
     if not job.is_main:  # only the progress the loop needs
         return
-    # 2. evaluate every experience, 3. write its predictions (rank 0 from here on)
+    # 2. evaluate every experience (rank 0 from here on)
     with timer("eval"):
         evals = _evaluate(strategy, scenario, state, monitor, exp, stats)
     # back to the deployed layout after train.channels_last: what latency and export measure
     strategy.to(memory_format=torch.contiguous_format)
+    # 3. recalibrate: temperature + conformal thresholds on the seen validation splits
+    with timer("calibration"):
+        seen = scenario.experiences[: exp.index + 1]
+        posthoc = fit_posthoc(strategy, seen, cfg.calibration, seed=cfg.seed, memory=memory)
+    # 4. write its predictions
     bar = progress_bar(total=3, desc=f"exp {exp.index} {exp.name}: writing results", unit="file")
     with timer("predictions"):
         save_predictions(run_dir, exp.index, list(scenario.experiences), evals)
     bar.update(1)
     timing = {"experience": exp.index} | timer.record()
     state.timing["experiences"].append(timing)  # checkpointed; completed once written
-    # 4. checkpoint, 5. metrics (and scenario.json when `medcl update` added a cohort)
+    # 5. calibration record + checkpoint, 6. metrics (+ scenario.json after `medcl update`)
     with timer("checkpoint"):
+        write_posthoc(run_dir, posthoc)  # before the pointer: a checkpoint never lacks it
         _checkpoint(run_dir, strategy, memory, state, exp)
     bar.update(1)
     with timer("metrics"):
@@ -311,7 +317,7 @@ def learn_experience(
     timing.clear()
     timing.update({"experience": exp.index} | timer.record())  # + checkpoint, metrics
     write_timing(run_dir, state)
-    # 6. log and print
+    # 7. log and print
     seen_acc = float(np.mean(state.accuracy[-1][: exp.index + 1]))
     if logger is not None:
         _log_experience(logger, state, monitor.rows[curves_before:], metrics, seen_acc)
@@ -333,8 +339,7 @@ def _evaluate(
     stats: FitStats,
 ) -> list[ExperienceEval]:
     """Evaluate every experience; add the accuracy rows, the fit record, seen tasks, curves."""
-    # fp32 always: the accuracy matrix, predictions and clinical report must not depend on the
-    # device (bf16 autocast is for training and the every-k curves only)
+    # fp32 always: the accuracy matrix, predictions and report must not depend on the device
     evals = evaluate(strategy, scenario.experiences)  # the cache's batch size: eval.batch_size
     state.accuracy.append([e.accuracy for e in evals])
     state.task_accuracy.append([e.task_accuracy for e in evals])
@@ -344,6 +349,8 @@ def _evaluate(
             "updates": stats.updates,
             "seconds": stats.seconds,
             "images_per_s": stats.images_per_s,
+            # first / highest / last update's loss: a highest far above the first is divergence
+            "loss": {"first": stats.loss_first, "max": stats.loss_max, "last": stats.loss_last},
             "diagnostics": strategy.diagnostics(),  # method-specific (e.g. DynaMMo's adapters)
         }
     )

@@ -26,6 +26,7 @@ PHASES = (
     "features",
     "memory",
     "eval",
+    "calibration",
     "predictions",
     "checkpoint",
     "metrics",

@@ -43,6 +43,10 @@ class FitStats:
     updates: int
     images: int
     seconds: float
+    #: training loss of the first, highest and last update (this rank's batch; NaN: no update)
+    loss_first: float = float("nan")
+    loss_max: float = float("nan")
+    loss_last: float = float("nan")
 
     @property
     def images_per_s(self) -> float:
@@ -56,14 +60,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(cfg: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(
+    cfg: TrainConfig, params: Iterable[nn.Parameter], strategy: Strategy | None = None
+) -> torch.optim.Optimizer:
+    """``train.optimizer`` over ``params``, in the strategy's :meth:`Strategy.optimizer_groups`."""
     params = [p for p in params if p.requires_grad]
+    groups = strategy.optimizer_groups(params) if strategy is not None else [{"params": params}]
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 class LossStep(nn.Module):
@@ -164,7 +173,7 @@ def fit_experience(
     own = strategy.configure_optimizers(cfg, params, total) if params else None
     opt, sched = own if own is not None else (None, None)
     if own is None and params:
-        opt = make_optimizer(cfg, params)
+        opt = make_optimizer(cfg, params, strategy)
         if cfg.scheduler == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
 
@@ -182,6 +191,7 @@ def fit_experience(
         train_step = torch.compile(train_step)
     curve_seconds = timer.seconds.get("curves", 0.0)
     start, step, seen, epoch = time.perf_counter(), 0, 0, 0
+    losses = (math.nan,) * 3  # first, highest, last
     bar = tqdm(
         total=total,
         desc=f"exp {exp.index} {exp.name}",
@@ -240,8 +250,10 @@ def fit_experience(
                 lr = opt.param_groups[0]["lr"]
                 mean_loss = dist.mean(loss.item() * weight)  # = the global batch's mean loss
                 logger.log({"train/loss": mean_loss, "train/lr": lr}, global_update + step)
+            value = loss.item()
+            losses = (value,) * 3 if step == 1 else (losses[0], max(losses[1], value), value)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            bar.set_postfix(loss=f"{value:.3f}", refresh=False)
             if monitor is not None and monitor.due(step):
                 with timer("curves"):
                     monitor.record(strategy, exp.index, global_update + step, step)
@@ -279,4 +291,4 @@ def fit_experience(
     timer.add("memory", passes - cache.seconds)
     dist.sync(strategy, memory)  # every rank continues from exactly rank 0's model and memory
     cache.clear()
-    return FitStats(updates=step, images=seen, seconds=seconds)
+    return FitStats(step, seen, seconds, *losses)

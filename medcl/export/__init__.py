@@ -4,7 +4,9 @@ the OOD guard. The bundle runtime (:mod:`medcl.export.bundle_runtime`) and the O
 
 Modules, each importing only those listed after it: ``run_export`` (``export_run``) ->
 ``bundle`` -> ``bundle_runtime`` -> ``predict`` -> ``loading`` | ``exporters`` (the file formats)
--> ``rebuild`` -> ``module`` (:class:`ExportModule`) -> ``ood`` | ``extras``.
+| ``saliency_files`` (``predict --saliency``) -> ``rebuild`` -> ``module`` (:class:`ExportModule`)
+-> ``ood`` | ``extras`` |
+``prediction_sets`` (conformal sets of ``medcl predict``).
 """
 
 from __future__ import annotations

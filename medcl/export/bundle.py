@@ -187,6 +187,7 @@ def _inference_config(meta: dict[str, Any]) -> dict[str, Any]:
         f"recursive=True) if f.lower().endswith({suffixes}))",
         "device": "$torch.device('cpu')",
         "reject_ood": False,
+        "site": None,  # the inputs' site: its conformal threshold (None: covers every site)
         "network_def": {
             "_target_": "medcl.export.bundle_runtime.BundleNetwork",
             "bundle_root": "@bundle_root",
@@ -223,6 +224,7 @@ def _inference_config(meta: dict[str, Any]) -> dict[str, Any]:
                 "output_dir": "@output_dir",
                 "bundle_root": "@bundle_root",
                 "reject_ood": "@reject_ood",
+                "site": "@site",
             },
         ],
         "evaluator": {

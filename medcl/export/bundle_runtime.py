@@ -10,8 +10,8 @@
   skipped with its reason instead of stopping the run.
 - :class:`GuardedInferer`: the inferer that asks the network for all three outputs.
 - :class:`PredictionWriter`: an ignite handler writing ``predictions.csv`` with the columns
-  of ``medcl predict`` (probabilities, class, route, ``ood`` and its reason; a skipped file
-  gets ``status=error`` and the reason, and is listed in the log).
+  of ``medcl predict`` (probabilities, class, prediction set, route, ``ood`` and its reason; a
+  skipped file gets ``status=error`` and the reason, and is listed in the log).
 
 Everything else in ``inference.json`` is stock MONAI (``LoadImaged``, ``Resized``,
 ``DataLoader``, ``CheckpointLoader``, ``SupervisedEvaluator``).
@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from medcl.errors import ConfigError
 from medcl.export.extras import require
 from medcl.export.predict import input_problem, prediction_rows
+from medcl.export.prediction_sets import check_site
 from medcl.export.rebuild import rebuild_module
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,8 @@ class PredictionWriter:
         bundle_root: the bundle folder (class names, routes, OOD threshold, training facts).
         reject_ood: leave ``predicted_class`` empty for out-of-distribution rows.
         path_key: batch key holding each input's path.
+        site: the site the inputs come from: its conformal threshold for ``prediction_set``
+            (``medcl predict --site``); ``None``: the threshold that covers every site.
     """
 
     def __init__(
@@ -162,10 +165,12 @@ class PredictionWriter:
         bundle_root: str = ".",
         reject_ood: bool = False,
         path_key: str = "path",
+        site: str | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.meta = read_bundle_metadata(bundle_root)
-        self.reject_ood, self.path_key = reject_ood, path_key
+        self.reject_ood, self.path_key, self.site = reject_ood, path_key, site
+        check_site(self.meta, site)
         self.rows: list[dict[str, Any]] = []
         self.done: list[int] = []
         self.outputs: list[dict[str, Tensor]] = []
@@ -206,6 +211,7 @@ class PredictionWriter:
             cat["ood_score"],
             self.meta,
             reject_ood=self.reject_ood,
+            site=self.site,
         )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         out = self.output_dir / "predictions.csv"

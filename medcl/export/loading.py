@@ -4,13 +4,15 @@
 ``model.json``, the checkpoint: :func:`medcl.engine.model_record.restore_model`); a run written
 before medcl recorded its data facts is restored with its data (:func:`load_run_strategy`).
 :func:`run_metadata` says how inference must preprocess inputs and where the model came from;
-:func:`guarded_module` wraps the model with its OOD guard (:mod:`medcl.export.ood`).
+:func:`guarded_module` wraps the model with its OOD guard (:mod:`medcl.export.ood`) and its
+post-hoc temperature; the conformal thresholds travel in the metadata (:func:`calibration_meta`).
 """
 
 from __future__ import annotations
 
 __all__ = [
     "RunModel",
+    "calibration_meta",
     "guarded_module",
     "load_run_model",
     "load_run_strategy",
@@ -34,6 +36,7 @@ from medcl.data.transforms import INPUT_MEAN, INPUT_STD
 from medcl.engine.checkpoint import atomic_file
 from medcl.engine.layout import RunLayout
 from medcl.engine.model_record import DataFacts, restore_model
+from medcl.engine.posthoc import PostHoc, read_posthoc
 from medcl.engine.resume import restore_run
 from medcl.engine.rundir import run_progress
 from medcl.errors import ConfigError
@@ -177,7 +180,7 @@ def run_metadata(
             "weights": find_backbone(strategy).preprocessing.to_dict(),
         },
         "outputs": {
-            "probabilities": "(B, K) softmax",
+            "probabilities": "(B, K) softmax(scores / T), T = calibration.temperature",
             "route": "(B,) head index, -1: none",
             "ood_score": "(B,) feature distance; > ood.threshold: out of distribution",
         },
@@ -211,6 +214,29 @@ def _as01(x: Tensor) -> Tensor:
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
+def calibration_meta(post: PostHoc | None) -> dict[str, Any]:
+    """``meta["calibration"]``: the temperature inside the module and the conformal thresholds
+    ``medcl predict`` turns into prediction sets (:mod:`medcl.engine.posthoc`)."""
+    if post is None:
+        return {
+            "temperature": 1.0,
+            "conformal": None,
+            "sites": [],
+            "fitted_on": None,
+            "held_out": None,
+            "note": "the run predates post-hoc calibration (no calibration/after-NNN.json): "
+            "probabilities are the uncalibrated softmax (T = 1) and there are no prediction sets",
+        }
+    return {
+        "temperature": post.temperature,
+        "conformal": post.conformal.to_dict() if post.conformal is not None else None,
+        "sites": list(post.sites),
+        "fitted_on": post.record.get("fitted_on"),
+        "held_out": post.record.get("held_out"),
+        "note": post.record.get("note", ""),
+    }
+
+
 def guarded_module(
     model: RunModel,
     meta: dict[str, Any],
@@ -218,8 +244,9 @@ def guarded_module(
     false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
     per_experience: int = 500,
 ) -> ExportModule:
-    """The run's :class:`ExportModule` with its OOD guard; ``meta`` gains ``ood``,
-    ``acquisition``, ``preprocessing``, ``sources_info`` and ``history``.
+    """The run's :class:`ExportModule` with its OOD guard and temperature; ``meta`` gains
+    ``calibration`` (:func:`calibration_meta`), ``ood``, ``acquisition``, ``preprocessing``,
+    ``sources_info`` and ``history``.
 
     The guard is fitted on up to ``per_experience`` training and validation images of every
     experience the model has learned (seeded subsample) and cached in
@@ -265,6 +292,9 @@ def guarded_module(
         with atomic_file(cache) as tmp:
             save_file(tensors, str(tmp), header)
     module.ood = score.eval()
+    post = read_posthoc(model.run_dir, after)  # None: a run written before calibration
+    module.temperature.fill_(post.temperature if post is not None else 1.0)
+    meta["calibration"] = calibration_meta(post)
     meta["ood"] = record
     meta["acquisition"] = acquisition_facts(
         data.sources, channels=meta["channels"], spatial_dims=meta["spatial_dims"]

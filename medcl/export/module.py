@@ -3,7 +3,9 @@
 :class:`ExportModule` wraps a strategy's deployable model through its
 :class:`~medcl.models.deployable.DeployableModel` interface only (``forward_features``,
 ``forward_head``, ``route``), so an exported file needs nothing but the intensity scaling recorded
-in its metadata, and no method needs code of its own here.
+in its metadata, and no method needs code of its own here. The post-hoc temperature
+(:mod:`medcl.engine.posthoc`) is the buffer ``temperature``, so every format divides the scores
+by it; an export written before it existed loads with ``T = 1``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ class ExportModule(nn.Module):
             )
         self.model = model
         self.ood = ood
+        #: post-hoc temperature: probabilities are ``softmax(scores / T)`` (1: uncalibrated)
+        self.register_buffer("temperature", torch.ones((), dtype=torch.float32))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # an export (safetensors, bundle model.pt) written before calibration has no temperature
+        state_dict.setdefault(prefix + "temperature", torch.ones((), dtype=torch.float32))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _features_scores(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Normalised ``x`` -> embedding ``(B, F)``, class scores ``(B, K)``, route ``(B,)``."""
@@ -53,8 +62,8 @@ class ExportModule(nn.Module):
         return self._features_scores((x - INPUT_MEAN) / INPUT_STD)[0]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(B, C, H, W[, D])`` float in [0, 1] -> probabilities ``(B, K)``, route ``(B,)``,
-        OOD score ``(B,)``.
+        """``(B, C, H, W[, D])`` float in [0, 1] -> probabilities ``(B, K)``
+        (``softmax(scores / temperature)``), route ``(B,)``, OOD score ``(B,)``.
 
         ``route`` is the index of the head each sample was routed to (int64), ``-1`` when the
         model has no routing; the OOD score is the feature distance compared with the
@@ -63,4 +72,4 @@ class ExportModule(nn.Module):
         x = (x - INPUT_MEAN) / INPUT_STD  # medcl.data.transforms.to_model_input on [0, 1] floats
         f, scores, route = self._features_scores(x)
         score = self.ood(f) if self.ood is not None else torch.zeros_like(scores[:, 0])
-        return torch.softmax(scores.float(), 1), route, score.float()
+        return torch.softmax(scores.float() / self.temperature, 1), route, score.float()

@@ -51,6 +51,8 @@ from medcl.export.exporters import load_safetensors_model, onnx_session
 from medcl.export.extras import require
 from medcl.export.loading import guarded_module, load_run_model, run_metadata
 from medcl.export.ood import acquisition_problems, ood_reason
+from medcl.export.prediction_sets import check_site, set_cells
+from medcl.export.saliency_files import SaliencyWriter
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".nii", ".nii.gz", ".dcm")
 #: Which file of a bundle ``load_predictor`` runs.
@@ -61,11 +63,13 @@ _CPU = torch.device("cpu")
 @dataclass
 class Predictor:
     """A loaded model: ``fn`` maps ``(B, *input_shape)`` [0, 1] floats -> (probs ``(B, K)``,
-    route ``(B,)``, OOD score ``(B,)``); exports older than the OOD guard return two arrays."""
+    route ``(B,)``, OOD score ``(B,)``); exports older than the OOD guard return two arrays.
+    ``model``: the PyTorch deployable model (run directory, safetensors), for saliency."""
 
     fn: Callable[[torch.Tensor], tuple[np.ndarray, ...]]
     meta: dict[str, Any]
     source: str
+    model: torch.nn.Module | None = None
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -192,7 +196,7 @@ def load_predictor(
         run_model = load_run_model(path, experience=after)  # no data, unless the guard is fitted
         meta = run_metadata(path, run_model.data, run_model.strategy, experience=after)
         module = guarded_module(run_model, meta)
-        return Predictor(_torch_fn(module, dev, amp), meta, f"pytorch ({dev.type})")
+        return Predictor(_torch_fn(module, dev, amp), meta, f"pytorch ({dev.type})", module.model)
     suffix = path.suffix.lower()
     if path.is_file() and suffix in (".ts", ".pt"):
         return _ts(path, dev, amp)
@@ -200,7 +204,8 @@ def load_predictor(
         return _onnx(path, dev)
     if path.is_file() and suffix == ".safetensors":
         module, meta = load_safetensors_model(path)
-        return Predictor(_torch_fn(module, dev, amp), meta, f"pytorch ({dev.type}, safetensors)")
+        source = f"pytorch ({dev.type}, safetensors)"
+        return Predictor(_torch_fn(module, dev, amp), meta, source, module.model)
     raise ConfigError(
         f"model {model}: expected a run directory, a bundle folder (configs/metadata.json) or a "
         ".ts/.onnx/.safetensors file from `medcl export`."
@@ -275,20 +280,25 @@ def prediction_rows(
     meta: dict[str, Any],
     *,
     reject_ood: bool = False,
+    site: str | None = None,
 ) -> pd.DataFrame:
     """Fill ``rows[done]`` with the model's outputs and the OOD verdict; return the table.
 
     Shared by :func:`predict_files` and the bundle's
     :class:`~medcl.export.bundle_runtime.PredictionWriter`, so both write the same columns:
     ``input, status, error, predicted_class, p_<class>..., route, ood, ood_score, ood_reason``
-    (``ood_score``: the feature distance compared with ``meta["ood"]["threshold"]``).
+    (``ood_score``: the feature distance compared with ``meta["ood"]["threshold"]``), and
+    ``prediction_set, set_size`` after ``predicted_class`` when the model has conformal
+    thresholds (:mod:`medcl.export.prediction_sets`; ``site`` picks a per-site threshold).
     """
     names, routes = meta["class_names"], meta.get("routes", [])
     facts, guard = meta.get("acquisition", {}), meta.get("ood", {})
     if score is None:
         score = np.full(len(done), np.nan)
-    for i, p, r, s in zip(done, probs, route, score, strict=True):
+    sets = set_cells(probs, meta, site)  # None: no conformal thresholds in the metadata
+    for j, (i, p, r, s) in enumerate(zip(done, probs, route, score, strict=True)):
         row = rows[i]
+        row.update(sets[j] if sets is not None else {})
         row.update({f"p_{n}": float(v) for n, v in zip(names, p, strict=True)})
         row["predicted_class"] = names[int(np.argmax(p))]
         row["route"] = routes[int(r)] if 0 <= int(r) < len(routes) else ""
@@ -296,11 +306,13 @@ def prediction_rows(
         row["ood"], row["ood_score"], row["ood_reason"] = bool(reason), float(s), reason
         if reject_ood and reason:
             row["predicted_class"] = ""  # flagged: no class, probabilities kept for audit
+            row.update(prediction_set="", set_size=None)
     cols = [
         "input",
         "status",
         "error",
         "predicted_class",
+        *(["prediction_set", "set_size"] if sets is not None else []),
         *(f"p_{n}" for n in names),
         "route",
         "ood",
@@ -308,7 +320,9 @@ def prediction_rows(
         "ood_reason",
     ]
     df = pd.DataFrame(rows).reindex(columns=cols)
-    return df.fillna({"predicted_class": "", "route": "", "ood_reason": ""})
+    if sets is not None:  # "" for rows without a set (errors, rejected), not NaN or 2.0
+        df["set_size"] = df["set_size"].astype("Int64")
+    return df.fillna({"predicted_class": "", "prediction_set": "", "route": "", "ood_reason": ""})
 
 
 def predict_files(
@@ -318,15 +332,24 @@ def predict_files(
     batch_size: int = 64,
     progress: bool = False,
     reject_ood: bool = False,
+    site: str | None = None,
+    saliency: str | Path | None = None,
 ) -> pd.DataFrame:
     """One row per input file: ``input``, ``status`` (ok/error), ``error``, ``predicted_class``,
-    ``p_<class>`` per class, ``route`` (routed experience, empty when the model does not
-    route), ``ood`` (True: unlike the training cohorts) and ``ood_reason``. Files are checked
-    one by one, then loaded and predicted in batches. ``reject_ood`` leaves flagged rows
-    without a class."""
+    ``prediction_set`` and ``set_size`` (models with conformal thresholds), ``p_<class>`` per
+    class, ``route`` (routed experience, empty when the model does not route), ``ood`` (True:
+    unlike the training cohorts) and ``ood_reason``. Files are checked one by one, then loaded
+    and predicted in batches. ``reject_ood`` leaves flagged rows without a class or set;
+    ``site`` (the site/experience name the inputs come from) selects that site's conformal
+    threshold (default: the one that covers every calibrated site). ``saliency``: a folder for
+    one Grad-CAM overlay PNG per file (PyTorch models), its path in a ``saliency`` column."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1; got {batch_size}.")
     meta = predictor.meta
+    check_site(meta, site)  # before any file is read
+    writer = (
+        SaliencyWriter(predictor.model, saliency, source=predictor.source) if saliency else None
+    )
     files = expand_inputs(inputs, spatial_dims=meta["spatial_dims"])
     if not files:
         raise ConfigError(f"no input files found in {list(map(str, inputs))}.")
@@ -356,9 +379,12 @@ def predict_files(
             continue
         done.extend(chunk)
         outputs.append(tuple(predictor.fn(x.float())))
+        if writer is not None:  # a Grad-CAM PNG per file, path in the row's `saliency`
+            writer.write([rows[i] for i in chunk], x.float())
     k = len(meta["class_names"])
     cat = [np.concatenate(o) for o in zip(*outputs, strict=True)] if outputs else []
     probs = cat[0] if cat else np.zeros((0, k))
     route = cat[1] if cat else np.zeros(0, np.int64)
     score = cat[2] if len(cat) > 2 else None
-    return prediction_rows(rows, done, probs, route, score, meta, reject_ood=reject_ood)
+    df = prediction_rows(rows, done, probs, route, score, meta, reject_ood=reject_ood, site=site)
+    return df if writer is None else df.assign(saliency=[r.get("saliency", "") for r in rows])

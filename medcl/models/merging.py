@@ -11,16 +11,24 @@
 Choices not fixed by the TIES paper: trimming is per tensor (as peft's and mergekit's ``ties``),
 not over the whole flattened model, and keeps at least one entry per tensor (so a one-element
 tensor such as an adapter's ``alpha`` is never silently reset to the base); without ``base``
-the task vectors are the tensors themselves (zero base). Integer buffers (BatchNorm's
-``num_batches_tracked``) are not averaged: the last state's value is kept.
+the task vectors are the tensors themselves (zero base).
+
+Buffers are not task vectors. Whatever the method, BatchNorm running statistics
+(``running_mean``, ``running_var``; any key named in ``statistics``) are merged by a plain
+average, weighted when weights are given, of the states' values: never trimmed or sign-elected
+(TIES on a ``running_var`` relative to the initial 1.0 would reset most channels to 1.0). Only
+the other floating-point entries, the learnable parameters, go through TIES. As DynaMMo's
+reference averages them, averaged statistics describe the inputs' activations, not those of the
+merged weights (re-estimating them on data is the caller's choice). Integer buffers (BatchNorm's
+``num_batches_tracked``, a counter) are not averaged: the last state's value is kept.
 """
 
 from __future__ import annotations
 
-__all__ = ["merge_state_dicts"]
+__all__ = ["BATCHNORM_STATISTICS", "merge_state_dicts"]
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -29,6 +37,7 @@ from torch import Tensor
 from medcl.errors import ConfigError
 
 MergeMethod = Literal["mean", "weighted", "ties"]
+BATCHNORM_STATISTICS = ("running_mean", "running_var")  # buffer names averaged, never TIES-merged
 
 
 def _check(states: Sequence[Mapping[str, Tensor]], base: Mapping[str, Tensor] | None) -> None:
@@ -91,6 +100,7 @@ def merge_state_dicts(
     density: float = 0.2,
     base: Mapping[str, Tensor] | None = None,
     scale: float = 1.0,
+    statistics: Collection[str] | None = None,
 ) -> dict[str, Tensor]:
     """Merge state dicts of one architecture into one.
 
@@ -103,6 +113,10 @@ def merge_state_dicts(
         density: fraction of each task-vector tensor kept by TIES trimming, in ``(0, 1]``.
         base: TIES's reference model (task vectors are ``θ_t − base``); zero when omitted.
         scale: TIES's ``λ`` applied to the merged task vector.
+        statistics: keys that are statistics, not learnable parameters (e.g. a module's
+            ``named_buffers()``): averaged (with ``weights`` if given) under every method, never
+            TIES-merged. None: the keys whose last dotted name is in
+            :data:`BATCHNORM_STATISTICS`.
 
     Returns:
         A new state dict (fresh tensors) with the inputs' keys, shapes and dtypes.
@@ -121,6 +135,8 @@ def merge_state_dicts(
         raise ConfigError(f"TIES density must be in (0, 1]; got {density}.")
     _check(states, base)
     w = _weights(None if method == "mean" else weights, len(states))
+    if statistics is None:
+        statistics = {k for k in states[0] if k.rsplit(".", 1)[-1] in BATCHNORM_STATISTICS}
     out: dict[str, Tensor] = {}
     for k, ref in states[0].items():
         if not ref.is_floating_point():
@@ -128,7 +144,7 @@ def merge_state_dicts(
             continue
         stacked = torch.stack([s[k].detach().float() for s in states])  # (T, *shape)
         wk = w.to(stacked.device)  # (T,) beside the states (a model on CUDA merges there)
-        if method == "ties":
+        if method == "ties" and k not in statistics:  # task vectors only; statistics: averaged
             b = (
                 base[k].detach().float().to(stacked.device)
                 if base is not None

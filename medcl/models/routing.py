@@ -5,7 +5,7 @@ experience a linear head over its classes plus one "others" output; at inference
 scores the features and the sample is routed to the head with the lowest "others" probability
 (the reference code's ``min_others_test``). :class:`RoutedAdapterModel` is what ``medcl export``
 writes. Stage 2 of those methods, re-tuning every head on a class-balanced set, is here too
-(:func:`balanced_retune_set`, :func:`retune_heads`).
+(:func:`balanced_retune_set`, :func:`retune_heads`, :func:`routing_accuracy`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ __all__ = [
     "balanced_retune_set",
     "retune_heads",
     "route_min_others",
+    "routing_accuracy",
 ]
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -159,8 +159,14 @@ class RetuneSet:
 def balanced_retune_set(
     exp: Experience, memory: ReplayMemory, features: Callable[[Tensor, Tensor], Tensor]
 ) -> RetuneSet:
-    """DynaMMo's stage-2 set: the memory plus, per class of ``exp``, as many samples as the
-    memory holds per (experience, class) group, chosen by iCaRL herding on ``features``.
+    """DynaMMo's stage-2 set: the memory plus, per class of ``exp``, ``m`` samples chosen by
+    iCaRL herding on ``features`` (all of the class's samples when it has ``m`` or fewer).
+
+    ``m = memory.size // G``, ``G`` the number of (experience, class) groups in the memory: the
+    memory's per-group budget, as the reference's ``memory_size // old classes``
+    (``ReplayBank.get_unified_sample_dataset``). The memory holds ``m`` per group, or ``m + 1``
+    for the first ``memory.size % G`` groups (:meth:`ReplayMemory.update`), fewer for a group
+    with fewer training samples.
 
     Args:
         exp: the experience just learned.
@@ -173,7 +179,7 @@ def balanced_retune_set(
     """
     sources = memory.sources()
     e, y = memory.exp_, memory.label_
-    quota = math.ceil(len(memory) / len(torch.unique(e * (int(y.max()) + 1) + y)))
+    quota = memory.size // len(torch.unique(e * (int(y.max()) + 1) + y))  # G groups
     parts = [(data.images, rows) for data, rows, _ in sources]
     labels = [y[pos] for _, _, pos in sources]
     exps = [e[pos] for _, _, pos in sources]
@@ -197,7 +203,7 @@ def retune_heads(
     lr: float,
     batch_size: int,
     seed: int,
-) -> None:
+) -> dict[str, float | int | list[float | None]]:
     """DynaMMo's stage 2: re-tune every head with Adam on the features of ``data``.
 
     Args:
@@ -208,6 +214,9 @@ def retune_heads(
         data: the class-balanced set (:func:`balanced_retune_set`).
         epochs, lr, batch_size: the optimisation.
         seed: seeds the shuffling.
+
+    Returns:
+        The routing accuracy of the re-tuned heads on ``data`` (:func:`routing_accuracy`).
     """
     device = next(heads[0].parameters()).device
     labels, exps = data.labels.to(device), data.exps.to(device)
@@ -230,3 +239,37 @@ def retune_heads(
                 opt.step()
             bar.update(1)
     bar.close()
+    return routing_accuracy(heads, owners, features, data)
+
+
+@torch.no_grad()
+def routing_accuracy(
+    heads: Sequence[OthersHead],
+    owners: Sequence[int],
+    features: Sequence[Tensor],
+    data: RetuneSet,
+) -> dict[str, float | int | list[float | None]]:
+    """Task-id accuracy of min-"others" routing on ``data`` (the reference logs it as
+    "task id predict acc"): the share of samples routed to the head of their experience.
+
+    Args:
+        heads: the heads, in order.
+        owners: each head's experience.
+        features: ``(N, F)`` features of ``data`` per head, or one tensor shared by every head.
+        data: the samples (e.g. the stage-2 balanced set) with their experiences.
+
+    Returns:
+        ``{"accuracy", "samples", "per_experience"}`` (accuracy per head's experience, in
+        ``owners`` order; None for an experience without samples).
+    """
+    device = next(heads[0].parameters()).device
+    feats = [f.to(device) for f in features]
+    feats = feats * len(heads) if len(feats) == 1 else feats
+    others = torch.stack(
+        [F.softmax(h(f), 1)[:, -1] for h, f in zip(heads, feats, strict=True)], 1
+    )  # (N, H)
+    exps = data.exps.to(device)
+    truth = (exps[:, None] == torch.as_tensor(list(owners), device=device)[None]).float().argmax(1)
+    hit = (others.argmin(1) == truth).float()  # (N,)
+    per = [hit[exps == j].mean().item() if (exps == j).any() else None for j in owners]
+    return {"accuracy": hit.mean().item(), "samples": len(hit), "per_experience": per}

@@ -44,6 +44,29 @@ def _pick(rows: list[dict[str, Any]], metric: str, cls: str, group: Any = None):
     return None
 
 
+def _posthoc_line(cal: dict[str, Any], sets: dict[str, Any]) -> str:
+    """One line: the temperature and the range of per-site coverage of the prediction sets."""
+    t = cal.get("temperature")
+    if t is None:
+        return "Post-hoc calibration: none recorded for this model (temperature 1, no sets)."
+    line = (
+        f"Post-hoc calibration: temperature T = {_num(t, 2)} (test ECE {_num(cal.get('ece'))} "
+        f"before, {_num(cal.get('ece_after'))} after)"
+    )
+    cov = [
+        r["coverage"]
+        for r in sets.get("table") or []
+        if r["group"] != "overall" and r.get("coverage") is not None
+    ]
+    if not sets.get("available") or not cov:
+        return line + "; no prediction sets."
+    return (
+        f"{line}; prediction sets for {100 * sets['target_coverage']:g}% target coverage "
+        f"cover {_num(min(cov))}-{_num(max(cov))} of test images per site (marginal "
+        "coverage: valid for data like the validation data, not per patient)."
+    )
+
+
 def _read_report(run_dir: Path) -> dict[str, Any]:
     path = RunLayout(run_dir).report_json
     if not path.is_file():
@@ -134,6 +157,7 @@ def model_card(
     cells = [_ci(_pick(overall, m, c)) for m, c in _SITE_METRICS]
     n_all = r["n_predictions"]
     lines.append(f"| **overall** | {n_all} | {' | '.join(cells)} | {_ci(ece)} |")
+    lines += ["", _posthoc_line(cal, rep.get("prediction_sets") or {})]
     lines += ["", "## Update history", ""]
     for e in data["experiences"]:
         lines.append(f"- experience {e['index']}: {e['name']} (site {e.get('site', '')})")

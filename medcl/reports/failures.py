@@ -6,10 +6,10 @@ header or metadata is ever read into the report). 3D volumes show their middle a
 
 from __future__ import annotations
 
-__all__ = ["confident_errors", "thumbnail_png"]
+__all__ = ["confident_errors", "images_of_rows", "thumbnail_png"]
 
-import io
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from medcl.errors import DataError
+from medcl.models.saliency import scaled_png
 from medcl.reports.predictions import Predictions
 
 
@@ -89,12 +90,30 @@ def thumbnail_png(image: torch.Tensor | np.ndarray, *, size: int = 96) -> bytes:
         raise DataError(f"thumbnail needs (C, H, W) or (C, H, W, D); got shape {x.shape}.")
     if x.dtype != np.uint8:
         x = (np.clip(x.astype(np.float64), 0.0, 1.0) * 255).round().astype(np.uint8)
-    img = Image.fromarray(x[0] if x.shape[0] != 3 else np.moveaxis(x, 0, -1))
-    scale = size / max(img.size)
-    img = img.resize(
-        (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))),
-        Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS,
-    )
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return scaled_png(Image.fromarray(x[0] if x.shape[0] != 3 else np.moveaxis(x, 0, -1)), size)
+
+
+def images_of_rows(
+    scenario: Any, final: Predictions, rows: np.ndarray | pd.Series
+) -> dict[int, torch.Tensor] | None:
+    """The test image ``(C, H, W[, D])`` of each prediction row (rows in experience order).
+
+    Args:
+        scenario: the rebuilt scenario (:meth:`~medcl.reports.results.RunResults.rebuild_scenario`).
+        final: the predictions the rows index.
+        rows: prediction rows.
+
+    Returns:
+        ``row -> image`` as stored (uint8 for MedMNIST); ``None`` when the rebuilt scenario's
+        test labels do not match the run's predictions (the data changed since the run).
+    """
+    images = [e.test.images for e in scenario]
+    labels = np.concatenate([e.test.labels.numpy() for e in scenario])
+    if labels.size > len(final) or not np.array_equal(labels, final.labels[: labels.size]):
+        return None
+    offsets = np.cumsum([0, *[len(x) for x in images]])
+    out = {}
+    for r in np.asarray(rows)[np.asarray(rows) < labels.size]:
+        e = int(np.searchsorted(offsets, r, side="right") - 1)
+        out[int(r)] = images[e][r - offsets[e]]
+    return out

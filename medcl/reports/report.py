@@ -2,8 +2,9 @@
 
 Contents follow the reporting items of TRIPOD+AI (Collins et al., BMJ 2024) and CLAIM (Mongan
 et al., Radiology: AI 2020; 2024 update) that a continual-learning update touches: model and
-data summary with sources and licences, discrimination with bootstrap 95% CIs, calibration,
-confusion matrix, per-site performance and heterogeneity, continual behaviour (accuracy matrix,
+data summary with sources and licences, discrimination with bootstrap 95% CIs, calibration
+before and after temperature scaling, conformal prediction-set coverage per site, confusion
+matrix, per-site performance and heterogeneity, continual behaviour (accuracy matrix,
 forgetting, stability-gap curves, what changed since the previous model), compute cost and the
 most confident errors.
 
@@ -35,7 +36,13 @@ from medcl.engine.layout import RunLayout
 from medcl.errors import MedclError
 from medcl.progress import progress_bar
 from medcl.reports import sections
+from medcl.reports.calibration_section import (
+    calibration_figures,
+    calibration_section,
+    prediction_set_section,
+)
 from medcl.reports.results import RunResults
+from medcl.reports.saliency_gallery import saliency_gallery
 
 
 def _plain(x: Any) -> Any:
@@ -82,11 +89,13 @@ class Report:
         data: JSON-safe nested dict; every number on the page comes from it.
         figures: plot name -> PNG data URI.
         thumbnails: prediction row -> PNG data URI of the test image.
+        saliency: prediction row -> PNG data URI of its Grad-CAM overlay.
     """
 
     data: dict[str, Any]
     figures: dict[str, str] = field(default_factory=dict)
     thumbnails: dict[int, str] = field(default_factory=dict)
+    saliency: dict[int, str] = field(default_factory=dict)
 
     def html(self) -> str:
         """The page, rendered by jinja2 from :attr:`data` (autoescaped, no scripts)."""
@@ -99,7 +108,9 @@ class Report:
         env.filters["num"] = _fmt
         env.globals["cell"] = _cell
         template = env.get_template("report.html.j2")
-        return template.render(d=self.data, fig=self.figures, thumbs=self.thumbnails)
+        return template.render(
+            d=self.data, fig=self.figures, thumbs=self.thumbnails, cams=self.saliency
+        )
 
     def write(self, out_dir: str | Path) -> Path:
         """Write ``report.html`` and ``report.json`` into ``out_dir``; return the HTML path."""
@@ -135,6 +146,7 @@ def build_report(
     errors_per_class: int = 4,
     safe_id_columns: Sequence[str] = (),
     thumbnails: bool = True,
+    saliency: bool = True,
     experience: int | None = None,
     allow_partial: bool = False,
 ) -> Report:
@@ -154,6 +166,9 @@ def build_report(
             with the failure cases).
         thumbnails: load the run's data again for error thumbnails, train/val counts and data
             sources (off: test counts only, no thumbnails).
+        saliency: per site, the most confident errors with Grad-CAM maps of the restored final
+            model and the randomisation sanity check (:mod:`medcl.reports.saliency_gallery`;
+            needs ``thumbnails``).
         experience: report the model after this experience as the final one.
         allow_partial: report an unfinished run's last completed experience (otherwise an
             unfinished run is an error).
@@ -185,7 +200,6 @@ def build_report(
     _step(bar, "clinical metrics (bootstrap)")
     table = sections.with_notes(res.clinical, notes, **options)  # per experience + overall
     overall = table[table["group"] == "overall"]
-    ece = overall[overall["metric"] == "ece"].iloc[0]
     confusion = res.confusion_frame(threshold=threshold)
     k = final.n_classes
     data: dict[str, Any] = {
@@ -207,14 +221,8 @@ def build_report(
         "model": sections.model_section(res),
         "data": sections.data_section(res, scenario, notes),
         "discrimination": overall[overall["metric"] != "ece"],
-        "calibration": {
-            "ece": ece["value"],
-            "ece_ci_low": ece["ci_low"],
-            "ece_ci_high": ece["ci_high"],
-            "mce": res.calibration_error(n_bins=n_bins)["mce"],
-            "n_bins": n_bins,
-            "bins": res.calibration(n_bins=n_bins),
-        },
+        "calibration": calibration_section(res, table, notes, options=options),
+        "prediction_sets": prediction_set_section(res, notes, confidence=1 - alpha),
         "confusion": {
             "class_names": res.class_names(k),
             "counts": confusion["count"].to_numpy().reshape(k, k),
@@ -246,6 +254,12 @@ def build_report(
     data["failures"], thumbs = sections.failure_section(
         res, scenario, per_class=errors_per_class, threshold=threshold, notes=notes
     )
+    data["saliency"], site_thumbs, cams = (
+        saliency_gallery(res, scenario, threshold=threshold, notes=notes)
+        if saliency
+        else ({"shown": False, "sites": []}, {}, {})
+    )
+    thumbs |= site_thumbs
     data["summary"] = sections.summary_section(overall, data)
     data["notes"] = notes
     data["gate"] = [  # update-gate decisions (medcl.gate), oldest first
@@ -253,8 +267,9 @@ def build_report(
     ]
     _step(bar, "figures")
     figures = sections.figures(res, table, confusion, n_bins=n_bins)
+    figures |= calibration_figures(res, n_bins=n_bins)
     bar.close()
-    return Report(_plain(data), figures, thumbs)
+    return Report(_plain(data), figures, thumbs, cams)
 
 
 def _step(bar: Any, name: str) -> None:
@@ -278,7 +293,7 @@ def write_report(
         out_dir: where to write (default: ``run_dir``).
         **options: the keyword options of :func:`build_report` (``n_resamples``, ``seed``,
             ``alpha``, ``threshold``, ``n_bins``, ``errors_per_class``, ``safe_id_columns``,
-            ``thumbnails``, ``experience``, ``allow_partial``).
+            ``thumbnails``, ``saliency``, ``experience``, ``allow_partial``).
 
     Returns:
         Path of ``report.html``.

@@ -29,9 +29,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medcl.engine.posthoc import PostHoc, read_posthoc
 from medcl.errors import DataError
 from medcl.metrics.calibration import expected_calibration_error, reliability_table
 from medcl.metrics.clinical import DEFAULT_METRICS, confusion, per_group_metrics, site_heterogeneity
+from medcl.metrics.conformal import coverage_table
 from medcl.metrics.continual import (
     check_accuracy_matrix,
     forgetting_per_experience,
@@ -185,6 +187,42 @@ class RunResults(RunDirectory):
         p = p.subset(p.scorable())
         ece, mce = expected_calibration_error(p.labels, p.probs, n_bins=n_bins)
         return {"ece": ece, "mce": mce}
+
+    def posthoc(self, after: int | None = None) -> PostHoc | None:
+        """The post-hoc calibration of the model after ``after`` (default: the final one):
+        temperature and conformal thresholds; ``None`` for a run written before medcl
+        calibrated (:func:`medcl.engine.posthoc.read_posthoc`)."""
+        return read_posthoc(self.run_dir, self.final if after is None else int(after))
+
+    def coverage(
+        self, after: int | None = None, *, confidence: float = 0.95
+    ) -> pd.DataFrame | None:
+        """Empirical coverage and size of the model's conformal prediction sets on the test rows.
+
+        The stored test probabilities (uncalibrated softmax) go through the model's temperature,
+        then its APS thresholds, each row with its experience as site; only the experiences the
+        model has learned are scored (the sets were calibrated on them). The one computation
+        behind the report's coverage table and the gate's ``coverage`` criterion.
+
+        Args:
+            after: which model (default: the final one).
+            confidence: level of the Wilson (coverage) and normal (mean size) intervals.
+
+        Returns:
+            :func:`medcl.metrics.conformal.coverage_table` per experience name and
+            ``overall``, plus ``after`` and ``target`` (``1 - alpha``); ``None`` when the model
+            has no conformal calibration (a run written before it, or ``calibration.conformal``
+            off).
+        """
+        post = self.posthoc(after)
+        if post is None or post.conformal is None:
+            return None
+        p = self.predictions(after)
+        p = p.subset(p.scorable() & (p.experience <= p.after))
+        sets = post.sets(post.calibrate(p.probs), p.experience)
+        sites = [post.sites[int(e)] for e in p.experience]
+        table = coverage_table(sets, p.labels, sites, confidence=confidence)
+        return table.assign(after=p.after, target=1.0 - post.conformal.alpha)
 
     def confusion_frame(
         self, after: int | None = None, *, threshold: float | None = None

@@ -33,7 +33,7 @@ from medcl.metrics.calibration import plot_reliability
 from medcl.metrics.stability import plot_stability_curves
 from medcl.reports import plots
 from medcl.reports.compare import align_rows, compare_run_predictions
-from medcl.reports.failures import confident_errors, thumbnail_png
+from medcl.reports.failures import confident_errors, images_of_rows, thumbnail_png
 from medcl.reports.predictions import Predictions
 from medcl.reports.results import RunResults
 
@@ -251,20 +251,14 @@ def _thumbnails(
     scenario: Any, final: Predictions, rows: pd.Series, notes: list[str]
 ) -> dict[int, str]:
     """PNG data URIs of test rows; rows are in experience order, as the predictions are."""
-    images = [e.test.images for e in scenario]
-    labels = np.concatenate([e.test.labels.numpy() for e in scenario])
-    if labels.size > len(final) or not np.array_equal(labels, final.labels[: labels.size]):
+    images = images_of_rows(scenario, final, rows)
+    if images is None:
         notes.append(
             "Error thumbnails are omitted: the data loaded again does not match the "
             "run's test set (it changed since the run)."
         )
         return {}
-    offsets = np.cumsum([0, *[len(x) for x in images]])
-    out = {}
-    for r in rows[rows < labels.size]:
-        e = int(np.searchsorted(offsets, r, side="right") - 1)
-        out[int(r)] = plots.png_data_uri(thumbnail_png(images[e][r - offsets[e]]))
-    return out
+    return {r: plots.png_data_uri(thumbnail_png(image)) for r, image in images.items()}
 
 
 def summary_section(overall: pd.DataFrame, data: dict[str, Any]) -> dict[str, Any]:
@@ -275,11 +269,17 @@ def summary_section(overall: pd.DataFrame, data: dict[str, Any]) -> dict[str, An
         return {"value": r["value"], "ci_low": r["ci_low"], "ci_high": r["ci_high"]}
 
     summary = data["continual"]["summary"]
+    cal = data["calibration"]  # after temperature scaling: None without a calibration record
+    calibrated = None
+    if cal.get("temperature") is not None:
+        keys = ("ece_after", "ece_after_ci_low", "ece_after_ci_high")
+        calibrated = dict(zip(("value", "ci_low", "ci_high"), (cal[k] for k in keys), strict=True))
     return {
         "accuracy": pick("accuracy", "overall"),
         "auroc_macro": pick("auroc", "macro"),
         "balanced_accuracy": pick("balanced_accuracy", "overall"),
         "ece": pick("ece", "overall"),
+        "ece_calibrated": calibrated,
         "average_accuracy": summary.get("average_accuracy"),
         "forgetting": summary.get("forgetting"),
         "n_dropped": sum(c["n_dropped"] for c in data["changes"]),

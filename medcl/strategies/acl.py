@@ -10,16 +10,14 @@ Per experience ``t`` (``grow``): a residual conv adapter set at the stage inputs
 backbone (:mod:`medcl.models.adapters`), initialised from set ``t-1``, and a head over ``t``'s
 classes plus one "others" output. Stage 1 (the trainer's loop): set ``t`` and head ``t`` learn
 ``t``'s data + replay memory, every sample of another experience labelled "others". Merge
-(``after_experience``, DynaMMo only): all sets -> one
-(:func:`~medcl.models.merging.merge_state_dicts`; ``"mean"`` is the paper's). Stage 2: with the adapters frozen, all heads are re-tuned on a class-balanced set
-(memory + as many new samples per class as the memory holds per group); head ``j``'s targets
+(``after_experience``, DynaMMo only): all sets -> one (:mod:`medcl.models.merging`). Stage 2:
+with the adapters frozen, all heads are re-tuned on a class-balanced set; head ``j``'s targets
 are its classes for experience ``j``'s samples and "others" for the rest. Inference
 (:class:`RoutedAdapterModel`): features once with the merged set (ACL: once per set), every
 head, route to the head with the lowest "others" probability, predict within it.
 
-Ablations: ``acl`` (no merge), ``merge``, ``init_from_previous=False``, ``retune_epochs=0`` (no
-stage 2), ``use_adapters=False`` (frozen features + heads only: what the adapters add),
-``stage1_memory`` / ``others_fraction``, ``backbone_init``.
+Ablations: ``acl`` (no merge), ``merge``, ``init_from_previous``, ``retune_epochs=0`` (no stage
+2), ``use_adapters=False`` (frozen features + heads), ``stage1_memory``, ``others_fraction``.
 
 Stage-1 "others" samples (``stage1_memory="join"``, default): the replay memory is joined to the
 experience's training set and shuffled with it, as the reference code builds stage 1's data set
@@ -28,11 +26,11 @@ at c8b2d5d), so "others" make up ``|M| / (|M| + |D_t|)`` of the samples; ``other
 resamples the memory to another share, and ``"batch"`` instead adds ``memory.replay_batch_size``
 memory samples to every batch (medcl's replay convention; not the reference's).
 
-Stage 2's class-balanced set takes, per new class, the samples chosen by iCaRL herding on the
-merged-adapter features in eval mode (the reference's ``ReplayBank`` herding, whose
-``_extract_vectors`` calls ``model.eval()``), as many as the memory holds per group; the memory
-update that follows herds on the same features, read from :attr:`Strategy.feature_cache`. After each experience :meth:`ACL.diagnostics` records every adapter set's ``alpha`` (per
-stage) and its relative L2 distance from the set it was initialised from.
+Stage 2's class-balanced set: the memory plus, per new class, ``memory.size // G`` samples (``G``
+(experience, class) groups in the memory; the reference's ``memory_size // old classes``) chosen
+by iCaRL herding on the merged-adapter features in eval mode (the reference's ``ReplayBank``,
+whose ``_extract_vectors`` calls ``model.eval()``); the memory update that follows herds on the
+same features, read from :attr:`Strategy.feature_cache`.
 
 Deviations (everything else follows the paper and its reference code):
 
@@ -62,6 +60,10 @@ Deviations (everything else follows the paper and its reference code):
   when heads share classes, domain-incremental), while non-routed heads keep their rankings
   (task-aware accuracy, AUROC).
 - Adapter convolutions are padded and have no bias (see :mod:`medcl.models.adapters`).
+- ``head_lr``: the head's own stage-1 rate. SGD on a linear head is stable only below
+  ``2(1 + momentum) / lambda`` (``lambda``: top Hessian eigenvalue, ~half the features' second
+  moment along their mean): ~0.0025 for EfficientNet-Lite0's 1280 features, under the paper's
+  0.01 (set for ResNet-18's 512); see ``benchmarks/dynammo_recipe.py``.
 """
 
 from __future__ import annotations
@@ -70,9 +72,8 @@ __all__ = ["ACL", "ACLOptions", "BackboneInit"]
 
 import copy
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -83,47 +84,12 @@ from medcl.errors import ConfigError
 from medcl.models.adapters import AdapterSet, adapter_drift, forward_with_adapters
 from medcl.models.backbones import Backbone
 from medcl.models.routing import OthersHead, RoutedAdapterModel, balanced_retune_set, retune_heads
+from medcl.strategies.acl_options import ACLOptions, BackboneInit
 from medcl.strategies.base import Batch, ExperienceInfo, Strategy, register_strategy
-from medcl.strategies.options import StrategyOptions
 
 if TYPE_CHECKING:
     from medcl.data.experience import Experience
     from medcl.data.memory import ReplayMemory
-
-BackboneInit = Literal["pretrained", "first_experience", "checkpoint"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class ACLOptions(StrategyOptions):
-    """Options of :class:`ACL` (DynaMMo's extend them)."""
-
-    backbone_init: BackboneInit = "first_experience"
-    alpha_init: float = 0.02
-    init_from_previous: bool = True
-    use_adapters: bool = True
-    stage1_memory: Literal["join", "batch"] = "join"
-    others_fraction: float | None = None
-    retune_epochs: int = 30
-    retune_lr: float = 1e-2
-    retune_batch_size: int = 64
-
-    def check(self, component: str) -> None:
-        if self.retune_epochs < 0 or self.retune_lr <= 0 or self.retune_batch_size < 1:
-            raise ConfigError(
-                f"{component}: retune_epochs must be >= 0, retune_lr > 0 and "
-                f"retune_batch_size >= 1; got {self.retune_epochs}, {self.retune_lr}, "
-                f"{self.retune_batch_size}."
-            )
-        if self.others_fraction is not None and not 0 < self.others_fraction < 1:
-            raise ConfigError(
-                f"{component}: others_fraction must be in (0, 1) or null; got "
-                f"{self.others_fraction}."
-            )
-        if not self.use_adapters and self.backbone_init == "first_experience":
-            raise ConfigError(
-                f"{component}: use_adapters false needs a frozen pretrained backbone "
-                "(backbone_init: pretrained)."
-            )
 
 
 @register_strategy("acl")
@@ -146,6 +112,7 @@ class ACL(Strategy):
         retune_epochs: stage-2 epochs over the balanced set (0 switches stage 2 off).
         retune_lr: stage-2 Adam learning rate.
         retune_batch_size: stage-2 batch size.
+        head_lr: stage-1 learning rate of the head (None: ``train.lr``, as the adapters).
     """
 
     uses_memory = True
@@ -167,6 +134,7 @@ class ACL(Strategy):
         self.init_set.requires_grad_(False)
         self.adapter_sets, self.heads = nn.ModuleList(), nn.ModuleList()
         self.register_buffer("train_sizes_", torch.zeros(0))  # (T,) samples per experience
+        self._routing: dict[str, Any] | None = None  # after stage 2: routing_accuracy's record
         self._train_backbone = False
         backbone.requires_grad_(False)
 
@@ -213,6 +181,14 @@ class ACL(Strategy):
         if self._train_backbone:
             yield from self.backbone.parameters()
 
+    def optimizer_groups(self, params: list[nn.Parameter]) -> list[dict[str, Any]]:
+        """Stage 1: the head at ``head_lr`` (when set), the rest at ``train.lr``."""
+        if self.head_lr is None:
+            return super().optimizer_groups(params)
+        head = {id(p) for p in self.heads[-1].parameters()}
+        rest, own = [p for p in params if id(p) not in head], [p for p in params if id(p) in head]
+        return [{"params": rest}, {"params": own, "lr": self.head_lr}]
+
     def _stage1_set(self) -> AdapterSet | None:
         return self.adapter_sets[-1] if self.use_adapters else None
 
@@ -230,6 +206,7 @@ class ACL(Strategy):
         self.train_sizes_[-1] = len(exp.train)
         self._train_backbone = False
         self.backbone.requires_grad_(False).eval()
+        self._routing = None  # set by stage 2 only
         self.merge_adapters()
         if self.retune_epochs and len(memory) and len(self.heads) > 1:
             self._retune_heads(exp, memory)
@@ -247,7 +224,7 @@ class ACL(Strategy):
         balanced = balanced_retune_set(exp, memory, self._set_features(len(sets) - 1, exp))
         feats = [balanced.features(self._set_features(j, exp)) for j in range(len(sets))]
         self.eval()
-        retune_heads(
+        self._routing = retune_heads(
             list(self.heads),
             [info.index for info in self.seen],
             feats,
@@ -276,13 +253,17 @@ class ACL(Strategy):
         return forward_with_adapters(self.backbone, (self.deploy_sets() or [None])[-1], x)
 
     def diagnostics(self) -> dict[str, Any]:
-        """Per adapter set: ``alpha`` of each stage and the relative L2 distance of its weights
-        from the set it was initialised from (set ``t-1``, or the initial set)."""
+        """``"adapter_sets"``: per set, ``alpha`` of each stage and the relative L2 distance of
+        its weights from the set it was initialised from (set ``t-1``, or the initial set).
+        ``"routing_stage2"`` (after a stage 2): task-id accuracy of min-"others" routing on the
+        stage-2 balanced set after re-tuning (:func:`~medcl.models.routing.routing_accuracy`;
+        the heads' training data, so an optimistic figure)."""
+        routing = {} if self._routing is None else {"routing_stage2": self._routing}
         if not self.use_adapters:
-            return {}
+            return routing
         sets = list(self.adapter_sets)
         sources = [self.init_set, *(s if self.init_from_previous else self.init_set for s in sets)]
-        return {"adapter_sets": adapter_drift(sets, sources[: len(sets)])}
+        return {"adapter_sets": adapter_drift(sets, sources[: len(sets)]), **routing}
 
     def deployable_model(self) -> RoutedAdapterModel:
         if not self.heads:

@@ -208,6 +208,15 @@ class Strategy(nn.Module):
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
 
+    def optimizer_groups(self, params: list[nn.Parameter]) -> list[dict[str, Any]]:
+        """Parameter groups of the run's optimiser (``train.optimizer``): torch's
+        ``[{"params": [...], "lr": ...}]``; a group without ``lr`` learns at ``train.lr``.
+
+        Args:
+            params: :meth:`trainable_parameters` that require gradients.
+        """
+        return [{"params": params}]
+
     def configure_optimizers(
         self, cfg: TrainConfig, params: list[nn.Parameter], total: int
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None] | None:

@@ -11,7 +11,10 @@ the paper's) before stage 2, so the deployed model runs the backbone once, with 
 whatever the number of experiences. ``acl`` is the ablation without the merge.
 
 Deviations of the merge: ``merge="weighted"`` weights each set by its experience's training-set
-size; ``"ties"`` uses the adapters' initialisation as the base.
+size; ``"ties"`` uses the adapters' initialisation as the base and merges only the learnable
+parameters: the BatchNorm running statistics are averaged (weighted with ``"weighted"``), as
+``"mean"`` does and the reference does, never trimmed; ``num_batches_tracked`` is the newest
+set's (see :mod:`medcl.models.merging`).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class DynaMMo(ACL):
                 weights=self.train_sizes_.tolist() if self.merge == "weighted" else None,
                 density=self.ties_density,
                 base=self.init_set.state_dict(),  # used by "ties"
+                statistics={k for k, _ in self.init_set.named_buffers()},  # averaged, not TIES
             )
             self.merged_set.load_state_dict(merged)
 

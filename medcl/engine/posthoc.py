@@ -1,0 +1,203 @@
+"""Post-hoc calibration after every experience: a temperature and conformal prediction sets.
+
+After each experience the model is recalibrated on held-out data of every experience it has
+seen (``calibration`` in the config; the math is :mod:`medcl.metrics.conformal`):
+
+1. each seen experience's validation split is cut into two seeded parts (seed, experience): a
+   third and the rest;
+2. the **temperature** is fitted on the thirds (plus the replay memory with
+   ``calibration.memory``), by negative log-likelihood;
+3. the **conformal thresholds** are calibrated on the rest, on probabilities after that
+   temperature, one per (site, class) with the default ``mondrian: site_class``. Those rows never
+   touched the temperature, so split-conformal coverage holds, and they also give the
+   held-out NLL/ECE before and after scaling recorded beside them.
+
+The record is ``RUN_DIR/calibration/after-NNN.json`` (written before the checkpoint pointer
+moves, so a resumed run never lacks it); :func:`read_posthoc` reads it for export, predict, the
+report and the gate. The test split is never used.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PostHoc", "fit_posthoc", "read_posthoc", "write_posthoc"]
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike, NDArray
+
+from medcl.config_sections import CalibrationConfig
+from medcl.data.experience import Experience
+from medcl.engine.checkpoint import atomic_write_text, json_dumps
+from medcl.engine.evaluate import predict_proba
+from medcl.engine.layout import RunLayout
+from medcl.errors import DataError
+from medcl.metrics.calibration import expected_calibration_error
+from medcl.metrics.conformal import (
+    TEMPERATURE_BOUNDS,
+    ConformalSets,
+    apply_temperature,
+    fit_conformal,
+    fit_temperature,
+    log_loss,
+)
+
+_T_MIN, _T_MAX = TEMPERATURE_BOUNDS
+
+if TYPE_CHECKING:
+    from medcl.data.memory import ReplayMemory
+    from medcl.strategies.base import Strategy
+
+
+@dataclass(frozen=True)
+class PostHoc:
+    """A model's post-hoc calibration (one ``calibration/after-NNN.json``).
+
+    Attributes:
+        temperature: divides the class scores (1.0: none fitted).
+        conformal: the conformal thresholds, or ``None`` (switched off or nothing to calibrate on).
+        sites: experience names of the seen experiences; index ``j`` is experience ``j``.
+        record: the whole JSON record.
+    """
+
+    temperature: float
+    conformal: ConformalSets | None
+    sites: list[str]
+    record: dict[str, Any]
+
+    def calibrate(self, probs: ArrayLike) -> NDArray[np.float64]:
+        """``(N, K)`` probabilities after the temperature."""
+        return apply_temperature(probs, self.temperature)
+
+    def sets(
+        self, calibrated: ArrayLike, experience: Sequence[int] | None = None
+    ) -> NDArray[np.bool_]:
+        """``(N, K)`` prediction sets of calibrated probabilities; ``experience`` gives each
+        row's site (experience index) for per-site thresholds (``None``: site unknown)."""
+        if self.conformal is None:
+            raise DataError(
+                "this model has no conformal calibration (calibration.conformal was off, or the "
+                "run predates it); run it with calibration.conformal: true."
+            )
+        names = None if experience is None else [self.sites[int(e)] for e in experience]
+        return self.conformal.sets(calibrated, names)
+
+
+def _split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded disjoint rows: a third for the temperature (one scalar needs few), the rest for
+    the conformal thresholds (whose coverage varies as ``1 / sqrt(n)``)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    cut = max(1, n // 3)
+    return perm[:cut].sort().values, perm[cut:].sort().values
+
+
+def fit_posthoc(
+    strategy: Strategy,
+    seen: Sequence[Experience],
+    cfg: CalibrationConfig,
+    *,
+    seed: int,
+    memory: ReplayMemory | None = None,
+) -> dict[str, Any]:
+    """Fit the temperature and the conformal thresholds of the current model.
+
+    Args:
+        strategy: the model after the last of ``seen``.
+        seen: the experiences learned so far (their validation splits are used).
+        cfg: the ``calibration`` section.
+        seed: run seed; the parts of experience ``j`` are seeded by ``seed * 1000 + j``.
+        memory: the replay memory (used for the temperature when ``cfg.memory``).
+
+    Returns:
+        The JSON record (see the module docstring and :class:`PostHoc`).
+    """
+    after = seen[-1].index
+    record: dict[str, Any] = {
+        "after": after,
+        "temperature": 1.0,
+        "fitted_on": "validation+memory" if cfg.memory else "validation",
+        "sites": [e.name for e in seen],
+        "conformal": None,
+        "note": "",
+    }
+    fit_p, fit_y, cal_p, cal_y, cal_site = [], [], [], [], []
+    for exp in seen:
+        val = exp.val
+        if len(val) < 2:
+            continue
+        probs = predict_proba(strategy, val.images, desc=f"calibrate on {exp.name} (validation)")
+        a, b = _split(len(val), seed * 1000 + exp.index)
+        fit_p.append(probs[a])
+        fit_y.append(val.labels[a])
+        cal_p.append(probs[b])
+        cal_y.append(val.labels[b])
+        cal_site += [exp.name] * len(b)
+    if cfg.memory and memory is not None and len(memory):
+        rows = memory.as_sampleset()
+        fit_p.append(predict_proba(strategy, rows.images, desc="calibrate on the replay memory"))
+        fit_y.append(rows.labels)
+    if not cal_p:
+        record["note"] = "no validation split with >= 2 images: not calibrated (T = 1, no sets)"
+        return record
+    fp, fy = torch.cat(fit_p).double().numpy(), torch.cat(fit_y).numpy()
+    cp, cy = torch.cat(cal_p).double().numpy(), torch.cat(cal_y).numpy()
+    t = fit_temperature(fy, fp) if cfg.temperature else 1.0
+    calibrated = apply_temperature(cp, t)
+    record["temperature"] = t
+    if not 1.01 * _T_MIN < t < 0.99 * _T_MAX:
+        record["note"] = (
+            f"temperature {t:.3g} at the bound of the search [{_T_MIN}, {_T_MAX}]: the "
+            "probabilities carry little information on the validation data"
+        )
+    record["n_temperature"], record["n_conformal"] = len(fy), len(cy)
+    record["held_out"] = {  # on the conformal rows: data the temperature never saw
+        "nll_before": log_loss(cy, cp),
+        "nll_after": log_loss(cy, calibrated),
+        "ece_before": expected_calibration_error(cy, cp)[0],
+        "ece_after": expected_calibration_error(cy, calibrated)[0],
+    }
+    if cfg.conformal:
+        sets = fit_conformal(
+            cy, calibrated, alpha=cfg.alpha, mondrian=cfg.mondrian, score=cfg.score, sites=cal_site
+        )
+        record["conformal"] = sets.to_dict()
+    return record
+
+
+def write_posthoc(run_dir: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` to ``calibration/after-NNN.json`` (atomically)."""
+    path = RunLayout(run_dir).calibration_after(int(record["after"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json_dumps(record))
+
+
+def read_posthoc(run_dir: str | Path, after: int) -> PostHoc | None:
+    """The calibration of the model after experience ``after``; ``None`` for a run written
+    before medcl calibrated (no file).
+
+    Raises:
+        DataError: the file exists but is not a calibration record.
+    """
+    path = RunLayout(run_dir).calibration_after(after)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        conformal = record.get("conformal")
+        return PostHoc(
+            temperature=float(record["temperature"]),
+            conformal=ConformalSets.from_dict(conformal) if conformal else None,
+            sites=[str(s) for s in record["sites"]],
+            record=record,
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(
+            f"{path} is not a readable calibration record ({type(e).__name__}: {e}); restore it "
+            "from a backup, or delete it to use the model uncalibrated (T = 1, no prediction "
+            "sets)."
+        ) from None
