@@ -252,4 +252,60 @@ def test_switches_and_unreadable_record(tmp_path):
     with pytest.raises(DataError, match=r"after-001\.json is not a readable calibration record"):
         read_posthoc(run_dir, 1)
     assert read_posthoc(run_dir, 7) is None  # no record: a run from before calibration
+
+
+def test_per_experience_switch_writes_one_temperature_per_class(tmp_path):
+    """``per_experience``: the record has one temperature per class (here every group falls
+    back to the common one: a tiny validation split has fewer than 20 rows per group); off by
+    default: no per-class list."""
+    (tmp_path / "on").mkdir()
+    (tmp_path / "off").mkdir()
+    on = run(_tiny_cfg(tmp_path / "on", per_experience=True), quiet=True)
+    off = run(_tiny_cfg(tmp_path / "off"), quiet=True)
+    record = read_posthoc(on, 1)
+    assert len(record.record["temperatures"]) == 4
+    assert record.temperatures == [record.temperature] * 4
+    assert read_posthoc(off, 1).record["temperatures"] is None
+    assert read_posthoc(off, 1).temperatures == [read_posthoc(off, 1).temperature]
     assert CalibrationConfig().alpha == 0.1
+
+
+def test_per_experience_temperatures_follow_the_top_class():
+    """Rows predicted in experience 0's classes are over-confident by 2, experience 1's
+    under-confident by 2: one temperature each recovers both; each row takes its top class's,
+    in numpy and inside the exported module."""
+    from types import SimpleNamespace
+
+    from medcl.engine.posthoc import _per_experience
+    from medcl.export.module import ExportModule
+    from medcl.models.deployable import DeployableModel
+
+    rng = np.random.default_rng(8)
+    y0, p0 = _draw(rng, 3000, sharpen=2.0)
+    y1, p1 = _draw(rng, 3000, sharpen=0.5)
+    top0, top1 = p0.argmax(1) < 2, p1.argmax(1) >= 2
+    y, p = np.r_[y0[top0], y1[top1]], np.r_[p0[top0], p1[top1]]
+    seen = [SimpleNamespace(classes=(0, 1)), SimpleNamespace(classes=(2, 3))]
+    t = _per_experience(y, p, seen, fit_temperature(y, p))
+    assert t[0] == t[1] and t[2] == t[3]
+    assert 1.7 < t[0] < 2.4 and 0.4 < t[2] < 0.6
+    assert _per_experience(y, p, [SimpleNamespace(classes=(0, 1, 2, 3))], 1.5) is None
+    calibrated = apply_temperature(p, t)
+    assert (calibrated.argmax(1) == p.argmax(1)).all()
+    one = np.r_[apply_temperature(p[: top0.sum()], t[0]), apply_temperature(p[top0.sum() :], t[2])]
+    np.testing.assert_allclose(calibrated, one, atol=1e-12)
+
+    class Scores(DeployableModel):  # the first 4 inputs are the class scores
+        def forward_features(self, x):
+            return x.flatten(1)[:, :4]
+
+        def forward_head(self, features, pre_logits=False):
+            return features
+
+    module = ExportModule(Scores()).eval()
+    module.temperature = torch.tensor(t, dtype=torch.float32)
+    scores = torch.randn(64, 4) * 3
+    x = (scores * 0.5 + 0.5).reshape(64, 4, 1, 1)  # ExportModule normalises (x - 0.5) / 0.5
+    probs, _, _ = module(x)
+    want = apply_temperature(torch.softmax(scores, 1).double().numpy(), t)
+    np.testing.assert_allclose(probs.double().numpy(), want, atol=1e-5)

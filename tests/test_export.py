@@ -82,7 +82,7 @@ def runs(tmp_path_factory, data_root) -> dict[str, dict]:
         run_dir = run(cfg, quiet=True)
         scenario, strat = load_run_strategy(run_dir)
         module = ExportModule(strat.deployable_model()).eval()
-        module.temperature.fill_(read_posthoc(run_dir, 1).temperature)  # as every export has it
+        module.temperature = torch.tensor(read_posthoc(run_dir, 1).temperatures)  # as exports
         result[name] = {
             "dir": run_dir,
             "scenario": scenario,
@@ -107,7 +107,7 @@ def test_exported_models_match_pytorch_on_medmnist(runs, name):
     with torch.no_grad():
         want, route, _ = r["module"](x)
     # the wrapper is exactly the evaluated model: softmax of the strategy's scores / T
-    t = float(r["module"].temperature)
+    t = r["module"].temperature.numpy()  # (1,) or one per class
     calibrated = apply_temperature(predict_proba(r["strategy"], x).double().numpy(), t)
     assert np.abs(want.numpy() - calibrated).max() <= 1e-5
     for backend in ("torchscript", "onnx"):

@@ -217,3 +217,28 @@ def test_report_of_other_calibration_records(cal_run, cal_report, tmp_path):
     assert all(r["coverage"] == 1.0 for r in ps["table"])  # every class in every set
     assert any("too few calibration images" in n for n in report.data["notes"])
     report.html()
+
+
+def test_report_shows_per_experience_temperatures(cal_run, cal_report, tmp_path):
+    """A record with one temperature per class group: the report lists them per site and its
+    ECE after scaling is recomputed with each row's top-class temperature."""
+    _, data = cal_report
+    after = data["report"]["model_after_experience"]
+    _, probs, labels, _ = _final(cal_run, data)
+    run = _copy(cal_run, tmp_path)
+    k = probs.shape[1]
+    per_class = [0.5 if c < k // 2 else 3.0 for c in range(k)]
+
+    def per_experience(record):
+        record["temperatures"] = per_class
+
+    _rewrite_record(run, after, per_experience)
+    report = build_report(run, n_resamples=50, thumbnails=False)
+    cal = report.data["calibration"]
+    assert [t["temperature"] for t in cal["temperatures"]] == per_class
+    assert "their own temperature" in report.html()
+    scored = labels < k
+    ece, _ = expected_calibration_error(
+        labels[scored], apply_temperature(probs[scored], per_class), n_bins=15
+    )
+    assert cal["ece_after"] == pytest.approx(ece, abs=1e-9)

@@ -5,7 +5,9 @@ seen (``calibration`` in the config; the math is :mod:`medcl.metrics.conformal`)
 
 1. each seen experience's validation split is cut into two seeded parts (seed, experience): a
    third and the rest;
-2. the **temperature** is fitted on the thirds (plus the replay memory with
+2. the **temperature** is fitted on the thirds (with ``per_experience``, also one per
+   experience's classes, on the rows predicted as one of them: sites differ in how
+   over-confident the model is) (plus the replay memory with
    ``calibration.memory``), by negative log-likelihood;
 3. the **conformal thresholds** are calibrated on the rest, on probabilities after that
    temperature, one per (site, class) with the default ``mondrian: site_class``. Those rows never
@@ -48,6 +50,7 @@ from medcl.metrics.conformal import (
 )
 
 _T_MIN, _T_MAX = TEMPERATURE_BOUNDS
+_MIN_ROWS = 20  # validation rows an experience needs for a temperature of its own
 
 if TYPE_CHECKING:
     from medcl.data.memory import ReplayMemory
@@ -70,9 +73,15 @@ class PostHoc:
     sites: list[str]
     record: dict[str, Any]
 
+    @property
+    def temperatures(self) -> list[float]:
+        """Per class, the temperature of a row whose top class it is (``[T]``: one for all)."""
+        return list(self.record.get("temperatures") or [self.temperature])
+
     def calibrate(self, probs: ArrayLike) -> NDArray[np.float64]:
-        """``(N, K)`` probabilities after the temperature."""
-        return apply_temperature(probs, self.temperature)
+        """``(N, K)`` probabilities after the temperature(s)."""
+        t = self.temperatures
+        return apply_temperature(probs, t if len(t) > 1 else t[0])
 
     def sets(
         self, calibrated: ArrayLike, experience: Sequence[int] | None = None
@@ -147,8 +156,9 @@ def fit_posthoc(
     fp, fy = torch.cat(fit_p).double().numpy(), torch.cat(fit_y).numpy()
     cp, cy = torch.cat(cal_p).double().numpy(), torch.cat(cal_y).numpy()
     t = fit_temperature(fy, fp) if cfg.temperature else 1.0
-    calibrated = apply_temperature(cp, t)
-    record["temperature"] = t
+    per_class = _per_experience(fy, fp, seen, t) if cfg.temperature and cfg.per_experience else None
+    calibrated = apply_temperature(cp, per_class if per_class is not None else t)
+    record["temperature"], record["temperatures"] = t, per_class
     if not 1.01 * _T_MIN < t < 0.99 * _T_MAX:
         record["note"] = (
             f"temperature {t:.3g} at the bound of the search [{_T_MIN}, {_T_MAX}]: the "
@@ -167,6 +177,30 @@ def fit_posthoc(
         )
         record["conformal"] = sets.to_dict()
     return record
+
+
+def _per_experience(
+    y: NDArray[np.int64], probs: NDArray[np.float64], seen: Sequence[Experience], t: float
+) -> list[float] | None:
+    """One temperature per experience's classes, fitted on the rows whose top class is one of
+    them (the experience the prediction goes to: a routed model's head); ``t`` for an
+    experience with fewer than ``_MIN_ROWS`` such rows. ``None`` when one experience holds
+    every class (domain-incremental streams: one temperature)."""
+    k = probs.shape[1]
+    owner = np.full(k, -1)
+    for j, exp in enumerate(seen):
+        for c in exp.classes:
+            if c < k and owner[c] < 0:
+                owner[c] = j
+    if len(set(owner[owner >= 0].tolist())) < 2:
+        return None
+    top = owner[probs.argmax(1)]
+    per = {j: t for j in set(owner.tolist())}
+    for j in per:
+        rows = top == j
+        if j >= 0 and rows.sum() >= _MIN_ROWS:
+            per[j] = fit_temperature(y[rows], probs[rows])
+    return [float(per[o]) for o in owner]
 
 
 def write_posthoc(run_dir: Path, record: dict[str, Any]) -> None:

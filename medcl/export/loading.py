@@ -180,7 +180,7 @@ def run_metadata(
             "weights": find_backbone(strategy).preprocessing.to_dict(),
         },
         "outputs": {
-            "probabilities": "(B, K) softmax(scores / T), T = calibration.temperature",
+            "probabilities": "(B, K) softmax(scores / T), T = calibration.temperatures[top class]",
             "route": "(B,) head index, -1: none",
             "ood_score": "(B,) feature distance; > ood.threshold: out of distribution",
         },
@@ -220,6 +220,7 @@ def calibration_meta(post: PostHoc | None) -> dict[str, Any]:
     if post is None:
         return {
             "temperature": 1.0,
+            "temperatures": [1.0],
             "conformal": None,
             "sites": [],
             "fitted_on": None,
@@ -229,6 +230,7 @@ def calibration_meta(post: PostHoc | None) -> dict[str, Any]:
         }
     return {
         "temperature": post.temperature,
+        "temperatures": post.temperatures,  # per class (by the top class), or [T]
         "conformal": post.conformal.to_dict() if post.conformal is not None else None,
         "sites": list(post.sites),
         "fitted_on": post.record.get("fitted_on"),
@@ -293,7 +295,7 @@ def guarded_module(
             save_file(tensors, str(tmp), header)
     module.ood = score.eval()
     post = read_posthoc(model.run_dir, after)  # None: a run written before calibration
-    module.temperature.fill_(post.temperature if post is not None else 1.0)
+    module.temperature = torch.tensor(post.temperatures if post is not None else [1.0])
     meta["calibration"] = calibration_meta(post)
     meta["ood"] = record
     meta["acquisition"] = acquisition_facts(

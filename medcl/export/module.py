@@ -43,12 +43,17 @@ class ExportModule(nn.Module):
             )
         self.model = model
         self.ood = ood
-        #: post-hoc temperature: probabilities are ``softmax(scores / T)`` (1: uncalibrated)
-        self.register_buffer("temperature", torch.ones((), dtype=torch.float32))
+        #: post-hoc temperature ``(1,)`` or one per class ``(K,)``: probabilities are
+        #: ``softmax(scores / T[top class])`` (1: uncalibrated)
+        self.register_buffer("temperature", torch.ones(1, dtype=torch.float32))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # an export (safetensors, bundle model.pt) written before calibration has no temperature
-        state_dict.setdefault(prefix + "temperature", torch.ones((), dtype=torch.float32))
+        # an export written before calibration has no temperature (T = 1), one before the
+        # per-class temperatures a 0-d one; the buffer takes the saved shape
+        key = prefix + "temperature"
+        saved = state_dict.get(key, torch.ones(1, dtype=torch.float32)).reshape(-1)
+        state_dict[key] = saved
+        self.temperature = torch.ones_like(saved)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _features_scores(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -63,7 +68,8 @@ class ExportModule(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(B, C, H, W[, D])`` float in [0, 1] -> probabilities ``(B, K)``
-        (``softmax(scores / temperature)``), route ``(B,)``, OOD score ``(B,)``.
+        (``softmax(scores / T)``, ``T`` the temperature of each row's top class), route
+        ``(B,)``, OOD score ``(B,)``.
 
         ``route`` is the index of the head each sample was routed to (int64), ``-1`` when the
         model has no routing; the OOD score is the feature distance compared with the
@@ -72,4 +78,5 @@ class ExportModule(nn.Module):
         x = (x - INPUT_MEAN) / INPUT_STD  # medcl.data.transforms.to_model_input on [0, 1] floats
         f, scores, route = self._features_scores(x)
         score = self.ood(f) if self.ood is not None else torch.zeros_like(scores[:, 0])
-        return torch.softmax(scores.float() / self.temperature, 1), route, score.float()
+        t = self.temperature.expand(scores.shape[1])[scores.argmax(1)].unsqueeze(1)  # (B, 1)
+        return torch.softmax(scores.float() / t, 1), route, score.float()

@@ -82,14 +82,16 @@ def _log_probs(y_prob: NDArray[np.float64]) -> NDArray[np.float64]:
         return np.maximum(np.log(y_prob), _LOG_FLOOR)
 
 
-def apply_temperature(y_prob: ArrayLike, temperature: float) -> NDArray[np.float64]:
-    """``softmax(log p / T)``: probabilities ``(N, K)`` rescaled by temperature ``T > 0``."""
-    if not (
-        isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0
-    ):
-        raise ConfigError(f"temperature must be a finite number > 0; got {temperature!r}.")
+def apply_temperature(y_prob: ArrayLike, temperature: float | ArrayLike) -> NDArray[np.float64]:
+    """``softmax(log p / T)``: probabilities ``(N, K)`` rescaled by ``T > 0``, one number or
+    ``(K,)`` (each row takes its top class's: the arg-max never changes)."""
+    t = np.asarray(temperature, dtype=np.float64)
+    t = t.reshape(()) if t.size == 1 else t
+    if t.ndim > 1 or not (np.isfinite(t).all() and (t > 0).all()) or t.size == 0:
+        raise ConfigError(f"temperature must be finite numbers > 0; got {temperature!r}.")
     yp = np.asarray(y_prob, dtype=np.float64)
-    return np.exp(log_softmax(_log_probs(yp) / temperature, axis=1))
+    row_t = t[yp.argmax(1)][:, None] if t.ndim == 1 else t
+    return np.exp(log_softmax(_log_probs(yp) / row_t, axis=1))
 
 
 def log_loss(y_true: ArrayLike, y_prob: ArrayLike) -> float:

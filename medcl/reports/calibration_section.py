@@ -126,6 +126,8 @@ def calibration_section(
     record = posthoc.record
     out |= {
         "temperature": posthoc.temperature,
+        # per class (each experience's classes share one; a row takes its top class's), or []
+        "temperatures": _class_temperatures(posthoc, res),
         "reference": TEMPERATURE_REFERENCE,
         "fitted_on": record.get("fitted_on"),
         "n_temperature": record.get("n_temperature"),
@@ -161,6 +163,14 @@ def calibration_section(
         "mce_after": expected_calibration_error(p.labels, calibrated, n_bins=n_bins)[1],
     }
     return out
+
+
+def _class_temperatures(posthoc: Any, res: RunResults) -> list[dict[str, Any]]:
+    """``[{"class", "temperature"}]`` when the record has one temperature per experience's
+    classes (applied by the predicted class), else ``[]``."""
+    per_class = posthoc.record.get("temperatures") or []
+    names = res.class_names(len(per_class)) if per_class else []
+    return [{"class": n, "temperature": t} for n, t in zip(names, per_class, strict=True)]
 
 
 def prediction_set_section(
