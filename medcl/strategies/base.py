@@ -6,7 +6,7 @@ experience (nothing else; a strategy never edits the trainer):
     grow(info)                     structural, data-free: expand heads, add adapters/extractors
     before_experience(exp, memory) data-dependent set-up: snapshots, initialisation from data
     training_set(exp, past)        the samples to train on (default: the experience's train split)
-    trainable_parameters()         what the optimiser updates
+    trainable_parameters()         what the optimiser updates (optimizer_groups: at which rates)
     configure_optimizers(cfg, ...) the method's own optimiser/schedule (default: the run's)
     per epoch:  epoch_rows(epoch, n)  which rows of the training set to visit (default: all)
     per batch:  logits = forward(x);  loss = loss(logits, batch) + penalty(batch, logits)
@@ -209,12 +209,7 @@ class Strategy(nn.Module):
         return (p for p in self.parameters() if p.requires_grad)
 
     def optimizer_groups(self, params: list[nn.Parameter]) -> list[dict[str, Any]]:
-        """Parameter groups of the run's optimiser (``train.optimizer``): torch's
-        ``[{"params": [...], "lr": ...}]``; a group without ``lr`` learns at ``train.lr``.
-
-        Args:
-            params: :meth:`trainable_parameters` that require gradients.
-        """
+        """torch parameter groups of ``params`` for ``train.optimizer`` (no ``lr``: train.lr)."""
         return [{"params": params}]
 
     def configure_optimizers(
@@ -228,8 +223,7 @@ class Strategy(nn.Module):
             total: updates this experience will make (the scheduler is stepped after each).
 
         Returns:
-            ``(optimizer, scheduler or None)``, or None (default) for the run's
-            ``train.optimizer`` and ``train.scheduler``.
+            ``(optimizer, scheduler or None)``; None (default): the run's optimiser and schedule.
         """
         return None
 
