@@ -22,6 +22,7 @@ from medcl.config_sections import (  # noqa: F401  (listed in __all__ through co
     CalibrationConfig,
     DataConfig,
     EvalConfig,
+    FederationConfig,
     LoggingConfig,
     MemoryConfig,
     ModelConfig,
@@ -34,7 +35,7 @@ from medcl.errors import ConfigError
 from medcl.validation import format_validation_error
 
 # Loading, overrides and comparison (here) and the section models (config_sections, imported above).
-__all__ = ["apply_overrides", "config_changes", "load_config", "read_yaml"]
+__all__ = ["apply_overrides", "config_changes", "load_config", "read_yaml", "resolved_yaml"]
 __all__ += config_sections.__all__
 
 
@@ -229,3 +230,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
             f"{path} must be a YAML mapping at the top level; got {type(raw).__name__}."
         )
     return validate_config(apply_overrides(raw, overrides), source=str(path))
+
+
+def resolved_yaml(cfg: RunConfig) -> str:
+    """The config with every default filled in, as a run writes it to ``config.yaml``."""
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)

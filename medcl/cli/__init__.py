@@ -1,7 +1,7 @@
 """The ``medcl`` command line. Each command is a thin shell over the library API.
 
 The commands live by what they do: :mod:`~medcl.cli.catalog` (``datasets``, ``scenarios``,
-``strategies``), :mod:`~medcl.cli.training` (``run``, ``update``),
+``strategies``), :mod:`~medcl.cli.training` (``run``, ``update``), :mod:`~medcl.cli.federation` (``federate``),
 :mod:`~medcl.cli.evaluation` (``report``, ``gate``, ``card``) and
 :mod:`~medcl.cli.deployment` (``export``, ``predict``); this module puts them on one Typer app
 and holds :func:`main`. Heavy libraries (torch, rich) are imported inside the commands, so
@@ -22,7 +22,7 @@ from typing import Annotated
 
 import typer
 
-from medcl.cli import catalog, deployment, evaluation, training
+from medcl.cli import catalog, deployment, evaluation, federation, training
 from medcl.cli.deployment import Backend, Device, ExportFormat
 from medcl.errors import MedclError
 
@@ -39,6 +39,7 @@ app.add_typer(strategies_app, name="strategies")
 # the order here is the order of `medcl --help` and of docs/reference/cli.md
 app.command("run")(training.run_cmd)
 app.command("update")(training.update_cmd)
+app.command("federate")(federation.federate_cmd)
 app.command("report")(evaluation.report_cmd)
 app.command("export")(deployment.export_cmd)
 app.command("predict")(deployment.predict_cmd)
@@ -73,7 +74,9 @@ def _main(
 def _usage_error_types() -> tuple[type[Exception], ...]:
     """Usage-error classes: typer >= 0.2x bundles its own click (``typer._click``), whose
     exceptions derive from ``typer.TyperException`` and not from an installed ``click``."""
-    types: list[type[Exception]] = [typer.TyperException]
+    types: list[type[Exception]] = []
+    if hasattr(typer, "TyperException"):  # typer < 0.2x (e.g. beside Flower) uses click's
+        types.append(typer.TyperException)
     try:
         import click
 

@@ -74,6 +74,10 @@ def predict_proba(
         out.append(torch.softmax(scores.float(), 1).cpu())
         bar.update(len(x))
     bar.close()
+    if not out:  # no rows (a federated site without this cohort): (0, K) from one blank input
+        with torch.no_grad():
+            blank = torch.zeros((1, *images.shape[1:]), device=device)
+            out = [torch.softmax(model(to_model_input(blank)).float(), 1).cpu()[:0]]
     model.train(was_training)
     return torch.cat(out)
 

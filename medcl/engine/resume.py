@@ -15,6 +15,7 @@ from pathlib import Path
 from medcl.config import RunConfig, load_config
 from medcl.data.experience import Scenario
 from medcl.data.memory import ReplayMemory
+from medcl.data.partition import read_site_part
 from medcl.engine.checkpoint import load_checkpoint
 from medcl.engine.cohort import extend_scenario
 from medcl.engine.components import build_components
@@ -99,6 +100,8 @@ def restore_run(
     k = select_experience(run_dir, experience, allow_partial=allow_partial, command=command)
     cfg = load_config(RunLayout(run_dir).config)
     scenario, strategy, memory = build_components(cfg)
+    scenario = read_site_part(run_dir, scenario)  # a federated site's directory: its rows only
+    memory.attach(scenario.experiences)
     state = restore_checkpoint(run_dir, strategy, memory, experience=k)
     for extra in state.extra_experiences:
         scenario = extend_scenario(

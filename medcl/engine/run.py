@@ -12,7 +12,7 @@ cohort to a finished run is :mod:`medcl.engine.update`.
 
 from __future__ import annotations
 
-__all__ = ["check_run", "curve_monitor", "learn_experience", "run"]
+__all__ = ["check_run", "curve_monitor", "finish_experience", "learn_experience", "run"]
 
 import contextlib
 import json
@@ -22,9 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
-from medcl.config import RunConfig, config_changes, read_yaml
+from medcl.config import RunConfig, resolved_yaml
 from medcl.data.experience import Experience, Scenario
 from medcl.data.memory import ReplayMemory
 from medcl.engine.artifacts import (
@@ -39,21 +38,20 @@ from medcl.engine.components import build_components
 from medcl.engine.distributed import (
     SINGLE,
     DistContext,
-    check_strategy,
     env_local_world_size,
     session,
 )
 from medcl.engine.evaluate import CurveMonitor, ExperienceEval, evaluate
 from medcl.engine.layout import RunLayout, checkpoint_name
-from medcl.engine.loggers import ExperimentLogger, check_logging, create_logger
+from medcl.engine.loggers import ExperimentLogger, create_logger
 from medcl.engine.posthoc import fit_posthoc, write_posthoc
 from medcl.engine.resume import restore_checkpoint
-from medcl.engine.rundir import RunLock, check_output_dir, run_progress
+from medcl.engine.run_checks import check_run
+from medcl.engine.rundir import RunLock, check_output_dir
 from medcl.engine.state import RunState
 from medcl.engine.threads import first_environment, log_threads, resolve_threads, use_threads
 from medcl.engine.timing import PhaseTimer
 from medcl.engine.trainer import FitStats, fit_experience
-from medcl.errors import ConfigError
 from medcl.progress import progress_bar, show_progress
 from medcl.strategies.base import Strategy
 
@@ -105,52 +103,7 @@ def run(
 
 def _resolved(cfg: RunConfig) -> str:
     """The config as written to ``config.yaml`` (and compared on ``--resume``)."""
-    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
-
-
-def check_run(
-    cfg: RunConfig, *, resume: bool, resume_from: int | None = None, world_size: int = 1
-) -> None:
-    """Every refusal :func:`run` can make before training, without writing anything.
-
-    ``medcl run --nproc N`` calls it before it starts the processes, so that a mistake is one
-    message rather than N failing processes.
-
-    Raises:
-        ConfigError: ``output_dir`` is not a writable folder, the strategy cannot train with
-            ``world_size`` processes, a configured logger cannot start (MLflow not installed),
-            the run exists (without ``resume``), the checkpoint
-            ``resume_from`` does not exist, or the config differs from the run's.
-    """
-    run_dir = Path(cfg.output_dir) / cfg.run_name
-    files = RunLayout(run_dir)
-    resume = resume or resume_from is not None
-    check_output_dir(cfg.output_dir)
-    check_strategy(cfg.strategy.name, world_size)
-    check_logging(cfg.logging)
-    if resume_from is not None and not files.checkpoint(resume_from).is_dir():
-        have = list(run_progress(run_dir).checkpoints) if files.scenario.is_file() else []
-        raise ConfigError(
-            f"--resume-from {resume_from}: {run_dir} has no checkpoint for experience "
-            f"{resume_from} (checkpoints: {have or 'none'}); choose one of them or use --resume."
-        )
-    if run_dir.exists() and files.config.exists():
-        if not resume:
-            raise ConfigError(
-                f"run directory {run_dir} already exists; pass --resume to continue it, "
-                "or choose another `name` (--set name=...) to start a new run."
-            )
-        # a run by an earlier medcl lacks keys added since: their defaults change nothing
-        saved = files.config
-        changes = config_changes(read_yaml(saved, what="run config"), cfg)
-        if changes:
-            more = f" (and {len(changes) - 10} more)" if len(changes) > 10 else ""
-            raise ConfigError(
-                f"--resume: the config differs from the one {run_dir} was started with "
-                f"({saved}): {'; '.join(changes[:10])}{more}. Resume with the original config "
-                f"(`medcl run {saved} --resume`), or start a new run with this one under "
-                "another name (--set name=NEW_NAME)."
-            )
+    return resolved_yaml(cfg)
 
 
 def _locked_run(
@@ -287,9 +240,31 @@ def learn_experience(
     )
     state.global_update += stats.updates
     state.completed = exp.index
-    if not job.is_main:  # only the progress the loop needs
-        return
-    # 2. evaluate every experience (rank 0 from here on)
+    if job.is_main:  # only the progress the loop needs on the other ranks
+        finish_experience(
+            run_dir, cfg, scenario, strategy, memory, state, monitor, exp, stats, timer,
+            curves_before=curves_before, quiet=quiet, logger=logger,
+        )  # fmt: skip
+
+
+def finish_experience(
+    run_dir: Path,
+    cfg: RunConfig,
+    scenario: Scenario,
+    strategy: Strategy,
+    memory: ReplayMemory,
+    state: RunState,
+    monitor: CurveMonitor,
+    exp: Experience,
+    stats: FitStats,
+    timer: PhaseTimer,
+    *,
+    curves_before: int,
+    quiet: bool,
+    logger: ExperimentLogger | None = None,
+) -> None:
+    """Steps 2-7 of :func:`learn_experience` once ``exp`` is learned (a federated site's too)."""
+    # 2. evaluate every experience
     with timer("eval"):
         evals = _evaluate(strategy, scenario, state, monitor, exp, stats)
     # back to the deployed layout after train.channels_last: what latency and export measure

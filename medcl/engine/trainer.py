@@ -7,12 +7,21 @@ uses the memory, and the strategy's hooks are called by name (see ``medcl.strate
 
 from __future__ import annotations
 
-__all__ = ["FitStats", "LossStep", "fit_experience", "make_optimizer", "seed_everything"]
+__all__ = [
+    "FitStats",
+    "LossStep",
+    "begin_experience",
+    "end_experience",
+    "fit_experience",
+    "make_optimizer",
+    "seed_everything",
+    "train_updates",
+]
 
 import math
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,15 +147,55 @@ def fit_experience(
             consolidation and memory selection made, e.g. for herding).
     """
     timer = timer if timer is not None else PhaseTimer()
-    cache = strategy.feature_cache
-    cache.clear()  # a new experience: nothing computed before it is reused (see FeatureCache)
-    seed_everything(seed)
-    g = torch.Generator().manual_seed(seed)
-    augment = build_batch_augment(exp.train.spatial_dims, cfg.augment, seed=seed)
+    begin_experience(strategy, exp, num_seen_classes=num_seen_classes, memory=memory, seed=seed)
+    stats = train_updates(
+        strategy, exp, past=past, memory=memory, cfg=cfg, replay_batch_size=replay_batch_size,
+        monitor=monitor, global_update=global_update, seed=seed, quiet=quiet, dist=dist,
+        logger=logger, timer=timer,
+    )  # fmt: skip
+    end_experience(strategy, exp, memory=memory, timer=timer, dist=dist)
+    return stats
 
-    # 1. structure and data-dependent set-up
+
+def begin_experience(
+    strategy: Strategy, exp: Experience, *, num_seen_classes: int, memory: ReplayMemory, seed: int
+) -> None:
+    """Step 1 of :func:`fit_experience`: seed, then the strategy's structure and set-up for ``exp``.
+
+    Federated sites (:mod:`medcl.federated`) call the three steps apart: this one in the first
+    round of an experience, :func:`train_updates` every round, :func:`end_experience` once.
+    """
+    strategy.feature_cache.clear()  # a new experience: nothing computed before is reused
+    seed_everything(seed)
     strategy.grow(experience_info(exp, num_seen_classes))
     strategy.before_experience(exp, memory)
+
+
+def train_updates(
+    strategy: Strategy,
+    exp: Experience,
+    *,
+    past: Sequence[Experience],
+    memory: ReplayMemory,
+    cfg: TrainConfig,
+    replay_batch_size: int | None = None,
+    monitor: CurveMonitor | None = None,
+    global_update: int = 0,
+    seed: int = 0,
+    quiet: bool = False,
+    dist: DistContext = SINGLE,
+    logger: ExperimentLogger | None = None,
+    timer: PhaseTimer | None = None,
+    penalty: Callable[[], Tensor] | None = None,
+) -> FitStats:
+    """Step 2 of :func:`fit_experience`: ``cfg.epochs`` epochs (at most ``cfg.max_updates``).
+
+    ``penalty`` is added to every update's loss (FedProx's proximal term); the other arguments
+    are :func:`fit_experience`'s.
+    """
+    timer = timer if timer is not None else PhaseTimer()
+    g = torch.Generator().manual_seed(seed)
+    augment = build_batch_augment(exp.train.spatial_dims, cfg.augment, seed=seed)
     data = strategy.training_set(exp, past)
     replay = strategy.uses_memory and len(memory) > 0
     exp_ids = (
@@ -230,6 +279,8 @@ def fit_experience(
             # bf16 only on CUDA devices that support it: CPUs here have no fast bf16 (40x slower)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 _logits, loss = train_step(batch)  # (B, num_seen_classes), (); DDP in a job
+                if penalty is not None:
+                    loss = loss + penalty()
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss became {loss.item()} at update {step} of experience {exp.index}; lower "
@@ -261,6 +312,20 @@ def fit_experience(
     bar.close()
     seconds = time.perf_counter() - start - (timer.seconds.get("curves", 0.0) - curve_seconds)
     timer.add("train", seconds)
+    return FitStats(step, seen, seconds, *losses)
+
+
+def end_experience(
+    strategy: Strategy,
+    exp: Experience,
+    *,
+    memory: ReplayMemory,
+    timer: PhaseTimer | None = None,
+    dist: DistContext = SINGLE,
+) -> None:
+    """Step 3 of :func:`fit_experience`: the strategy's consolidation, then the memory update."""
+    timer = timer if timer is not None else PhaseTimer()
+    cache = strategy.feature_cache
 
     # 4. consolidation, then the memory (herding uses the consolidated features); under DDP
     # every rank runs both from rank 0's state (BatchNorm statistics are per rank until here)
@@ -291,4 +356,3 @@ def fit_experience(
     timer.add("memory", passes - cache.seconds)
     dist.sync(strategy, memory)  # every rank continues from exactly rank 0's model and memory
     cache.clear()
-    return FitStats(step, seen, seconds, *losses)

@@ -144,6 +144,14 @@ class FeatureCache:
             ``(n, ...)`` float32 outputs on the CPU, in the order of ``rows``.
         """
         rows = torch.arange(len(images)) if rows is None else torch.as_tensor(rows).long()
+        if not len(images):  # no rows at all (a federated site without this cohort): (0, ...)
+            was_training, device = model.training, next(model.parameters()).device
+            model.eval()  # BatchNorm statistics must not see the blank input
+            with torch.no_grad():
+                blank = torch.zeros((1, *images.shape[1:]), device=device)
+                out = fn(to_model_input(blank)).float().cpu()[:0]
+            model.train(was_training)
+            return out
         tree = _tensors(model, recurse=True)
         key = (name, bf16, id(images))
         entry = self._entries.get(key)

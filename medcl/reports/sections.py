@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from sklearn.exceptions import UndefinedMetricWarning
 
+from medcl.errors import DataError
 from medcl.metrics.calibration import plot_reliability
 from medcl.metrics.stability import plot_stability_curves
 from medcl.reports import plots
@@ -210,7 +211,11 @@ def change_section(
         )
         return None
     # paired: both models scored on the same resampled rows (medcl.reports.compare)
-    _, mask_after = align_rows(before, after)
+    try:
+        _, mask_after = align_rows(before, after)
+    except DataError as e:  # e.g. a federated site without test rows of the earlier classes
+        notes.append(f"No comparison with the {label}: {e}")
+        return None
     table = compare_run_predictions(res, before, after, **options)
     return {
         "label": label,

@@ -1,0 +1,317 @@
+"""Federated vs centralised continual learning, bytes per round, and a killed site (issue 27).
+
+Streams (``configs/federated-pneumonia-sites-replay.yaml``: EfficientNet-Lite0, ImageNet
+weights, 64 px, replay, a 200-image memory per hospital):
+
+- **pneumonia-sites as four hospitals, one acquisition site each** (``partition: experience``:
+  hospital i holds site i's cohort and joins with it; the others rehearse their own memory);
+- **pneumonia-sites as three hospitals, every site shared** (``partition: split``: each
+  acquisition site's cohort arrives at all three hospitals, a class-stratified third each);
+- **medmnist-cross3 as three hospitals, one dataset each** (pneumonia, breast, retina).
+
+Arms, seeds 0, 1, 2 (no hyper-parameter is chosen here: both arms use the config's, lr 0.01, not
+tuned, the same for both):
+
+- **centralised**: ``medcl run`` of the same config without ``federation``, ``train.epochs =
+  rounds x local epochs`` (2), all images in one place, one 200-image memory;
+- **federated**: ``federation.rounds = 2`` rounds of FedAvg per experience, one local epoch each,
+  on Flower's simulation engine (Ray; a deployment run costs a process per message, measured in
+  the kill check below); each hospital keeps its own memory and rehearses it when it has no new
+  cohort. Updates are counted and reported for both arms (summed over hospitals).
+
+Reported: the final global model's accuracy on each experience's test rows (pooled over the
+hospitals that hold them) and its mean, paired federated - centralised differences over the seeds with a 95 % t interval, updates,
+wall time. **Bytes per round**: full-model FedAvg (replay above) against adapter-only DynaMMo
+(``configs/pneumonia-sites-dynammo.yaml`` as four hospitals, seed 0: bytes do not depend on the
+seed), both per training round and per site message. **Killed site**: a deployment run (SuperLink
++ three SuperNodes as processes, tiny synthetic model) whose SuperNode ``site-1`` is killed
+(SIGKILL) in its first round and restarted at once (a new node id); the round completes without
+it, the run must complete and every site's accuracy row of the final experience be present.
+
+    MEDCL_DATA_ROOT=../shared/data/medmnist python benchmarks/federated.py [--quiet]
+
+Writes benchmarks/results/federated.{json,md}. Runs live in ``--work-dir`` (default
+``runs/bench-federated``); finished runs are read back, so an interrupted benchmark continues.
+Run alone (2-core CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, data_root, markdown_table, write_results
+
+from medcl.config import resolved_yaml, validate_config
+from medcl.engine.run import run
+from medcl.federated.launch import federate, site_nodes
+
+CONFIG = REPO / "configs/federated-pneumonia-sites-replay.yaml"
+STREAMS = {
+    "pneumonia-sites (4 hospitals, one site each)": {},
+    "pneumonia-sites (3 hospitals, every site shared)": {
+        "federation": {"sites": ["hospital-a", "hospital-b", "hospital-c"], "partition": "split"},
+        "name": "pneumonia-sites-split",  # its own federated runs; the central ones are shared
+    },
+    "medmnist-cross3 (3 hospitals, one dataset each)": {
+        "scenario": {"name": "medmnist-cross3", "image_size": 64},
+        "federation": {"sites": ["hospital-a", "hospital-b", "hospital-c"]},
+    },
+}
+SEEDS = (0, 1, 2)
+GAP_GOAL, BYTES_GOAL = 2.0, 10.0
+
+
+def _merge(raw: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(raw))
+    for k, v in extra.items():
+        out[k] = out.get(k, {}) | v if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _raw(extra: dict[str, Any], seed: int, root: Path, out: Path) -> dict[str, Any]:
+    raw = _merge(yaml.safe_load(CONFIG.read_text()), extra)
+    raw |= {"seed": seed, "output_dir": str(out)}
+    raw["data"] = {"root": str(root)}
+    return raw
+
+
+def _central(extra, seed, root, work, quiet) -> dict[str, Any]:
+    raw = _raw(extra, seed, root, work / "central")
+    raw.pop("name", None)  # one central run per scenario and seed, whatever the partition
+    fed = raw.pop("federation")
+    raw["train"] = raw["train"] | {"epochs": fed["rounds"] * raw["train"]["epochs"]}
+    raw["train"]["num_threads"] = "auto"
+    cfg = validate_config(raw)
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    start = time.perf_counter()
+    if not (run_dir / "metrics.json").is_file() or _unfinished(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run(cfg, quiet=quiet)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {
+        "final": metrics["accuracy_matrix"][-1],
+        "updates": sum(f["updates"] for f in metrics["fit"]),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _unfinished(run_dir: Path) -> bool:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return len(metrics["accuracy_matrix"]) < len(metrics["experiences"])
+
+
+def _federated(extra, seed, root, work, quiet, engine="simulation") -> dict[str, Any]:
+    raw = _raw(extra, seed, root, work / "federated")
+    if "name" in raw:
+        raw["name"] = f"{raw['name']}-s{seed}"
+    raw["federation"] = raw["federation"] | {"engine": engine}
+    cfg = validate_config(raw)
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    record_file = run_dir / "federation.json"
+    start = time.perf_counter()
+    done = record_file.is_file() and len(
+        json.loads(record_file.read_text())["accuracy_matrix"]
+    ) == (len(json.loads(record_file.read_text())["experiences"]))
+    if not done:
+        federate(cfg, resume=run_dir.is_dir(), quiet=quiet)
+    record = json.loads(record_file.read_text())
+    updates = 0
+    for node in site_nodes(cfg):
+        metrics = Path(node.node_config["site-dir"]) / "metrics.json"
+        updates += sum(f["updates"] for f in json.loads(metrics.read_text())["fit"])
+    train = [r for r in record["rounds"] if r["kind"] == "train"]
+    return {
+        "final": record["accuracy_matrix"][-1],
+        "site_accuracy": record["site_accuracy"],
+        "updates": updates,
+        "seconds": time.perf_counter() - start,
+        "bytes_per_round": float(np.mean([r["bytes_down"] + r["bytes_up"] for r in train])),
+        "bytes_per_site_message": float(
+            np.mean([(r["bytes_down"] + r["bytes_up"]) / max(len(r["sites"]), 1) for r in train])
+        ),
+    }
+
+
+def _paired(a: list[float], b: list[float]) -> dict[str, float]:
+    d = np.asarray(a) - np.asarray(b)
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return {"mean": float(d.mean()), "sd": float(d.std(ddof=1)), "ci95": [float(d.mean() - half), float(d.mean() + half)]}  # fmt: skip
+
+
+def _kill_check(work: Path, quiet: bool) -> dict[str, Any]:
+    """A deployment run whose SuperNode site-1 is killed in experience 0 and restarted later."""
+    from medcl.federated.flower_runtime import LocalFederation
+    from medcl.federated.launch import CLIENT_APP, SERVER_APP
+
+    raw = {
+        "seed": 0, "output_dir": str(work / "kill"),
+        "scenario": {"name": "synthetic-ci", "num_classes": 4, "classes_per_experience": 2,
+                     "n_train": 32, "n_test": 16, "image_size": 16},
+        "strategy": {"name": "replay"}, "model": {"backbone": "test_resnet", "small_input": True},
+        "train": {"epochs": 1, "batch_size": 32, "augment": "none", "num_threads": 1},
+        "memory": {"size": 8}, "logging": {"tensorboard": False},
+        "federation": {"sites": 3, "rounds": 3, "round_timeout": 90, "retries": 0},
+    }  # fmt: skip
+    shutil.rmtree(work / "kill", ignore_errors=True)
+    cfg = validate_config(raw)
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    resolved = resolved_yaml(cfg)
+    run_config = {"medcl-config": resolved, "run-dir": str(run_dir.resolve())}
+    run_dir.mkdir(parents=True)
+    events: list[str] = []
+    start = time.perf_counter()
+    with LocalFederation(sites=site_nodes(cfg), workdir=run_dir / "federated" / "flower") as fl:
+        fl.submit(SERVER_APP, CLIENT_APP, run_config)
+        work1 = run_dir / "sites" / "site-1" / "federated" / "work" / "work.json"
+
+        def chaos() -> None:
+            while fl.running and not work1.is_file():  # site-1 received its first round
+                time.sleep(0.2)
+            fl.kill_site("site-1")  # that round waits round_timeout for it in vain
+            events.append(f"killed site-1 at {time.perf_counter() - start:.1f} s")
+            fl.start_site("site-1")  # back under a new node id, it rejoins the next round
+            events.append(f"restarted site-1 at {time.perf_counter() - start:.1f} s")
+
+        thread = threading.Thread(target=chaos, daemon=True)
+        thread.start()
+        result = fl.wait()
+        thread.join(timeout=5)
+    record = json.loads((run_dir / "federation.json").read_text())
+    last = str(len(record["experiences"]) - 1)
+    rows = {n: record["site_accuracy"].get(n, {}).get(last) for n in record["sites"]}
+    failed = [r for r in record["rounds"] if r["failed"]]
+    return {
+        "status": result.status,
+        "events": events,
+        "rounds_with_failures": [
+            {k: r[k] for k in ("experience", "kind", "round", "failed")} for r in failed
+        ],
+        "final_rows": rows,
+        "seconds": time.perf_counter() - start,
+        "survived": result.status == "finished:completed"
+        and bool(failed)
+        and all(v is not None and len(v) == len(record["experiences"]) for v in rows.values()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", default=None)
+    parser.add_argument("--work-dir", default=str(REPO / "runs" / "bench-federated"))
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    root, work = data_root(args.root), Path(args.work_dir)
+    begin = time.perf_counter()
+    streams: dict[str, Any] = {}
+    for name, extra in STREAMS.items():
+        arms = {"central": [], "federated": []}
+        for seed in SEEDS:
+            if not args.quiet:
+                print(f"{name}, seed {seed}: centralised, then federated", flush=True)
+            arms["central"].append(_central(extra, seed, root, work, args.quiet))
+            arms["federated"].append(_federated(extra, seed, root, work, args.quiet))
+        mean = {a: [float(np.nanmean(r["final"])) for r in runs] for a, runs in arms.items()}
+        streams[name] = {
+            "runs": arms,
+            "final_mean": {
+                a: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1))}
+                for a, v in mean.items()
+            },
+            "per_site": {
+                a: np.mean([r["final"] for r in runs], axis=0).tolist() for a, runs in arms.items()
+            },
+            "difference": _paired(mean["federated"], mean["central"]),
+        }
+    pneumonia, shared = list(STREAMS)[:2]
+    dyn = _federated(
+        {"scenario": {"name": "pneumonia-sites", "image_size": 64}, "strategy": yaml.safe_load(
+            (REPO / "configs/pneumonia-sites-dynammo.yaml").read_text())["strategy"],
+         "train": {"lr": 0.05}},
+        0, root, work / "dynammo", args.quiet,
+    )  # fmt: skip
+    full = streams[pneumonia]["runs"]["federated"][0]
+    ratio = full["bytes_per_site_message"] / dyn["bytes_per_site_message"]
+    kill = _kill_check(work, args.quiet)
+    gaps = {k: streams[k]["difference"]["mean"] * 100 for k in (pneumonia, shared)}
+    targets = [
+        {
+            "name": f"federated - centralised final accuracy, {k} (points, mean over 3 seeds)",
+            "value": round(g, 2),
+            "goal": f"|value| <= {GAP_GOAL}",
+            "met": abs(g) <= GAP_GOAL,
+        }
+        for k, g in gaps.items()
+    ]
+    targets.append(
+        {
+            "name": "full-model FedAvg / adapter-only DynaMMo bytes per site message",
+            "value": round(ratio, 1),
+            "goal": f">= {BYTES_GOAL}",
+            "met": ratio >= BYTES_GOAL,
+        }
+    )
+    targets.append(
+        {
+            "name": "a SuperNode killed mid-run: run completes, final accuracy rows of every site",
+            "value": kill["survived"],
+            "goal": True,
+            "met": kill["survived"],
+        }
+    )
+    payload = {
+        "streams": streams,
+        "bytes": {"replay_full_model": full, "dynammo_adapters": dyn, "ratio": ratio},
+        "kill": kill,
+        "seeds": list(SEEDS),
+        "budget": "per experience: central 2 epochs; federated 2 rounds x 1 local epoch",
+        "wall_seconds": time.perf_counter() - begin,
+        "targets": targets,
+    }
+    lines = ["# Federated continual learning (issue 27)", ""]
+    lines.append("Final accuracy of the final global model on each hospital's test rows, mean "
+                 "over seeds 0-2; difference = federated - centralised, paired by seed (95 % t CI).")  # fmt: skip
+    rows = []
+    for name, s in streams.items():
+        for arm in ("central", "federated"):
+            fm = s["final_mean"][arm]
+            runs = s["runs"][arm]
+            rows.append({
+                "stream": name, "arm": arm,
+                "mean accuracy": f"{fm['mean']:.3f} ± {fm['sd']:.3f}",
+                "per site": ", ".join(f"{a:.3f}" for a in s["per_site"][arm]),
+                "updates": int(np.mean([r["updates"] for r in runs])),
+                "wall s": round(float(np.mean([r["seconds"] for r in runs])), 1),
+            })  # fmt: skip
+        d = s["difference"]
+        rows.append({"stream": name, "arm": "difference",
+                     "mean accuracy": f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"})  # fmt: skip
+    lines += ["", markdown_table(rows, ["stream", "arm", "mean accuracy", "per site", "updates", "wall s"])]  # fmt: skip
+    lines += ["", "## Bytes per training round (pneumonia-sites, 4 hospitals, seed 0)", ""]
+    lines.append(markdown_table([
+        {"model": "replay, full model (FedAvg)", "per round": full["bytes_per_round"],
+         "per site message": full["bytes_per_site_message"]},
+        {"model": "DynaMMo, adapter set + head", "per round": dyn["bytes_per_round"],
+         "per site message": dyn["bytes_per_site_message"]},
+    ], ["model", "per round", "per site message"]))  # fmt: skip
+    lines += ["", "## A SuperNode killed mid-run (deployment engine)", "",
+              f"status {kill['status']}; {'; '.join(kill['events'])}; rounds with a failed site: "
+              f"{len(kill['rounds_with_failures'])}; {kill['seconds']:.0f} s."]  # fmt: skip
+    lines += ["", "## Targets", "", markdown_table(targets, ["name", "value", "goal", "met"])]
+    lines += ["", f"Wall time {payload['wall_seconds'] / 60:.1f} min on this machine, alone."]
+    write_results("federated", payload, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Federated continual learning across hospitals, on Flower."""
