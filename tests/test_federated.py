@@ -101,13 +101,17 @@ def test_split_partition_is_disjoint_stratified_and_complete():
         assert max(counts) - min(counts) <= 1 and sum(counts) == n
 
 
-def test_experience_partition_gives_each_site_its_own_cohorts(tmp_path):
-    cfg = _cfg(tmp_path, {"name": "replay"}, partition="experience")
+@pytest.mark.parametrize("strategy", [{"name": "replay"}, DYNAMMO], ids=["replay", "dynammo"])
+def test_experience_partition_gives_each_site_its_own_cohorts(tmp_path, strategy):
+    """Each site holds whole cohorts; a site without the current one sits training out and
+    still consolidates (DynaMMo: merge + stage 2 on its memory) and evaluates."""
+    cfg = _cfg(tmp_path, strategy, partition="experience", retries=0)
     a, b = Site(cfg, "site-0", tmp_path / "a"), Site(cfg, "site-1", tmp_path / "b")
     assert len(a.scenario[0].train) > 0 and len(a.scenario[1].train) == 0
     assert len(b.scenario[0].train) == 0 and len(b.scenario[1].train) > 0
     fed, _ = _serve(cfg, tmp_path)
     record = json.loads((fed / "federation.json").read_text())
+    assert all(r["sites"] == ["site-0", "site-1"] and not r["errors"] for r in record["rounds"])
     # site-0 has no test rows of experience 1: its matrix says so (null), the pooled one does not
     assert record["site_accuracy"]["site-0"]["1"][1] is None
     assert all(v is not None for v in record["accuracy_matrix"][-1])

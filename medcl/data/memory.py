@@ -110,6 +110,8 @@ class ReplayMemory:
             {(int(e), int(y)) for e, y in zip(self.exp_, self.label_, strict=True)}
             | {(exp.index, c) for c in new_classes}
         )
+        if not groups:  # nothing held and nothing new (a federated site without this cohort)
+            return
         budget = self.size // len(groups)
         extra = self.size - budget * len(groups)  # spread the remainder over the first groups
         keep_e, keep_i, keep_y = [], [], []
