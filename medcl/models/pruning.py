@@ -25,6 +25,7 @@ __all__ = [
     "ChannelGroup",
     "WeightMasks",
     "channel_groups",
+    "one_shot_prune",
     "prunable_layers",
     "slim_copy",
 ]
@@ -276,6 +277,40 @@ def _top_fraction(score: Tensor, kept: Tensor, fraction: float) -> Tensor:
     out = torch.zeros_like(kept.flatten())
     out[torch.topk(s, k).indices] = True
     return out.view_as(kept)
+
+
+@torch.no_grad()
+def one_shot_prune(
+    model: nn.Module, stages: Sequence[str], sparsity: float, *,
+    scores: Mapping[str, Tensor] | None = None, structure: Structure = "unstructured",
+) -> tuple[nn.Module, WeightMasks]:  # fmt: skip
+    """A copy of ``model`` pruned once to ``sparsity``, with no training ("no re-training").
+
+    Args:
+        model: the network (dense, or trained sparse); left unchanged.
+        stages: paths of its feature stages (the pruning scope, as :class:`WeightMasks`).
+        sparsity: fraction of each masked layer's weights (channels) to prune, in [0, 1).
+        scores: per layer path (``WeightMasks.layers``), the weight's shape, higher = keep;
+            default ``|w|`` (magnitude). Another run's final mask applies as ``kept.float()``.
+        structure: ``"unstructured"`` or ``"channel"``.
+
+    Returns:
+        ``(copy, its masks)``: pruned weights zero, all else the original's; no gradient hooks.
+
+    Raises:
+        ConfigError: ``sparsity`` outside [0, 1), or ``scores`` missing a masked layer.
+    """
+    if not 0 <= sparsity < 1:
+        raise ConfigError(f"one_shot_prune: sparsity must be in [0, 1); got {sparsity}.")
+    pruned = copy.deepcopy(model)
+    masks = WeightMasks(pruned, stages, structure=structure)
+    need = [g.producer for g in masks.groups] if structure == "channel" else masks.layers
+    scores = scores if scores is not None else {p: masks._weight(p).abs() for p in need}
+    if missing := [p for p in need if p not in scores]:
+        raise ConfigError(f"one_shot_prune: scores has no entry for layers {missing}; give one "
+                          "per masked layer path, or scores=None for magnitude.")  # fmt: skip
+    masks.prune_(scores, sparsity)
+    return pruned, masks
 
 
 @torch.no_grad()

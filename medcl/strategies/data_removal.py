@@ -8,6 +8,7 @@ Shared by SparCL's DDR and EsaCL's redundant-example elimination (one mechanism,
 - ``"sharpness"`` (medcl's reconstruction for EsaCL's IDS): the mean increase of the example's
   loss under the SAM perturbation, ``l_i(w + ε) - l_i(w)``, since the last removal. The least
   sensitive examples shape the loss landscape least and are dropped.
+- ``"random"`` (the control for both): the same numbers of examples, drawn uniformly at random.
 
 At the start of each epoch listed in ``epochs`` (0-based, counted within the experience), an
 equal share of ``fraction`` × (experience size) is removed; statistics are then reset (as SparCL).
@@ -32,8 +33,9 @@ class DataRemoval:
     Args:
         fraction: share of the experience's examples removed in total (0 disables removal).
         epochs: epochs (0-based) at whose start a share is removed.
-        score: ``"forgetting"`` or ``"sharpness"``.
+        score: ``"forgetting"``, ``"sharpness"`` or ``"random"``.
         component: the owning strategy's name, to word errors.
+        generator: the random draws of ``score="random"`` (default: seeded with 0).
     """
 
     def __init__(
@@ -41,8 +43,9 @@ class DataRemoval:
         *,
         fraction: float,
         epochs: Sequence[int],
-        score: Literal["forgetting", "sharpness"],
+        score: Literal["forgetting", "sharpness", "random"],
         component: str,
+        generator: torch.Generator | None = None,
     ) -> None:
         if not 0 <= fraction < 1:
             raise ConfigError(f"{component}: removal fraction must be in [0, 1); got {fraction}.")
@@ -51,11 +54,13 @@ class DataRemoval:
                 f"{component}: removal epochs must be >= 1 (the first epoch gathers the "
                 f"statistics); got {list(epochs)}."
             )
-        if score not in ("forgetting", "sharpness"):
+        if score not in ("forgetting", "sharpness", "random"):
             raise ConfigError(
-                f"{component}: removal score must be 'forgetting' or 'sharpness'; got {score!r}."
+                f"{component}: removal score must be 'forgetting', 'sharpness' or 'random'; got "
+                f"{score!r}."
             )
         self.fraction, self.epochs, self.score = fraction, tuple(sorted(set(epochs))), score
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.start(0)
 
     def start(self, n: int) -> None:
@@ -97,6 +102,8 @@ class DataRemoval:
         return self.active_
 
     def _scores(self) -> Tensor:
+        if self.score == "random":  # a uniformly random order: a random subset is dropped
+            return torch.rand(self.n, generator=self.generator, dtype=torch.float64)
         if self.score == "forgetting":  # never learned: count the presentations instead
             return torch.where(self.learned_, self.sum_, self.count_.double())
         return self.sum_ / self.count_.clamp(min=1)

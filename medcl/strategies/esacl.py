@@ -12,31 +12,44 @@ available, so **this is a documented reconstruction, not a reimplementation**. E
    is on) and ``g = ∇ mean l_i(w)`` (masked: pruned weights get zero gradient);
 2. SAM perturbation ``ε = ρ g / ‖g‖`` with the global norm, ``ρ = sam_rho`` (official code of
    ``davda54/sam``); ``ε`` is zero on pruned weights (reconstruction) because ``g`` is masked;
-3. IDS support selection: ``sharpness_i = l_i(w + ε) - l_i(w)`` (forward only) and the second
-   pass back-propagates ``mean l_i(w + ε)`` over the top ``select_fraction`` examples (official
-   code of ``dydjw9/Efficient_SAM``, ESAM's sharpness-sensitive data selection);
-4. the optimiser steps with that gradient; the masks are re-applied;
-5. SDP: the weights that the next pruning step will remove (the lowest by
-   ``|w| + score_grad_weight·|g_SAM|``, scored at the perturbed point; reconstruction) are shrunk
-   towards zero every update, with gRDA's threshold increment ``c·lr^(0.5+μ)·(n^μ - (n-1)^μ)``
-   (official code of ``donlan2710/gRDA-Optimizer``; applying it to a candidate set is a
-   reconstruction), or linearly to reach zero exactly at the pruning step (``shrink="linear"``);
+3. IDS support selection (``ids_support``): ``sharpness_i = l_i(w + ε) - l_i(w)`` (forward
+   only) and the second pass back-propagates ``mean l_i(w + ε)`` over the top
+   ``select_fraction`` examples (official code of ``dydjw9/Efficient_SAM``, ESAM's
+   sharpness-sensitive data selection); without it, over every example;
+4. the optimiser steps with that gradient ``g_SAM``; the masks are re-applied;
+5. SDP (:mod:`medcl.strategies.sdp`, both parts reconstructions): the pruning score
+   (``score="taylor_sam"``) is, per layer, ``|w|/mean|w| + λ·s/mean(s)`` with
+   ``s = |w|·sqrt(E[g_SAM²])``, Molchanov et al.'s Taylor importance (CVPR 2019) at the SAM
+   point, averaged over the pruning window; the weights that the next pruning step will remove
+   by it (the candidates) are shrunk towards zero after every update with gRDA's threshold
+   ``c·lr^(0.5+μ)·n^μ`` on a dual-averaging accumulator (official code of
+   ``donlan2710/gRDA-Optimizer``), ``n`` counted within the window, ``lr`` the optimiser's
+   current one and ``c`` set per layer so the threshold reaches ``shrink_scale`` × the
+   candidates' median ``|w|`` at the pruning step (``shrink="grda"``);
 6. every ``prune_every`` updates, the mask is recomputed by the same score to the scheduled
    sparsity. No regrowth and **no fine-tuning phase after pruning** (paper). The masks, their
    scope and schedule, and replay are those of ``magnitude-pruning``
    (:mod:`medcl.strategies.magnitude_pruning`, with their sources), which EsaCL extends.
 
-IDS redundant-example elimination: at the start of the epochs in ``removal_epochs`` (counted
-within an experience) an equal share of ``removal_fraction`` of the experience is dropped, the
-examples with the lowest mean sharpness (or SparCL's forgetting count, ``removal_score``);
-shares and epochs follow SparCL's official code (30% in 4 rounds at epochs 5-20 of 50), scaled to
-short CPU runs (reconstruction).
+IDS redundant-example elimination (``ids_removal``): at the start of the epochs in
+``removal_epochs`` (counted within an experience) an equal share of ``removal_fraction`` of the
+experience is dropped, the examples with the lowest mean sharpness (or SparCL's forgetting count,
+``removal_score``); shares and epochs follow SparCL's official code (30% in 4 rounds at epochs
+5-20 of 50), scaled to short CPU runs (reconstruction). ``ids`` switches both parts (``false``:
+both off); ``ids_random`` is the control that picks the same numbers of examples uniformly at
+random (seeded by ``seed`` and the experience) for both.
 
 Deviations:
 - DER++'s logit terms (the recipe's replay option) are not used: medcl's memory stores indices,
   not logits; replay is ER.
 - SAM's second pass runs with BatchNorm running statistics frozen (momentum 0), so statistics are
   updated once per batch, at the unperturbed point.
+- Until the first update has gradient statistics (the first window of the stream), SDP's
+  candidates are chosen by ``|w|``. The gradient statistics and the shrinkage state are not
+  checkpointed: a resumed run rebuilds them within a window.
+- ``score="legacy"`` is the earlier ``|w| + λ|g_SAM|`` with the last update's gradient (it had
+  ``λ = 0.5``; measured equal to ``|w|``'s mask on real data); ``shrink="grda_fixed"`` uses
+  gRDA's published ``c`` unscaled (measured inert: no candidate reaches 0).
 - ``sdp=False`` scores by ``|w|`` and does not shrink (magnitude pruning); with ``sam_rho=0`` and
   ``ids=False`` too it is the ``magnitude-pruning`` baseline, the same machinery.
 """
@@ -58,6 +71,7 @@ from medcl.models.backbones import Backbone
 from medcl.strategies.base import Batch, register_strategy
 from medcl.strategies.data_removal import DataRemoval
 from medcl.strategies.magnitude_pruning import MagnitudePruning, PruningOptions
+from medcl.strategies.sdp import GradientMoment, GrdaShrink, legacy_scores, taylor_sam_scores
 
 if TYPE_CHECKING:
     from medcl.data.experience import Experience
@@ -85,17 +99,28 @@ class EsaCLOptions(PruningOptions):
     """Options of :class:`EsaCL`: magnitude pruning's plus SAM, SDP and IDS."""
 
     sdp: bool = True
-    score_grad_weight: float = 0.5
-    shrink: Literal["grda", "linear", "none"] = "grda"
+    score: Literal["taylor_sam", "legacy"] = "taylor_sam"
+    score_grad_weight: float = 1.0
+    shrink: Literal["grda", "grda_fixed", "linear", "none"] = "grda"
+    shrink_scale: float = 1.0
     shrink_c: float = 5e-4
     shrink_mu: float = 0.51
     shrink_lr: float = 0.05
     sam_rho: float = 0.05
     ids: bool = True
+    ids_support: bool = True
+    ids_removal: bool = True
+    ids_random: bool = False
+    seed: int = 0
     select_fraction: float = 0.5
     removal_fraction: float = 0.3
     removal_epochs: tuple[int, ...] = (1, 2, 3)
     removal_score: Literal["sharpness", "forgetting"] = "sharpness"
+
+    def __post_init__(self) -> None:
+        if not self.ids:  # the convenience switch: ``ids: false`` turns both parts off
+            object.__setattr__(self, "ids_support", False)
+            object.__setattr__(self, "ids_removal", False)
 
     def check(self, component: str) -> None:
         super().check(component)
@@ -104,10 +129,21 @@ class EsaCLOptions(PruningOptions):
                 f"{component}: need sam_rho >= 0 and 0 < select_fraction <= 1; got "
                 f"sam_rho={self.sam_rho}, select_fraction={self.select_fraction}."
             )
-        if self.ids and self.sam_rho == 0:
+        if self.score_grad_weight < 0 or self.shrink_scale < 0:
             raise ConfigError(
-                f"{component}: ids=True scores examples by their loss change under the SAM "
-                "perturbation, which needs sam_rho > 0. Set sam_rho (e.g. 0.05) or ids: false."
+                f"{component}: need score_grad_weight >= 0 and shrink_scale >= 0; got "
+                f"{self.score_grad_weight} and {self.shrink_scale}."
+            )
+        if self.ids_support and self.sam_rho == 0:
+            raise ConfigError(
+                f"{component}: ids_support (on unless ids: false) picks examples for SAM's "
+                "second pass, which needs sam_rho > 0. Set sam_rho (e.g. 0.05) or ids: false."
+            )
+        if self.ids_removal and self.removal_score == "sharpness" and not self.ids_random and self.sam_rho == 0:  # fmt: skip
+            raise ConfigError(
+                f"{component}: ids_removal with removal_score='sharpness' scores examples by "
+                "their loss change under the SAM perturbation, which needs sam_rho > 0. Set "
+                "sam_rho, removal_score: forgetting, or ids_removal: false."
             )
 
 
@@ -120,11 +156,18 @@ class EsaCL(MagnitudePruning):
         sparsity, init_sparsity, prune_every, ramp_updates, structure: the masks and their
             schedule, as :class:`~medcl.strategies.magnitude_pruning.MagnitudePruning`.
         sdp: sharpness-informed scores and shrinkage (False: magnitude scores, no shrinkage).
-        score_grad_weight: ``λ`` in the score ``|w| + λ|g_SAM|``.
-        shrink: ``"grda"`` threshold increments, ``"linear"`` decay to zero, or ``"none"``.
-        shrink_c, shrink_mu, shrink_lr: gRDA's ``c``, ``μ`` and learning rate in its threshold.
+        score: ``"taylor_sam"`` (normalised Taylor importance at the SAM point) or ``"legacy"``.
+        score_grad_weight: ``λ``, the weight of the gradient term in the score.
+        shrink: ``"grda"`` (scaled threshold), ``"grda_fixed"``, ``"linear"`` or ``"none"``.
+        shrink_scale: ``"grda"``: cumulative threshold at the pruning step / median candidate |w|.
+        shrink_c, shrink_mu: gRDA's ``c`` (``"grda_fixed"`` only) and ``μ``.
+        shrink_lr: lr assumed when the optimiser was not built by the trainer (tests, scripts).
         sam_rho: SAM radius (0 disables the second pass).
-        ids: intelligent data selection (support selection + redundant-example removal).
+        ids: False turns off both IDS parts (a convenience; True leaves them to the next two).
+        ids_support: back-propagate the second pass over the ``select_fraction`` top examples.
+        ids_removal: redundant-example removal.
+        ids_random: the control: the same numbers of examples picked uniformly at random.
+        seed: seeds ``ids_random``'s draws (with the experience index).
         select_fraction: share of each batch back-propagated in the second pass.
         removal_fraction: share of an experience removed in total.
         removal_epochs: epochs (0-based, within an experience) at whose start a share is removed.
@@ -135,28 +178,47 @@ class EsaCL(MagnitudePruning):
 
     def __init__(self, backbone: Backbone, **options: Any) -> None:
         super().__init__(backbone, **options)
+        self.generator = torch.Generator().manual_seed(self.seed)
         self.removal = DataRemoval(
-            fraction=self.removal_fraction if self.ids else 0.0,
+            fraction=self.removal_fraction if self.ids_removal else 0.0,
             epochs=self.removal_epochs,
-            score=self.removal_score,
+            score="random" if self.ids_random else self.removal_score,
             component=f"strategy {self.name!r}",
+            generator=self.generator,
+        )
+        self.moment = GradientMoment(self.prune_every)  # E[g_SAM²] over the pruning window
+        self.shrinker = GrdaShrink(
+            mode=self.shrink, scale=self.shrink_scale, c=self.shrink_c, mu=self.shrink_mu
         )
         self.candidates_: dict[str, Tensor] = {}  # kept-after-next-prune masks (SDP shrinkage)
+        self._group: dict[str, Any] = {}  # the optimiser's parameter group (its current lr)
 
     # -- scores ----------------------------------------------------------------------------------
     def _scores(self) -> dict[str, Tensor]:
-        """``|w| + λ|g_SAM|`` (SDP; ``g_SAM`` is the last update's gradient) or ``|w|``."""
-        scores = super()._scores()
-        if self.sdp:
-            for p in scores:
-                g = self.masks._weight(p).grad
-                if g is not None:
-                    scores[p] = scores[p] + self.score_grad_weight * g.abs()
-        return scores
+        """SDP's score (``score``) or, with ``sdp=False``, ``|w|``."""
+        if not self.sdp:
+            return self._magnitude()
+        weights = {p: self.masks._weight(p) for p in self.masks.layers}
+        if self.score == "legacy":
+            grads = {p: w.grad for p, w in weights.items()}
+            return legacy_scores(weights, grads, self.score_grad_weight)
+        return taylor_sam_scores(weights, self.moment.rms(), self.score_grad_weight)
+
+    def optimizer_groups(self, params: list[nn.Parameter]) -> list[dict[str, Any]]:
+        """One group, kept: torch optimisers hold the dict given (``add_param_group``) and
+        schedulers write its ``lr``, so SDP's shrinkage reads the lr actually used."""
+        self._group = {"params": params}
+        return [self._group]
+
+    def current_lr(self) -> float:
+        """The optimiser's current lr (``shrink_lr`` when the trainer built no optimiser)."""
+        return float(self._group.get("lr", self.shrink_lr))
 
     # -- training ----------------------------------------------------------------------------
     def before_experience(self, exp: Experience, memory: ReplayMemory) -> None:
         super().before_experience(exp, memory)
+        self.generator.manual_seed(self.seed + 1000 * exp.index)
+        self._group = {}
         if self.sdp and self.shrink != "none":
             self._next_candidates()
 
@@ -178,26 +240,37 @@ class EsaCL(MagnitudePruning):
         grads = [torch.zeros_like(p) if g is None else g for (_, p), g in zip(named, grads, strict=True)]  # fmt: skip
         scale = self.sam_rho / (torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) + 1e-12)  # fmt: skip
         perturbed = {n: p + scale * g for (n, p), g in zip(named, grads, strict=True)}  # w + ε
-        x, y = batch.x, batch.y
+        x, y, keep = batch.x, batch.y, max(1, math.ceil(self.select_fraction * b))
         with frozen_bn_stats(self):
-            if self.ids:  # score every example at w + ε, back-propagate the most sensitive ones
+            if self.ids_support and self.ids_random:  # the control: a random subset, same size
+                sel = torch.randperm(b, generator=self.generator)[:keep].to(y.device)
+                x, y = x[sel], y[sel]
+            elif self.ids_support:  # score every example at w + ε, back-propagate the top ones
                 with torch.no_grad():
                     out = functional_call(self, {k: v.detach() for k, v in perturbed.items()}, (x,))
                     sharp = F.cross_entropy(out, y, reduction="none") - per.detach()  # (B,)
                 self._count(b, backward=False)
-                if self.removal.score == "sharpness" and batch.index is not None:
-                    self.removal.observe(batch.index, sharpness=sharp)
-                sel = torch.topk(sharp, max(1, math.ceil(self.select_fraction * b))).indices
+                self._observe_sharpness(batch, sharp)
+                sel = torch.topk(sharp, keep).indices
                 x, y = x[sel], y[sel]
             out = functional_call(self, perturbed, (x,))  # gradient at w + ε flows to w
+        per_eps = F.cross_entropy(out, y, reduction="none")  # (B',) l_i(w + ε)
+        if not self.ids_support:  # every example's sharpness comes with the second pass
+            self._observe_sharpness(batch, per_eps.detach() - per.detach())
         self._count(len(y))
-        return F.cross_entropy(out, y)
+        return per_eps.mean()
+
+    def _observe_sharpness(self, batch: Batch, sharp: Tensor) -> None:
+        if self.removal.score == "sharpness" and batch.index is not None:
+            self.removal.observe(batch.index, sharpness=sharp)
 
     @torch.no_grad()
     def after_update(self, step: int) -> None:
         t = int(self.updates_) + 1  # this update (counted by the base class)
+        if self.sdp and self.score == "taylor_sam":
+            self.moment.update({p: self.masks._weight(p).grad for p in self.masks.layers})
         if self.sdp and self.candidates_:
-            self._shrink_candidates(t)
+            self.shrinker.step(self.current_lr())
         super().after_update(step)  # masks re-applied, pruned on schedule
         if self._prune_due(t) and self.sdp and self.shrink != "none":
             self._next_candidates()
@@ -206,19 +279,15 @@ class EsaCL(MagnitudePruning):
         """Weights (channels) that the next pruning step would remove, for SDP's shrinkage."""
         t = int(self.updates_)
         nxt = self.sparsity_at((t // self.prune_every + 1) * self.prune_every)
-        if t >= self.ramp_updates or nxt <= 1 - self.masks.density() + 1e-9:
-            self.candidates_ = {}
-            return
-        kept = self.masks.candidates(self._scores(), nxt)
-        self.candidates_ = {p: self.masks.kept(p) & ~k for p, k in kept.items()}  # fmt: skip
+        self.candidates_ = {}
+        if t < self.ramp_updates and nxt > 1 - self.masks.density() + 1e-9:
+            kept = self.masks.candidates(self._scores(), nxt)
+            self.candidates_ = {p: self.masks.kept(p) & ~k for p, k in kept.items()}
+        self.shrinker.start(self._shrink_targets(), self.prune_every - t % self.prune_every)
 
-    def _shrink_candidates(self, t: int) -> None:
-        if self.shrink == "linear":  # reach exactly zero at the next pruning step
-            left = self.prune_every - (t - 1) % self.prune_every
-            factor, delta = (left - 1) / left, 0.0
-        else:
-            c, mu = self.shrink_c * self.shrink_lr ** (0.5 + self.shrink_mu), self.shrink_mu
-            factor, delta = 1.0, c * (t**mu - (t - 1) ** mu)
+    def _shrink_targets(self) -> list[tuple[Tensor, Tensor]]:
+        """``(tensor, candidate mask of its shape)``: weights, and BN scale/shift of channels."""
+        out = []
         for path, cand in self.candidates_.items():
             tensors = [self.masks._weight(path)]
             if self.masks.structure == "channel":
@@ -226,9 +295,6 @@ class EsaCL(MagnitudePruning):
                 bn = self.masks.model.get_submodule(g.norm)
                 tensors += [t_ for t_ in (bn.weight, bn.bias) if t_ is not None]
             for w in tensors:
-                c_ = (
-                    cand.view(-1, *[1] * (w.ndim - 1)).expand_as(w)
-                    if cand.shape != w.shape
-                    else cand
-                )
-                w[c_] = torch.sign(w[c_]) * ((w[c_].abs() - delta).clamp(min=0) * factor)
+                m = cand.view(-1, *[1] * (w.ndim - 1)).expand_as(w) if cand.shape != w.shape else cand  # fmt: skip
+                out.append((w.data, m))
+        return out
