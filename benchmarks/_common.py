@@ -39,6 +39,18 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def paired_difference(a: list[float], b: list[float]) -> dict[str, Any]:
+    """Mean, sd and t-based 95 % CI of the paired differences ``a - b`` (same seeds)."""
+    import numpy as np
+    from scipy import stats
+
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if len(d) < 2:
+        return {"mean": float(d.mean()), "sd": None, "ci95": None}
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return {"mean": float(d.mean()), "sd": float(d.std(ddof=1)), "ci95": [float(d.mean() - half), float(d.mean() + half)]}  # fmt: skip
+
+
 def json_safe(obj: Any) -> Any:
     """``obj`` with NaN/inf floats as None: bare ``NaN`` is not JSON (jq, JavaScript reject it)."""
     if isinstance(obj, dict):

@@ -49,10 +49,9 @@ from typing import Any
 
 import numpy as np
 import yaml
-from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, data_root, markdown_table, write_results
+from _common import REPO, data_root, markdown_table, paired_difference, write_results
 
 from medcl.config import resolved_yaml, validate_config
 from medcl.engine.run import run
@@ -143,12 +142,6 @@ def _federated(extra, seed, root, work, quiet, engine="simulation") -> dict[str,
     }
 
 
-def _paired(a: list[float], b: list[float]) -> dict[str, float]:
-    d = np.asarray(a) - np.asarray(b)
-    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
-    return {"mean": float(d.mean()), "sd": float(d.std(ddof=1)), "ci95": [float(d.mean() - half), float(d.mean() + half)]}  # fmt: skip
-
-
 def _kill_check(work: Path, quiet: bool) -> dict[str, Any]:
     """A deployment run whose SuperNode site-1 is killed in experience 0 and restarted later."""
     from medcl.federated.flower_runtime import LocalFederation
@@ -231,7 +224,7 @@ def main() -> None:
             "per_site": {
                 a: np.mean([r["final"] for r in runs], axis=0).tolist() for a, runs in arms.items()
             },
-            "difference": _paired(mean["federated"], mean["central"]),
+            "difference": paired_difference(mean["federated"], mean["central"]),
         }
     pneumonia, shared = list(STREAMS)[:2]
     dyn = _federated(

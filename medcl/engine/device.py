@@ -4,17 +4,19 @@
 without one is a clear error), and ``autocast`` is the one mixed-precision rule: bf16 autocast on
 a CUDA device that supports bf16, nothing elsewhere (CPUs here have no fast bf16; it is ~40x
 slower than fp32). Callers cast outputs back to float32 before they leave the model.
+``use_layout`` is the one memory-layout rule (``train.channels_last``).
 """
 
 from __future__ import annotations
 
-__all__ = ["DEVICES", "autocast", "bf16_available", "resolve_device"]
+__all__ = ["DEVICES", "autocast", "bf16_available", "resolve_device", "use_layout"]
 
 import contextlib
 import re
 from typing import Literal
 
 import torch
+from torch import nn
 
 from medcl.errors import ConfigError
 
@@ -69,3 +71,19 @@ def autocast(
     if enabled and bf16_available(device):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def use_layout(module: nn.Module, channels_last: bool, spatial_dims: int) -> bool:
+    """Put a 2D model's weights in NHWC (``channels_last``) or back in the contiguous layout.
+
+    The same values in another memory layout: checkpoints store contiguous tensors, so neither
+    a checkpoint nor an export depends on it; scores differ in the last float bits. A run
+    trains and scores in NHWC and restores the contiguous layout before it checkpoints and
+    measures latency (what an export runs). Volumes (3D) keep the contiguous layout.
+
+    Returns:
+        Whether the module is now in NHWC (batches should then be NHWC too).
+    """
+    nhwc = channels_last and spatial_dims == 2
+    module.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+    return nhwc

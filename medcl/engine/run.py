@@ -17,6 +17,7 @@ __all__ = ["check_run", "curve_monitor", "finish_experience", "learn_experience"
 import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from medcl.engine.artifacts import (
 )
 from medcl.engine.checkpoint import atomic_write_text, save_checkpoint
 from medcl.engine.components import build_components
+from medcl.engine.device import use_layout
 from medcl.engine.distributed import (
     SINGLE,
     DistContext,
@@ -178,7 +180,8 @@ def _run(
         if not quiet and job.is_main:
             print(f"resuming {run_dir} after experience {state.completed}")
     elif job.is_main:
-        state.baseline = untrained_baseline(strategy, scenario, batch_size=cfg.eval.batch_size)
+        with _scoring_layout(cfg, scenario, strategy):
+            state.baseline = untrained_baseline(strategy, scenario, batch_size=cfg.eval.batch_size)
     state.timing["setup"].append(round(time.perf_counter() - start, 4))
 
     monitor = curve_monitor(cfg, scenario, state)
@@ -265,10 +268,8 @@ def finish_experience(
 ) -> None:
     """Steps 2-7 of :func:`learn_experience` once ``exp`` is learned (a federated site's too)."""
     # 2. evaluate every experience
-    with timer("eval"):
+    with timer("eval"), _scoring_layout(cfg, scenario, strategy):
         evals = _evaluate(strategy, scenario, state, monitor, exp, stats)
-    # back to the deployed layout after train.channels_last: what latency and export measure
-    strategy.to(memory_format=torch.contiguous_format)
     # 3. recalibrate: temperature + conformal thresholds on the seen validation splits
     with timer("calibration"):
         seen = scenario.experiences[: exp.index + 1]
@@ -332,6 +333,18 @@ def _evaluate(
     state.seen = [i.to_dict() for i in strategy.seen]
     state.curves = monitor.rows
     return evals
+
+
+@contextlib.contextmanager
+def _scoring_layout(cfg: RunConfig, scenario: Scenario, strategy: Strategy) -> Iterator[None]:
+    """Score test sets in the layout the run trains in (``train.channels_last``), then
+    contiguous: what calibration (exactly refitted from a checkpoint), checkpoints, latency and
+    exports use."""
+    use_layout(strategy, cfg.train.channels_last, scenario.experiences[0].train.spatial_dims)
+    try:
+        yield
+    finally:
+        strategy.to(memory_format=torch.contiguous_format)
 
 
 def _checkpoint(

@@ -33,7 +33,7 @@ from medcl.config import TrainConfig
 from medcl.data.experience import Experience
 from medcl.data.memory import ReplayMemory
 from medcl.data.transforms import build_batch_augment
-from medcl.engine.device import bf16_available
+from medcl.engine.device import bf16_available, use_layout
 from medcl.engine.distributed import SINGLE, DistContext
 from medcl.engine.evaluate import CurveMonitor
 from medcl.engine.loggers import ExperimentLogger
@@ -153,7 +153,9 @@ def fit_experience(
         monitor=monitor, global_update=global_update, seed=seed, quiet=quiet, dist=dist,
         logger=logger, timer=timer,
     )  # fmt: skip
-    end_experience(strategy, exp, memory=memory, timer=timer, dist=dist)
+    end_experience(
+        strategy, exp, memory=memory, timer=timer, dist=dist, channels_last=cfg.channels_last
+    )
     return stats
 
 
@@ -205,12 +207,9 @@ def train_updates(
     )
     n_replay = replay_batch_size or cfg.batch_size
 
-    # NHWC (train.channels_last): the same weights in another memory layout (2D only), kept
-    # through consolidation, memory and evaluation; the run restores the contiguous layout after
-    # evaluation, and checkpoints store contiguous tensors, so neither changes
-    channels_last = cfg.channels_last and exp.train.spatial_dims == 2
-    if channels_last:
-        strategy.to(memory_format=torch.channels_last)
+    # NHWC (train.channels_last, 2D; medcl.engine.device.use_layout) for the loop, contiguous
+    # again after it
+    channels_last = _nhwc(strategy, cfg.channels_last, exp, dist)
 
     # 2. optimiser over what the strategy trains, one schedule for the whole experience
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
@@ -312,7 +311,14 @@ def train_updates(
     bar.close()
     seconds = time.perf_counter() - start - (timer.seconds.get("curves", 0.0) - curve_seconds)
     timer.add("train", seconds)
+    use_layout(strategy, False, exp.train.spatial_dims)
     return FitStats(step, seen, seconds, *losses)
+
+
+def _nhwc(strategy: Strategy, channels_last: bool, exp: Experience, dist: DistContext) -> bool:
+    """Put a 2D strategy in NHWC for a phase (not under DDP: its gradient buckets expect the
+    strides 1x1 convolutions lose in NHWC, and it warns on every step)."""
+    return channels_last and not dist.enabled and use_layout(strategy, True, exp.train.spatial_dims)
 
 
 def end_experience(
@@ -322,10 +328,13 @@ def end_experience(
     memory: ReplayMemory,
     timer: PhaseTimer | None = None,
     dist: DistContext = SINGLE,
+    channels_last: bool = False,
 ) -> None:
-    """Step 3 of :func:`fit_experience`: the strategy's consolidation, then the memory update."""
+    """Step 3 of :func:`fit_experience`: the strategy's consolidation, then the memory update
+    (in NHWC with ``channels_last``, as :func:`train_updates`; contiguous after)."""
     timer = timer if timer is not None else PhaseTimer()
     cache = strategy.feature_cache
+    _nhwc(strategy, channels_last, exp, dist)
 
     # 4. consolidation, then the memory (herding uses the consolidated features); under DDP
     # every rank runs both from rank 0's state (BatchNorm statistics are per rank until here)
@@ -356,3 +365,4 @@ def end_experience(
     timer.add("memory", passes - cache.seconds)
     dist.sync(strategy, memory)  # every rank continues from exactly rank 0's model and memory
     cache.clear()
+    use_layout(strategy, False, exp.train.spatial_dims)

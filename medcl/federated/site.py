@@ -287,7 +287,12 @@ class Site:
         if self.work.consolidated < t:
             before = {k: v.clone() for k, v in self.strategy.state_dict().items()}
             if len(exp.train) or self.consolidates_empty:
-                end_experience(self.strategy, exp, memory=self.memory)
+                end_experience(
+                    self.strategy,
+                    exp,
+                    memory=self.memory,
+                    channels_last=self.cfg.train.channels_last,
+                )
             else:  # nothing to consolidate on: the memory only (it has no rows of `t` to add)
                 self.strategy.eval()
             self.work.consolidated = t

@@ -256,16 +256,16 @@ class WeightMasks(nn.Module):
         """Re-enable random pruned weights (value 0) until each layer is at ``sparsity``.
 
         SparCL's task-aware dynamic masking (official code): prune to a lower bound, regrow at
-        random to an upper bound. Unstructured masks only.
+        random to an upper bound. Unstructured masks only; positions in logical (NCHW) order.
         """
         for p in self.layers:
             m = getattr(self, _key(p))
-            flat = m.view(-1)
-            need = round((1 - sparsity) * flat.numel()) - int(flat.sum())
-            if need > 0:
+            flat = m.flatten().clone()  # logical order, whatever the layout (train.channels_last)
+            if (need := round((1 - sparsity) * flat.numel()) - int(flat.sum())) > 0:
                 off = torch.nonzero(~flat.cpu()).flatten()
                 pick = off[torch.randperm(len(off), generator=generator)[:need]]
                 flat[pick.to(flat.device)] = True
+                m.copy_(flat.view(m.shape))
 
 
 def _top_fraction(score: Tensor, kept: Tensor, fraction: float) -> Tensor:

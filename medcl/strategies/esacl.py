@@ -296,5 +296,5 @@ class EsaCL(MagnitudePruning):
                 tensors += [t_ for t_ in (bn.weight, bn.bias) if t_ is not None]
             for w in tensors:
                 m = cand.view(-1, *[1] * (w.ndim - 1)).expand_as(w) if cand.shape != w.shape else cand  # fmt: skip
-                out.append((w.data, m))
+                out.append((w, m))  # the parameter: its storage changes with the layout
         return out
