@@ -73,6 +73,13 @@ class TrainConfig(_Strict):
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(64, ge=1)
     max_updates: int | None = Field(None, ge=1, description="cap on updates per experience")
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description="stop an experience after this many epochs without a better mean accuracy "
+        "on the seen experiences' validation splits and keep the best epoch's weights "
+        "(train.epochs is then a cap; null = train every epoch; medcl.engine.early_stopping)",
+    )
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)

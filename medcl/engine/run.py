@@ -323,6 +323,9 @@ def _evaluate(
         {
             "experience": exp.index,
             "updates": stats.updates,
+            "epochs": stats.epochs,  # run; best_epoch: the weights kept (early stopping)
+            "best_epoch": stats.best_epoch,
+            "val_scores": list(stats.val_scores),
             "seconds": stats.seconds,
             "images_per_s": stats.images_per_s,
             # first / highest / last update's loss: a highest far above the first is divergence

@@ -38,6 +38,12 @@ def check_run(
         )
     check_output_dir(cfg.output_dir)
     check_strategy(cfg.strategy.name, world_size)
+    if world_size > 1 and cfg.train.early_stopping_patience is not None:
+        raise ConfigError(
+            "train.early_stopping_patience is not supported with several processes (each "
+            "rank's BatchNorm statistics differ until the experience ends, so ranks could "
+            "disagree on when to stop); remove it or run in one process."
+        )
     check_logging(cfg.logging)
     if resume_from is not None and not files.checkpoint(resume_from).is_dir():
         have = list(run_progress(run_dir).checkpoints) if files.scenario.is_file() else []

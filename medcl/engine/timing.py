@@ -7,7 +7,8 @@ consolidation and exemplar selection make, e.g. herding features, each once per 
 :class:`~medcl.models.feature_cache.FeatureCache`), ``memory`` (exemplar selection), ``eval``
 (every test set), ``predictions``, ``checkpoint`` and ``metrics`` (files written); ``setup``
 (data, model, the untrained baseline) once per start, ``report`` when the command line writes
-the report.
+the report. ``validation`` (early stopping's scoring after each epoch) appears only in runs
+that set ``train.early_stopping_patience``.
 """
 
 from __future__ import annotations

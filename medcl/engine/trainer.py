@@ -35,6 +35,7 @@ from medcl.data.memory import ReplayMemory
 from medcl.data.transforms import build_batch_augment
 from medcl.engine.device import bf16_available, use_layout
 from medcl.engine.distributed import SINGLE, DistContext
+from medcl.engine.early_stopping import EarlyStopping
 from medcl.engine.evaluate import CurveMonitor
 from medcl.engine.loggers import ExperimentLogger
 from medcl.engine.timing import PhaseTimer
@@ -56,6 +57,11 @@ class FitStats:
     loss_first: float = float("nan")
     loss_max: float = float("nan")
     loss_last: float = float("nan")
+    #: epochs run, the one whose weights were kept, and the validation score after each epoch
+    #: (early stopping; otherwise the last epoch is kept and nothing is scored)
+    epochs: int = 0
+    best_epoch: int = 0
+    val_scores: tuple[float, ...] = ()
 
     @property
     def images_per_s(self) -> float:
@@ -237,7 +243,7 @@ def train_updates(
     train_step = dist.wrap(LossStep(strategy))
     if cfg.compile:  # compiled on the first batch of each experience (the modules change)
         train_step = torch.compile(train_step)
-    curve_seconds = timer.seconds.get("curves", 0.0)
+    curve_seconds = sum(timer.seconds.get(k, 0.0) for k in ("curves", "validation"))
     start, step, seen, epoch = time.perf_counter(), 0, 0, 0
     losses = (math.nan,) * 3  # first, highest, last
     bar = tqdm(
@@ -247,6 +253,9 @@ def train_updates(
         leave=False,
         dynamic_ncols=True,
     )
+    # early stopping (train.early_stopping_patience): train.epochs is then a cap
+    patience = cfg.early_stopping_patience if params else None
+    stopper = EarlyStopping([*past, exp], patience) if patience else None
     while step < total and epoch < cfg.epochs and params:
         rows = strategy.epoch_rows(epoch, len(data))  # all rows unless the method drops some
         order = rows[torch.randperm(len(rows), generator=g)]
@@ -308,11 +317,23 @@ def train_updates(
                 with timer("curves"):
                     monitor.record(strategy, exp.index, global_update + step, step)
                 strategy.train()
+        if stopper is not None:
+            with timer("validation"):
+                stop = stopper.should_stop(strategy)
+            if stop:
+                break
     bar.close()
-    seconds = time.perf_counter() - start - (timer.seconds.get("curves", 0.0) - curve_seconds)
+    scored = sum(timer.seconds.get(k, 0.0) for k in ("curves", "validation")) - curve_seconds
+    seconds = time.perf_counter() - start - scored
     timer.add("train", seconds)
+    if stopper is not None:
+        stopper.restore_best(strategy)
     use_layout(strategy, False, exp.train.spatial_dims)
-    return FitStats(step, seen, seconds, *losses)
+    first, high, last = losses
+    best, scores = (stopper.best_epoch, tuple(stopper.scores)) if stopper else (epoch, ())
+    return FitStats(
+        step, seen, seconds, first, high, last, epochs=epoch, best_epoch=best, val_scores=scores
+    )
 
 
 def _nhwc(strategy: Strategy, channels_last: bool, exp: Experience, dist: DistContext) -> bool:

@@ -32,6 +32,11 @@ def check_federation(cfg: RunConfig, *, resume: bool) -> Path:
             "with `medcl run`."
         )
     check_federated_strategy(cfg.strategy.name)
+    if cfg.train.early_stopping_patience is not None:
+        raise ConfigError(
+            "train.early_stopping_patience is not supported by medcl federate (a site trains "
+            "train.epochs local epochs per round); remove it or set the epochs."
+        )
     check_output_dir(cfg.output_dir)
     run_dir = Path(cfg.output_dir) / cfg.run_name
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
