@@ -10,7 +10,6 @@ from _tiny import tiny_raw
 
 from medcl.config import validate_config
 from medcl.config_sections import TrainConfig
-from medcl.data.memory import ReplayMemory
 from medcl.engine.components import build_components
 from medcl.engine.early_stopping import EarlyStopping
 from medcl.engine.run import run
@@ -30,14 +29,15 @@ def test_stops_after_patience_epochs_without_improvement_and_restores_the_best()
     stopper = EarlyStopping(scenario.experiences[:1], patience=2)
     scores = iter([0.5, 0.7, 0.6, 0.7, 0.9])  # epoch 2 best; 3 and 4 do not beat it
     stopper.score = lambda s: next(scores)
-    states = []
-    for epoch in range(1, 5):
+    states, stops = [], []
+    for _ in range(4):
         with torch.no_grad():
             next(strategy.parameters()).add_(1.0)  # each epoch changes the weights
         states.append({k: v.clone() for k, v in strategy.state_dict().items()})
-        if stopper.should_stop(strategy):
-            break
-    assert epoch == 4 and stopper.best_epoch == 2 and stopper.scores == [0.5, 0.7, 0.6, 0.7]
+        stops.append(stopper.should_stop(strategy))
+    # stop after epoch 4: two epochs without beating epoch 2
+    assert stops == [False, False, False, True]
+    assert stopper.best_epoch == 2 and stopper.scores == [0.5, 0.7, 0.6, 0.7]
     stopper.restore_best(strategy)
     for k, v in strategy.state_dict().items():
         assert torch.equal(v, states[1][k]), k  # epoch 2's weights, not the last ones

@@ -23,7 +23,9 @@ def test_use_layout_is_nhwc_for_2d_only():
     net2d = create_backbone("test_resnet", in_chans=1, small_input=True)
     assert use_layout(net2d, True, 2)
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in _conv_weights(net2d))
-    assert not any(w.is_contiguous() for w in _conv_weights(net2d) if w.shape[1] > 1 and w.shape[-1] > 1)
+    assert not any(
+        w.is_contiguous() for w in _conv_weights(net2d) if w.shape[1] > 1 and w.shape[-1] > 1
+    )
     assert not use_layout(net2d, False, 2)
     assert all(w.is_contiguous() for w in _conv_weights(net2d))
     net3d = create_backbone("resnet10_3d", in_chans=1, spatial_dims=3)
