@@ -9,6 +9,12 @@ best epoch are restored (Keras' ``EarlyStopping(restore_best_weights=True)``; Py
 as when the epochs are fixed. What the strategy keeps outside its parameters and buffers
 (Python-side statistics) is not rolled back. The epochs run and the best one are recorded in
 ``metrics.json`` → ``fit``.
+
+The score is the strategy's prediction as it stands after the epoch, before its consolidation
+(``after_experience``). For a method whose prediction changes only at consolidation this sees
+part of the model: DynaMMo from its second experience on predicts with the merged adapters of
+the earlier experiences and the new head, so the new adapter set's epochs are judged through the
+head alone until it is merged.
 """
 
 from __future__ import annotations
