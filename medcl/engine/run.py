@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from medcl.config import RunConfig, resolved_yaml
 from medcl.data.experience import Experience, Scenario
@@ -343,11 +342,12 @@ def _scoring_layout(cfg: RunConfig, scenario: Scenario, strategy: Strategy) -> I
     """Score test sets in the layout the run trains in (``train.channels_last``), then
     contiguous: what calibration (exactly refitted from a checkpoint), checkpoints, latency and
     exports use."""
-    use_layout(strategy, cfg.train.channels_last, scenario.experiences[0].train.spatial_dims)
+    dims = scenario.experiences[0].train.spatial_dims
+    use_layout(strategy, cfg.train.channels_last, dims)
     try:
         yield
     finally:
-        strategy.to(memory_format=torch.contiguous_format)
+        use_layout(strategy, False, dims)
 
 
 def _checkpoint(
