@@ -1,35 +1,42 @@
-"""EsaCL (reconstruction) vs SparCL, magnitude pruning, dense replay and fine-tuning.
+"""EsaCL (reconstruction) against SparCL, magnitude pruning and dense replay, with its controls.
 
-Runs every method with ``medcl.engine.run.run`` on medmnist-cross3 and pneumonia-sites:
+Issue 23's benchmark, on ``medmnist-cross3`` at 28 px (PneumoniaMNIST → BreastMNIST →
+RetinaMNIST, class-incremental, 9 classes) with timm's ``test_resnet`` (small input, 0.47 M
+parameters), SGD at a constant lr, batch 32, no momentum or weight decay (SparCL's optimiser),
+``--epochs`` per experience (default 3: every run of the plan fits 60 minutes alone on 2 cores),
+memory 200 (random) where used. Protocol:
 
-- sparsity 0.8, seeds 0-2 (mean ± sd): EsaCL with memory, SparCL, dense replay;
-- sparsity 0.8, seed 0: EsaCL without memory, EsaCL without IDS, magnitude pruning, fine-tune;
-- sparsity 0.5 and 0.9, seed 0: EsaCL, SparCL, magnitude pruning.
+- **lr** per method family (EsaCL and its controls, SparCL, magnitude, replay), chosen at
+  sparsity 0.9 by the selection seed 100 (never reported) on the validation splits (mean over
+  experiences of the final model's accuracy) from ``--lr-grid``, widened ×3 on the side where
+  the best value sits at an edge (at most twice);
+- **reported** seeds 0-2 at sparsity 0.9: EsaCL, SparCL, magnitude pruning, dense replay, and
+  EsaCL's controls — support selection only, example removal only, a random subset of the same
+  sizes instead of IDS, no replay, and EsaCL trained dense (sparsity 0, SAM + IDS); seed 0:
+  EsaCL without IDS (the FLOPs comparison) and the three sparse methods at 0.75 and 0.95;
+- **no retraining** (the paper's claim): after each experience, EsaCL's dense SAM-trained model
+  and replay's plain-SGD model are pruned once by ``|w|`` (``one_shot_prune``) to each sparsity,
+  with no training and no BatchNorm re-estimation; the accuracy drop of each (ACC over the seen
+  experiences' test splits), paired over seeds;
+- **cost**: training FLOPs counted update by update (``TrainingFlops``: both SAM passes, the
+  examples actually used) and training seconds side by side. IDS cannot reach 2× by design: per
+  example, SAM without IDS costs 3F + 3F, with support selection 3F + F + 3γF (a forward over
+  the batch at ``w + ε``, then forward and backward over the top γ), so the per-batch bound is
+  6 / (4 + 3γ) = 1.09 at γ = 0.5, times the share of examples that removal skips (30 % by the
+  last epoch). The target is that the FLOPs saving shows in wall time.
 
-Columns: average/final accuracy, forgetting, density, training FLOPs (counted by the
-strategies with :class:`medcl.metrics.compute.TrainingFlops`; dense methods: the same counter
-times the images their trainer passes), images used, wall time, parameters and non-zeros.
-Two side measurements:
-
-- accuracy right before vs right after each pruning step on the first experience (EsaCL and
-  magnitude pruning, seed 0, 500 test images of that experience);
-- deployable latency at batch 1 on CPU (onnxruntime) and size, dense vs channel-structured
-  EsaCL at 0.8 (``--only latency`` runs just this; it needs no data).
-
-Writes ``<out>/esacl.{json,md}`` (default ``benchmarks/results``) with
-``"targets": [{"name", "value", "goal", "met"}]`` computed from the measurements.
-``--quick`` is a smoke run (tiny backbone, a few updates, one seed, a small synthetic stream
-unless ``--scenarios`` names real ones).
+Resumable: each run's row is cached in ``--work`` (default ``runs/esacl``); ``--fresh`` starts
+over. Writes ``<out>/esacl.{json,md}`` with ``"targets"``. ``--quick``: a smoke run (synthetic
+stream, a few updates, one seed, no selection).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,323 +44,306 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, data_root, json_text, machine, markdown_table
+from _common import REPO, RESULTS, data_root, markdown_table, paired_difference, write_results
 
 from medcl.config import validate_config
-from medcl.data.transforms import to_model_input
-from medcl.engine.components import build_components
+from medcl.engine.evaluate import evaluate
 from medcl.engine.resume import restore_run
 from medcl.engine.run import run
-from medcl.engine.trainer import fit_experience
 from medcl.metrics.compute import TrainingFlops
-from medcl.models.backbones import create_backbone
-from medcl.strategies import Classifier, ExperienceInfo, create_strategy
+from medcl.models.pruning import one_shot_prune
+from medcl.strategies import Classifier
 
-SCENARIOS = ["medmnist-cross3", "pneumonia-sites"]
-#: --quick's default stream: small synthetic images, class-incremental (no data files needed)
+SCENARIO = "medmnist-cross3"
 QUICK_SCENARIO = {"name": "synthetic-ci", "num_classes": 4, "classes_per_experience": 2,
-                  "n_train": 96, "n_test": 48, "image_size": 16}  # fmt: skip
-MEMORY = 200
-#: method -> (strategy name, extra options, uses the memory)
-METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
-    "esacl": ("esacl", {}, True),
-    "esacl-nomem": ("esacl", {}, False),
-    "esacl-noids": ("esacl", {"ids": False}, True),
-    "sparcl": ("sparcl", {}, True),
-    "magnitude": ("magnitude-pruning", {}, True),
-    "replay": ("replay", {}, True),
-    "finetune": ("finetune", {}, False),
+                  "n_train": 96, "n_test": 48, "n_val": 32, "image_size": 16}  # fmt: skip
+MEMORY, SELECTION_SEED, SEEDS, MAIN = 200, 100, (0, 1, 2), 0.9
+#: method -> (strategy, extra options, uses the memory, lr family)
+METHODS: dict[str, tuple[str, dict[str, Any], bool, str]] = {
+    "esacl": ("esacl", {}, True, "esacl"),
+    "sparcl": ("sparcl", {}, True, "sparcl"),
+    "magnitude": ("magnitude-pruning", {}, True, "magnitude"),
+    "replay": ("replay", {}, True, "replay"),
+    "esacl-support-only": ("esacl", {"ids_removal": False}, True, "esacl"),
+    "esacl-removal-only": ("esacl", {"ids_support": False}, True, "esacl"),
+    "esacl-random": ("esacl", {"ids_random": True}, True, "esacl"),
+    "esacl-nomem": ("esacl", {}, False, "esacl"),
+    "esacl-noids": ("esacl", {"ids": False}, True, "esacl"),
+    "esacl-dense": ("esacl", {"sparsity": 0.0, "init_sparsity": 0.0}, True, "esacl"),
 }
-SPARSE = {"esacl", "esacl-nomem", "esacl-noids", "sparcl", "magnitude"}
+FAMILIES = ("esacl", "sparcl", "magnitude", "replay")
+CONTROLS = ("esacl-support-only", "esacl-removal-only", "esacl-random", "esacl-nomem")
+ONE_SHOT = ("esacl-dense", "replay")  # dense models pruned once: SAM-trained vs plain SGD
 
 
 def plan(quick: bool) -> list[tuple[str, float, int]]:
-    """``(method, sparsity, seed)`` runs (sparsity is ignored by dense methods)."""
+    """The reported ``(method, sparsity, seed)`` runs."""
     if quick:
-        return [(m, 0.8, 0) for m in METHODS]
-    runs = [(m, 0.8, s) for m in ("esacl", "sparcl", "replay") for s in range(3)]
-    runs += [(m, 0.8, 0) for m in ("esacl-nomem", "esacl-noids", "magnitude", "finetune")]
-    runs += [(m, sp, 0) for sp in (0.5, 0.9) for m in ("esacl", "sparcl", "magnitude")]
-    return runs
+        return [(m, MAIN, 0) for m in METHODS]
+    runs = [(m, MAIN, s) for m in (*FAMILIES, *CONTROLS, "esacl-dense") for s in SEEDS]
+    runs.append(("esacl-noids", MAIN, 0))
+    return runs + [(m, sp, 0) for sp in (0.75, 0.95) for m in ("esacl", "sparcl", "magnitude")]
 
 
-def config(args, scenario: str, method: str, sparsity: float, seed: int, out: Path) -> Any:
-    name, opts, mem = METHODS[method]
-    strategy: dict[str, Any] = {"name": name, **opts}
-    if method in SPARSE:
+def config(args, method: str, sparsity: float, seed: int, lr: float, out: Path) -> Any:
+    name, opts, mem, _ = METHODS[method]
+    strategy: dict[str, Any] = {"name": name}
+    if name != "replay":
         strategy["sparsity"] = sparsity
+    if name in ("esacl", "sparcl"):
+        strategy["seed"] = seed
     if name in ("esacl", "magnitude-pruning"):
         strategy.update(prune_every=args.prune_every, ramp_updates=args.ramp_updates)
     if name in ("esacl", "sparcl"):
         strategy["removal_epochs"] = args.removal_epochs
-    if name == "sparcl":
-        # the official code freezes the mask for the last 10% of epochs; at least one TDM update
-        strategy.update(freeze_from=max(1, round(0.9 * args.epochs)))
-    train: dict[str, Any] = {
-        "epochs": args.epochs,
-        "batch_size": 32,
-        "lr": 0.03,
-        "momentum": 0.0,
-        "weight_decay": 0.0,
-        "scheduler": "none",
-    }
+    if name == "sparcl":  # the official code freezes the mask for the last 10 % of epochs
+        strategy["freeze_from"] = max(1, round(0.9 * args.epochs))
+    strategy.update(opts)
+    train = {"epochs": args.epochs, "batch_size": 32, "lr": lr, "momentum": 0.0,
+             "weight_decay": 0.0, "scheduler": "none"}  # fmt: skip
     if args.max_updates:
         train["max_updates"] = args.max_updates
-    return validate_config(
-        {
-            "seed": seed,
-            "name": f"{scenario}-{method}-{sparsity}-{seed}",
-            "output_dir": str(out),
-            "scenario": QUICK_SCENARIO
-            if scenario == QUICK_SCENARIO["name"]
-            else {"name": scenario},
-            "strategy": strategy,
-            "model": {"backbone": args.backbone, "small_input": True},
-            "train": train,
-            "memory": {"size": MEMORY if mem else 0, "selection": "random"},
-            "data": {"root": str(data_root(args.root))},
-        }
-    )
+    scenario = QUICK_SCENARIO if args.quick else {"name": SCENARIO}
+    return validate_config({
+        "seed": seed, "name": f"{method}-{sparsity}-s{seed}-lr{lr:g}", "output_dir": str(out),
+        "scenario": scenario, "strategy": strategy, "train": train,
+        "model": {"backbone": args.backbone, "small_input": True},
+        "memory": {"size": MEMORY if mem else 0, "selection": "random"},
+        "data": {"root": str(data_root(args.root))},
+    })  # fmt: skip
 
 
-def one_run(args, scenario: str, method: str, sparsity: float, seed: int, out: Path) -> dict:
-    cfg = config(args, scenario, method, sparsity, seed, out)
+def _acc(strategy, experiences) -> float:
+    """ACC in points: mean test accuracy over ``experiences``."""
+    return 100 * statistics.fmean(e.accuracy for e in evaluate(strategy, experiences, quiet=True))
+
+
+@torch.no_grad()
+def one_shot(run_dir: Path, sparsities: tuple[float, ...]) -> list[dict[str, float]]:
+    """After each experience: ACC of the dense model and of its one-shot ``|w|``-pruned copies."""
+    out = []
+    for k in range(len(json.loads((run_dir / "metrics.json").read_text())["accuracy_matrix"])):
+        _, sc, strategy, _, _ = restore_run(run_dir, experience=k, command="benchmarks/esacl.py")
+        strategy.eval()
+        seen, bb = sc.experiences[: k + 1], strategy.backbone
+        stages = [f"net.{s.name}" for s in bb.stages()]
+        saved = [p.detach().clone() for p in bb.parameters()]
+        rec = {"experience": k, "dense": _acc(strategy, seen)}
+        for s in sparsities:
+            pruned, _ = one_shot_prune(bb, stages, s)
+            for p, q in zip(bb.parameters(), pruned.parameters(), strict=True):
+                p.copy_(q)
+            rec[f"pruned_{s:g}"] = _acc(strategy, seen)
+            rec[f"drop_{s:g}"] = rec["dense"] - rec[f"pruned_{s:g}"]
+            for p, q in zip(bb.parameters(), saved, strict=True):
+                p.copy_(q)
+        out.append(rec)
+    return out
+
+
+def one_run(args, method: str, sparsity: float, seed: int, lr: float) -> dict[str, Any]:
+    """Train (or read back the cached row of) one run: accuracy, validation, cost, one-shot."""
+    key = f"{method}-{sparsity:g}-s{seed}-lr{lr:g}"
+    cache = args.work / f"{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
     t0 = time.perf_counter()
-    run_dir = run(cfg, quiet=True)
+    run_dir = run(config(args, method, sparsity, seed, lr, args.work / "runs"), quiet=True)
     wall = time.perf_counter() - t0
     m = json.loads((run_dir / "metrics.json").read_text())
-    s = m["summary"]
     _, scen, strategy, _, _ = restore_run(run_dir, command="benchmarks/esacl.py")
+    strategy.eval()
+    val = [e.accuracy for e in evaluate(strategy, scen.experiences, split="val", quiet=True)]
     model = strategy.deployable_model()
-    params = sum(p.numel() for p in model.parameters())
-    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
-    row = {
-        "scenario": scenario,
-        "method": method,
-        "sparsity": sparsity if method in SPARSE else 0.0,
-        "seed": seed,
-        "average_accuracy": s["average_accuracy"],
-        "final_accuracy": s["final_accuracy"],
-        "forgetting": s["forgetting"],
-        "wall_s": wall,
-        "parameters": params,
-        "nonzero": nonzero,
-    }
+    row: dict[str, Any] = {
+        "method": method, "sparsity": sparsity if method != "replay" else 0.0, "seed": seed,
+        "lr": lr, "average_accuracy": 100 * m["summary"]["average_accuracy"],
+        "final_accuracy": 100 * m["summary"]["final_accuracy"],
+        "forgetting": 100 * m["summary"]["forgetting"],
+        "val_accuracy": 100 * statistics.fmean(val), "wall_s": wall,
+        "train_s": sum(f["seconds"] for f in m["fit"]), "epochs": args.epochs,
+        "nonzero": sum(int((p != 0).sum()) for p in model.parameters()),
+    }  # fmt: skip
     if hasattr(strategy, "masks"):
-        row["density"] = strategy.masks.density()
-        row["train_gflops"] = float(strategy.flops_) / 1e9
-        row["images"] = int(strategy.images_)
-    else:  # dense: every image of the trainer's batches, forward + backward at density 1
-        shape = tuple(scen.input_shape)
-        per = TrainingFlops(Classifier(strategy.backbone, strategy.head), shape).per_example()
-        images = 0
-        for e in scen.experiences:
-            n = len(e.train)
-            steps = math.ceil(n / 32) * args.epochs
-            if args.max_updates:
-                steps = min(steps, args.max_updates)
-            images += min(n * args.epochs, steps * 32)
-            if METHODS[method][2] and e.index > 0:
-                images += steps * 32  # replay samples, one replay batch per update
-        row.update(density=1.0, train_gflops=per * images / 1e9, images=images)
+        row.update(density=strategy.masks.density(), train_gflops=float(strategy.flops_) / 1e9,
+                   images=int(strategy.images_))  # fmt: skip
+    else:  # dense replay: every image of the trainer's batches (current + replay), fwd + bwd
+        per = TrainingFlops(Classifier(strategy.backbone, strategy.head), tuple(scen.input_shape))
+        images = sum(
+            len(e.train) * args.epochs + (f["updates"] * 32 if e.index else 0)
+            for e, f in zip(scen.experiences, m["fit"], strict=True)
+        )  # + replay batches
+        row.update(density=1.0, train_gflops=per.per_example() * images / 1e9, images=images)
+    if method in ONE_SHOT and sparsity == MAIN and seed != SELECTION_SEED:
+        row["one_shot"] = one_shot(run_dir, (0.75, 0.9, 0.95))
+    cache.write_text(json.dumps(row))
+    print(f"  {key}: ACC {row['average_accuracy']:.1f}, val {row['val_accuracy']:.1f}, "
+          f"{wall:.0f} s", flush=True)  # fmt: skip
+    if not args.keep_runs:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return row
 
 
-def pruning_steps(args, scenario: str, method: str, out: Path) -> dict:
-    """Accuracy on experience 0's test images right before and after each pruning step."""
-    cfg = config(args, scenario, method, 0.8, 0, out)
-    scen, strategy, memory = build_components(cfg)
-    exp = scen.experiences[0]
-    x = to_model_input(exp.test.images[:500])
-    y = exp.test.labels[:500]
-    acc: dict[str, list[float]] = {"before": [], "after": []}
-
-    def observe(stage: str) -> None:
-        if not strategy.seen:  # the initial mask, before any training
-            return
-        was = strategy.training
-        strategy.eval()
-        with torch.no_grad():
-            pred = torch.cat(
-                [strategy.predict(x[i : i + 250]).argmax(1) for i in range(0, len(x), 250)]
-            )
-        acc[stage].append(float((pred == y).float().mean()))
-        strategy.train(was)
-
-    strategy.prune_observer = observe
-    fit_experience(strategy, exp, past=[], num_seen_classes=scen.num_seen_classes(0),
-                   memory=memory, cfg=cfg.train, seed=0, quiet=True)  # fmt: skip
-    drops = [100 * (b - a) for b, a in zip(acc["before"], acc["after"], strict=True)]
-    return {
-        "scenario": scenario,
-        "method": method,
-        "steps": len(drops),
-        "mean_drop_points": statistics.fmean(drops) if drops else float("nan"),
-        "worst_drop_points": max(drops) if drops else float("nan"),
-        "before": acc["before"],
-        "after": acc["after"],
-    }
+def choose_lr(args, family: str) -> dict[str, Any]:
+    """The family's lr: best mean validation accuracy at sparsity 0.9, selection seed."""
+    grid, widened = sorted(args.lr_grid), 0
+    while True:
+        val = {lr: one_run(args, family, MAIN, SELECTION_SEED, lr)["val_accuracy"] for lr in grid}
+        best = max(grid, key=val.get)
+        edge = best in (grid[0], grid[-1])
+        if not edge or widened == 2:
+            return {"chosen": best, "grid": grid, "val_accuracy": val, "at_edge": edge}
+        grid = [grid[0] / 3, *grid] if best == grid[0] else [*grid, grid[-1] * 3]
+        widened += 1
 
 
-def latency(args, out: Path) -> list[dict]:
-    """Dense vs channel-structured (EsaCL, ``sparsity`` of channels) ONNX models at batch 1."""
-    import onnxruntime as ort
-
-    rows = []
-    shape = (1, 28, 28)
-    for structure in ("dense", "channel"):
-        torch.manual_seed(0)
-        bb = create_backbone(args.backbone, in_chans=1, small_input=True)
-        s = create_strategy("esacl", bb, structure="channel", init_sparsity=0.0 if structure == "dense" else 0.8,
-                            sparsity=0.8)  # fmt: skip
-        s.grow(ExperienceInfo(0, "e", 0, tuple(range(9)), 9))
-        model = s.deployable_model().eval()
-        path = out / f"latency-{structure}.onnx"
-        with torch.no_grad():
-            torch.onnx.export(model, (torch.zeros(1, *shape),), str(path), dynamo=False)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        feed = {sess.get_inputs()[0].name: torch.rand(1, *shape).numpy()}
-        for _ in range(20):
-            sess.run(None, feed)
-        times = []
-        for _ in range(args.latency_repeats):
-            t = time.perf_counter()
-            sess.run(None, feed)
-            times.append(time.perf_counter() - t)
-        rows.append(
-            {
-                "model": structure,
-                "latency_ms_b1": 1000 * statistics.median(times),
-                "size_mb": path.stat().st_size / 1e6,
-                "parameters": sum(p.numel() for p in model.parameters()),
-            }
-        )
-    return rows
+def pick(rows, method: str, sparsity: float, key: str, seeds=SEEDS) -> list[float]:
+    sp = 0.0 if method == "replay" else sparsity
+    by = {r["seed"]: r[key] for r in rows if r["method"] == method and r["sparsity"] == sp}
+    return [by[s] for s in seeds if s in by]
 
 
-def summarise(rows: list[dict], scenario: str, method: str, sparsity: float, key: str) -> tuple[float, float]:  # fmt: skip
-    vals = [r[key] for r in rows if r["scenario"] == scenario and r["method"] == method and r["sparsity"] == (sparsity if method in SPARSE else 0.0)]  # fmt: skip
+def pm(vals: list[float]) -> str:
     if not vals:
-        return float("nan"), float("nan")
-    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+        return ""
+    sd = f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
+    return f"{statistics.fmean(vals):.1f}{sd}"
 
 
-def targets(rows, steps, lat, scenarios) -> list[dict]:
-    out = []
-    for sc in scenarios:
-        acc = {m: summarise(rows, sc, m, 0.8, "average_accuracy")[0] for m in METHODS}
-        gap = 100 * (acc["replay"] - acc["esacl"])
-        out.append({"name": f"{sc}: dense replay minus EsaCL average accuracy at 0.8 (points)",
-                    "value": gap, "goal": "<= 1.5", "met": bool(gap <= 1.5)})  # fmt: skip
-        best = max(acc["sparcl"], acc["magnitude"])
-        out.append({"name": f"{sc}: EsaCL minus max(SparCL, magnitude) average accuracy at 0.8 (points)",
-                    "value": 100 * (acc["esacl"] - best), "goal": ">= 0", "met": bool(acc["esacl"] >= best)})  # fmt: skip
-        fl = {m: summarise(rows, sc, m, 0.8, "train_gflops")[0] for m in ("esacl", "esacl-noids")}
-        ratio = fl["esacl-noids"] / fl["esacl"]
-        cost = 100 * (acc["esacl-noids"] - acc["esacl"])
-        out.append({"name": f"{sc}: training FLOPs without IDS / with IDS", "value": ratio,
-                    "goal": ">= 2", "met": bool(ratio >= 2)})  # fmt: skip
-        out.append({"name": f"{sc}: accuracy cost of IDS (points)", "value": cost,
-                    "goal": "<= 1", "met": bool(cost <= 1)})  # fmt: skip
-    for st in steps:
-        if st["method"] == "esacl":
-            w = st["worst_drop_points"]
-            out.append({"name": f"{st['scenario']}: worst accuracy drop at an EsaCL pruning step (points)",
-                        "value": w, "goal": "<= 1", "met": bool(w <= 1)})  # fmt: skip
-    if lat:
-        d = {r["model"]: r for r in lat}
-        sp = d["dense"]["latency_ms_b1"] / d["channel"]["latency_ms_b1"]
-        out.append({"name": "structured EsaCL export speed-up at batch 1 (ONNX, CPU)", "value": sp,
-                    "goal": ">= 1.5", "met": bool(sp >= 1.5)})  # fmt: skip
+def drops(rows, method: str, sparsity: float, k: int = -1) -> list[float]:
+    return [r["one_shot"][k][f"drop_{sparsity:g}"] for s in SEEDS for r in rows
+            if r["method"] == method and r["seed"] == s and -len(r.get("one_shot", [])) <= k < len(r.get("one_shot", []))]  # fmt: skip
+
+
+def _t(name: str, value: float, goal: str, met: bool) -> dict[str, Any]:
+    return {"name": name, "value": float(value), "goal": goal, "met": bool(met)}
+
+
+def targets(rows, diffs: dict[str, dict]) -> list[dict[str, Any]]:
+    mean = {m: statistics.fmean(pick(rows, m, MAIN, "average_accuracy") or [float("nan")])
+            for m in METHODS}  # fmt: skip
+    gap = mean["replay"] - mean["esacl"]
+    out = [_t("dense replay - EsaCL ACC at 0.9 (points)", gap, "<= 1.5", gap <= 1.5)]
+    for other in ("sparcl", "magnitude"):
+        d = diffs[f"esacl - {other}"]["mean"]
+        out.append(_t(f"EsaCL - {other} ACC at 0.9 (points, paired)", d, ">= 0", d >= 0))
+    ci = diffs["esacl - magnitude"]["ci95"] or [0.0, 0.0]
+    sep = ci[0] > 0 or ci[1] < 0
+    out.append(_t("budget separates EsaCL from magnitude: 95 % CI of the paired difference "
+                  "excludes 0 (CI width, points)", ci[1] - ci[0], "excludes 0", sep))  # fmt: skip
+    d = diffs["esacl - esacl-random"]["mean"]
+    out.append(_t("IDS - random subset of the same size, ACC (points, paired)", d, ">= 0", d >= 0))
+    a, b = drops(rows, "esacl-dense", MAIN), drops(rows, "replay", MAIN)
+    if a and b:
+        da, db = statistics.fmean(a), statistics.fmean(b)
+        out.append(_t("no retraining: one-shot drop of EsaCL's dense SAM model at 0.9, end of "
+                      "stream (points)", da, "<= 1", da <= 1))  # fmt: skip
+        out.append(_t("one-shot drop of plain SGD (replay) - of EsaCL's SAM model at 0.9 "
+                      "(points)", db - da, ">= 3", db - da >= 3))  # fmt: skip
+    fl = {m: pick(rows, m, MAIN, "train_gflops", (0,)) for m in ("esacl", "esacl-noids", "sparcl")}
+    ts = {m: pick(rows, m, MAIN, "train_s", (0,)) for m in ("esacl", "esacl-noids")}
+    if all(fl.values()) and all(ts.values()):
+        ratio, wall = fl["esacl-noids"][0] / fl["esacl"][0], ts["esacl-noids"][0] / ts["esacl"][0]
+        out.append(_t(f"IDS saving shows in wall time: train-seconds ratio without/with IDS vs "
+                      f"the FLOPs ratio {ratio:.3f}", wall / ratio, ">= 0.9", wall / ratio >= 0.9))  # fmt: skip
+        r = fl["esacl"][0] / fl["sparcl"][0]
+        out.append(_t("EsaCL training FLOPs / SparCL's at 0.9", r, "<= 1", r <= 1))
     return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--root")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for esacl.{json,md}")
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, few updates")
-    ap.add_argument("--only", choices=["all", "latency"], default="all")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "esacl", help="cached runs")
+    ap.add_argument("--fresh", action="store_true", help="discard the cached runs first")
+    ap.add_argument("--keep-runs", action="store_true", help="keep each run's directory")
+    ap.add_argument("--quick", action="store_true", help="smoke run: synthetic, a few updates")
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--backbone", default="test_resnet")
-    ap.add_argument("--prune-every", type=int, default=20)
-    ap.add_argument("--ramp-updates", type=int, default=200)
-    ap.add_argument("--removal-epochs", type=int, nargs="+", default=[1],
+    ap.add_argument("--lr-grid", type=float, nargs="+", default=[0.01, 0.03, 0.1])
+    ap.add_argument("--prune-every", type=int, default=30)
+    ap.add_argument("--ramp-updates", type=int, default=300)
+    ap.add_argument("--removal-epochs", type=int, nargs="+", default=[1, 2],
                     help="epochs (0-based) at whose start IDS/DDR remove an equal share")  # fmt: skip
     ap.add_argument("--max-updates", type=int, default=None)
-    ap.add_argument("--scenarios", nargs="*", default=SCENARIOS)
-    ap.add_argument("--latency-repeats", type=int, default=200)
     args = ap.parse_args()
     if args.quick:
-        args.backbone, args.epochs, args.max_updates = "test_resnet", 2, 6
-        args.prune_every, args.ramp_updates, args.latency_repeats = 2, 8, 20
+        args.epochs, args.max_updates, args.prune_every, args.ramp_updates = 2, 6, 2, 8
         args.removal_epochs = [1]
-        if args.scenarios == SCENARIOS:
-            args.scenarios = [QUICK_SCENARIO["name"]]
-    args.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="medcl-esacl-"))
-    rows, steps = [], []
-    if args.only == "all":
-        for sc in args.scenarios:
-            for method, sp, seed in plan(args.quick):
-                rows.append(one_run(args, sc, method, sp, seed, work))
-                print(rows[-1], flush=True)
-            for method in ("esacl", "magnitude"):
-                steps.append(pruning_steps(args, sc, method, work))
-                print(steps[-1], flush=True)
-    lat = latency(args, work)
-    print(lat, flush=True)
-    tg = targets(rows, steps, lat, args.scenarios if rows else [])
-    payload = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
-               "rows": rows, "pruning_steps": steps, "latency": lat, "targets": tg}  # fmt: skip
-    (args.out / "esacl.json").write_text(json_text(payload))
+        args.work = args.work.with_name(args.work.name + "-quick")
+    if args.fresh:
+        shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    lrs = {f: {"chosen": args.lr_grid[0]} if args.quick else choose_lr(args, f) for f in FAMILIES}
+    rows = []
+    for i, (method, sp, seed) in enumerate(plan(args.quick)):
+        rows.append(one_run(args, method, sp, seed, lrs[METHODS[method][3]]["chosen"]))
+        print(f"[{i + 1}/{len(plan(args.quick))}] {method} {sp} s{seed}: ACC "
+              f"{rows[-1]['average_accuracy']:.1f}", flush=True)  # fmt: skip
+    seeds = (0,) if args.quick else SEEDS
+    diffs = {f"esacl - {m}": paired_difference(pick(rows, "esacl", MAIN, "average_accuracy", seeds),
+                                               pick(rows, m, MAIN, "average_accuracy", seeds))
+             for m in ("replay", "sparcl", "magnitude", *CONTROLS)}  # fmt: skip
+    a, b = drops(rows, "esacl-dense", MAIN), drops(rows, "replay", MAIN)
+    diffs["one-shot drop: replay - esacl-dense (0.9, end)"] = paired_difference(b, a)
+    tg = targets(rows, diffs)
+    wall = time.perf_counter() - t0
+    write_results("esacl", {"args": {k: str(v) for k, v in vars(args).items()}, "lr": lrs,
+                            "rows": rows, "paired_differences": diffs, "targets": tg,
+                            "wall_seconds_this_invocation": wall}, report(args, rows, lrs, diffs, tg),
+                  out=args.out)  # fmt: skip
+
+
+def report(args, rows, lrs, diffs, tg) -> str:
+    cols = ("average_accuracy", "final_accuracy", "forgetting", "val_accuracy", "density",
+            "train_gflops", "images", "train_s")  # fmt: skip
     table = []
-    for sc in args.scenarios if rows else []:
-        for method in METHODS:
-            for sp in (0.5, 0.8, 0.9):
-                if method not in SPARSE and sp != 0.8:
-                    continue
-                r = {"scenario": sc, "method": method, "sparsity": sp if method in SPARSE else 0.0}
-                for key in ("average_accuracy", "final_accuracy", "forgetting", "density", "train_gflops", "images", "wall_s"):  # fmt: skip
-                    mu, sd = summarise(rows, sc, method, sp, key)
-                    r[key] = f"{mu:.4g} ± {sd:.2g}" if sd else mu
-                if not math.isnan(summarise(rows, sc, method, sp, "wall_s")[0]):
-                    table.append(r)
-    md = (
-        "# EsaCL (reconstruction) vs SparCL, magnitude pruning, replay, fine-tune\n\n"
-        f"Backbone {args.backbone} (small input), {args.epochs} epochs per experience, batch 32, "
-        f"SGD lr 0.03 constant (SparCL's optimiser), memory {MEMORY} (random) where used. "
-        "mean ± sd over 3 seeds where given, else seed 0.\n\n"
-        + markdown_table(
-            table,
-            [
-                "scenario",
-                "method",
-                "sparsity",
-                "average_accuracy",
-                "final_accuracy",
-                "forgetting",
-                "density",
-                "train_gflops",
-                "images",
-                "wall_s",
-            ],
-        )
-        + "\n\n## Accuracy before / after each pruning step (experience 0)\n\n"
-        + markdown_table(
-            steps, ["scenario", "method", "steps", "mean_drop_points", "worst_drop_points"]
-        )
-        + "\n\n## Deployable model, batch 1, ONNX Runtime on CPU (1 thread)\n\n"
-        + markdown_table(lat, ["model", "latency_ms_b1", "size_mb", "parameters"])
-        + "\n\n## Targets\n\n"
-        + markdown_table(tg, ["name", "value", "goal", "met"])
+    for sp, methods in ((MAIN, METHODS), (0.75, FAMILIES[:3]), (0.95, FAMILIES[:3])):
+        for m in methods:
+            if vals := pick(rows, m, sp, "average_accuracy", (*SEEDS,)):
+                table.append({"method": m, "sparsity": 0.0 if m in ("replay", "esacl-dense") else sp,
+                              "seeds": len(vals), "lr": lrs[METHODS[m][3]]["chosen"],
+                              **{c: pm(pick(rows, m, sp, c)) for c in cols}})  # fmt: skip
+    shots = []
+    for m in ONE_SHOT:
+        for k in range(3):
+            for sp in (0.75, 0.9, 0.95):
+                if d := drops(rows, m, sp, k):
+                    shots.append({"model": m, "after experience": k, "sparsity": sp,
+                                  "drop (points)": pm(d)})  # fmt: skip
+    dif = [{"comparison": k, "mean": v["mean"], "sd": v["sd"], "ci95": v["ci95"]} for k, v in diffs.items()]  # fmt: skip
+    total = sum(r["wall_s"] for r in rows) + sum(
+        one_run(args, f, MAIN, SELECTION_SEED, lr)["wall_s"] for f in FAMILIES for lr in lrs[f].get("grid", []))  # fmt: skip
+    chosen = {f: {k: v.get(k) for k in ("chosen", "grid", "at_edge")} for f, v in lrs.items()}
+    head = (
+        f"`{SCENARIO}` at 28 px, backbone `{args.backbone}` (small input), {args.epochs} epochs "
+        f"per experience for every run, batch 32, SGD constant lr, memory {MEMORY} (random) where "
+        f"used. Reported seeds {list(SEEDS)} (mean ± sd; 0.75 and 0.95: seed 0); lr per family "
+        f"chosen at 0.9 by seed {SELECTION_SEED} on the validation splits: {json.dumps(chosen)}. "
+        f"Sum of the runs' wall times (selection included), alone on 2 cores: {total / 60:.0f} "
+        "min. Generated by `benchmarks/esacl.py`."
     )
-    (args.out / "esacl.md").write_text(md + "\n")
-    print(md)
+    notes = (
+        "ACC (`average_accuracy`), final, forgetting and val in points; `train_gflops`: training "
+        "FLOPs counted update by update (both SAM passes); `images`: examples passed; `train_s`: "
+        "training seconds. `esacl-dense`: EsaCL at sparsity 0 (SAM + IDS), the model of the "
+        "no-retraining test."
+    )
+    parts = [
+        "# EsaCL (reconstruction) vs SparCL, magnitude pruning and dense replay",
+        head,
+        markdown_table(table, ["method", "sparsity", "seeds", "lr", *cols]),
+        notes,
+        "## Paired differences of ACC over the reported seeds (points)",
+        markdown_table(dif, ["comparison", "mean", "sd", "ci95"]),
+        "## No retraining: one-shot |w| pruning of a dense model, no training (ACC drop, points)",
+        markdown_table(shots, ["model", "after experience", "sparsity", "drop (points)"]),
+        "## Targets",
+        markdown_table(tg, ["name", "value", "goal", "met"]),
+    ]
+    return "\n\n".join(parts)
 
 
 if __name__ == "__main__":

@@ -118,17 +118,18 @@ def evaluate(
     split: str = "test",
     batch_size: int | None = None,
     amp: bool = False,
+    quiet: bool = False,
 ) -> list[ExperienceEval]:
     """Evaluate on ``split`` of every experience (also future ones: FWT needs them).
 
-    ``batch_size`` and ``amp`` as in :func:`predict_proba`.
+    ``batch_size`` and ``amp`` as in :func:`predict_proba`; ``quiet`` hides the progress bars.
     """
     out = []
     for exp in experiences:
         data: SampleSet = getattr(exp, split)
         probs = predict_proba(
             strategy, data.images, batch_size=batch_size, amp=amp,
-            desc=f"evaluate {exp.name} ({split})",
+            desc=None if quiet else f"evaluate {exp.name} ({split})",
         )  # fmt: skip
         acc, tacc = _accuracies(probs, data.labels, exp.classes)
         out.append(ExperienceEval(probs, data.labels, acc, tacc))
