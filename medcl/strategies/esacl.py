@@ -31,13 +31,14 @@ available, so **this is a documented reconstruction, not a reimplementation**. E
    scope and schedule, and replay are those of ``magnitude-pruning``
    (:mod:`medcl.strategies.magnitude_pruning`, with their sources), which EsaCL extends.
 
-IDS redundant-example elimination (``ids_removal``): at the start of the epochs in
-``removal_epochs`` (counted within an experience) an equal share of ``removal_fraction`` of the
-experience is dropped, the examples with the lowest mean sharpness (or SparCL's forgetting count,
-``removal_score``); shares and epochs follow SparCL's official code (30% in 4 rounds at epochs
-5-20 of 50), scaled to short CPU runs (reconstruction). ``ids`` switches both parts (``false``:
-both off); ``ids_random`` is the control that picks the same numbers of examples uniformly at
-random (seeded by ``seed`` and the experience) for both.
+IDS redundant-example elimination (``ids_removal``): at the start of each epoch in
+``removal_epochs`` (within an experience) an equal share of ``removal_fraction`` of the experience
+is dropped, the lowest mean sharpness (or SparCL's forgetting count, ``removal_score``); 30% in 4
+rounds at epochs 5-20 of 50 in SparCL's official code, scaled to short runs (reconstruction).
+``ids`` switches both parts; ``ids_random`` (control) picks as many examples uniformly at random.
+Cost per example, ``F`` a sparse forward: SAM is ``3F + 3F``; with support selection ``3F + F +
+3γF`` (all scored at ``w + ε``, the top ``γ = select_fraction`` back-propagated): IDS saves at
+most ``6 / (4 + 3γ)`` (1.09× at γ = 0.5) times ``1 / (1 - removed share)``: ~1.3×, not 2×.
 
 Deviations:
 - DER++'s logit terms (the recipe's replay option) are not used: medcl's memory stores indices,
@@ -47,9 +48,8 @@ Deviations:
 - Until the first update has gradient statistics (the first window of the stream), SDP's
   candidates are chosen by ``|w|``. The gradient statistics and the shrinkage state are not
   checkpointed: a resumed run rebuilds them within a window.
-- ``score="legacy"`` is the earlier ``|w| + λ|g_SAM|`` with the last update's gradient (it had
-  ``λ = 0.5``; measured equal to ``|w|``'s mask on real data); ``shrink="grda_fixed"`` uses
-  gRDA's published ``c`` unscaled (measured inert: no candidate reaches 0).
+- ``score="legacy"``: the earlier ``|w| + 0.5|g_SAM|`` (last update's gradient; measured equal to
+  ``|w|``'s mask); ``shrink="grda_fixed"``: gRDA's ``c`` unscaled (measured inert).
 - ``sdp=False`` scores by ``|w|`` and does not shrink (magnitude pruning); with ``sam_rho=0`` and
   ``ids=False`` too it is the ``magnitude-pruning`` baseline, the same machinery.
 """
