@@ -1,7 +1,7 @@
 """EsaCL (reconstruction) against SparCL, magnitude pruning and dense replay, with its controls.
 
 Issue 23's benchmark, on ``medmnist-cross3`` at 28 px (PneumoniaMNIST → BreastMNIST →
-RetinaMNIST, class-incremental, 9 classes) with timm's ``test_resnet`` (small input, 0.47 M
+RetinaMNIST, class-incremental, 9 classes) with timm's ``test_resnet`` (small input, 0.37 M
 parameters), SGD at a constant lr, batch 32, no momentum or weight decay (SparCL's optimiser),
 ``--epochs`` per experience (default 3: the whole plan takes about an hour alone on 2 cores),
 memory 200 (random) where used. Protocol:
