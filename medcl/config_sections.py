@@ -66,7 +66,9 @@ class ModelConfig(_Strict):
     checkpoint_path: Path | None = Field(
         None, description="local weights: .safetensors or a torch.save state dict"
     )
-    width: float = Field(1.0, gt=0, description="channel multiplier (MONAI 3D backbones)")
+    width: float = Field(
+        1.0, gt=0, description="channel multiplier (timm ResNets and MONAI 3D backbones)"
+    )
 
 
 class TrainConfig(_Strict):

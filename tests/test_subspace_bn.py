@@ -64,7 +64,7 @@ def assert_statistics(model: nn.Module, want: dict[str, tuple[Tensor, Tensor]]) 
         torch.testing.assert_close(bns[name].running_var, var, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def consolidate(name: str, monkeypatch, *, skip: bool = False):
+def consolidate(name: str, monkeypatch, *, skip: bool = False, **options):
     """Train ``name`` on both experiences; return the strategy, the memory as it was during
     experience 1's consolidation, and the batches given to the last re-estimation (and, with
     ``skip``, not used: the re-estimation is a no-op)."""
@@ -77,7 +77,7 @@ def consolidate(name: str, monkeypatch, *, skip: bool = False):
             original(net, calls[-1])
 
     monkeypatch.setattr(subspace_base, "recompute_batchnorm", spy)
-    strategy, memory = new_strategy(name), ReplayMemory(16, seed=0)
+    strategy, memory = new_strategy(name, **options), ReplayMemory(16, seed=0)
     fit(strategy, STREAM[0], memory, ONE_EPOCH)
     buffer = copy.deepcopy(memory)  # the memory is updated after the consolidation
     fit(strategy, STREAM[1], memory, ONE_EPOCH)
@@ -117,3 +117,35 @@ def test_skipping_the_reestimation_deploys_other_statistics(name, monkeypatch):
     deployed = strategy.deployable_model()
     with pytest.raises(AssertionError):
         assert_statistics(deployed, input_statistics(deployed, batches))
+
+
+def composition(batches: list[Tensor], buffer) -> tuple[int, dict[int, int]]:
+    """Rows of ``batches`` from the buffer, and per class of experience 1 the rows from its
+    training split (the two sets share no class)."""
+    rows = [bytes(r.numpy()) for b in batches for r in b]
+    memory_rows = {bytes(r.numpy()) for r in to_model_input(buffer.as_sampleset().images)}
+    train = STREAM[1].train
+    label = {bytes(r.numpy()): int(y) for r, y in zip(to_model_input(train.images), train.labels,
+                                                         strict=True)}  # fmt: skip
+    current: dict[int, int] = {}
+    for r in rows:
+        if r in label:
+            current[label[r]] = current.get(label[r], 0) + 1
+    assert sum(r in memory_rows for r in rows) + sum(current.values()) == len(rows)
+    return sum(r in memory_rows for r in rows), current
+
+
+@pytest.mark.parametrize("name", ["subspace", "mcsgd"])
+def test_reestimation_set_is_the_memory_plus_as_many_class_balanced_current_samples(
+    name, monkeypatch
+):
+    """Default ``bn_set="balanced"``: old and new data weigh alike in the midpoint's statistics
+    (the memory plus an equal number of current samples, equal per class); the ablation
+    ``"experience"`` is the earlier mix, dominated by the current experience."""
+    _, buffer, batches = consolidate(name, monkeypatch)
+    n_memory, current = composition(batches, buffer)
+    assert n_memory == len(buffer) == 16
+    assert current == {2: 8, 3: 8}  # 16 current samples, 8 per class (128 available)
+    _, buffer, batches = consolidate(name, monkeypatch, bn_set="experience")
+    n_memory, current = composition(batches, buffer)
+    assert n_memory == 16 and sum(current.values()) == len(STREAM[1].train) == 128

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from medcl.errors import ConfigError, did_you_mean
+from medcl.models.timm_width import timm_width_kwargs
 from medcl.models.weights import (
     CHECKPOINT_PREFIXES,
     WEIGHT_SOURCES,
@@ -151,7 +152,7 @@ def _stage_inputs(net: nn.Module, modules: list[str], in_chans: int) -> list[int
 
 
 def _timm_backbone(
-    name: str, *, in_chans: int, small_input: bool, pretrained: str | None
+    name: str, *, in_chans: int, small_input: bool, pretrained: str | None, width: float = 1.0
 ) -> Backbone:
     import timm
 
@@ -161,8 +162,9 @@ def _timm_backbone(
             f"{did_you_mean(name, [*timm.list_models(), *BACKBONES.list()])}"
         )
     hub = pretrained == "hub"
+    wide = timm_width_kwargs(name, width, in_chans=in_chans, pretrained=pretrained is not None)
     try:
-        net = timm.create_model(name, pretrained=hub, in_chans=in_chans, num_classes=0)
+        net = timm.create_model(name, pretrained=hub, in_chans=in_chans, num_classes=0, **wide)
     except Exception as e:  # hub unreachable, missing weights, ...
         if not hub:
             raise
@@ -285,7 +287,9 @@ def create_backbone(
             weight source (:func:`~medcl.models.weights.list_weight_sources`).
         checkpoint_path: local weights (``.safetensors`` or a ``torch.save`` state dict, loaded with
             ``weights_only=True``), mapped, channel-adapted and shape-checked like the others.
-        width: channel multiplier (MONAI 3D families only), for small test models.
+        width: channel multiplier: MONAI 3D families, and timm ResNets through timm's own
+            ``channels``/``stem_width`` (:mod:`medcl.models.timm_width`); 1 is the unchanged
+            model.
 
     Returns:
         A :class:`Backbone` producing ``(B, num_features)``; ``backbone.preprocessing`` records
@@ -324,7 +328,9 @@ def create_backbone(
                 f"model.backbone {name!r} is a 2D timm model but the data is 3D; "
                 f"choose one of {BACKBONES.list()}."
             )
-        bb = _timm_backbone(name, in_chans=in_chans, small_input=small_input, pretrained=source)
+        bb = _timm_backbone(
+            name, in_chans=in_chans, small_input=small_input, pretrained=source, width=width
+        )
     if source not in (None, "hub"):
         ws = WEIGHT_SOURCES.get(source)
         if name not in ws.architectures:

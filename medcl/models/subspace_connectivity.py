@@ -44,6 +44,7 @@ def connectivity_stage(
     lr: float = 0.005,
     momentum: float = 0.8,
     batch_size: int = 64,
+    losses: list[float] | None = None,
 ) -> int:
     """Train the endpoints so that the simplex they span with a fixed vertex has low loss.
 
@@ -59,6 +60,7 @@ def connectivity_stage(
         old, new: the two sets (raw images, global labels).
         old_vertex, new_vertex: fixed vertices, one tensor per subspace key (detached).
         straight_through: MC-SGD's update (the gradient at the point applied to the endpoints).
+        losses: if given, each step's loss (summed over its points and both sets) is appended.
 
     Returns:
         The number of optimiser steps.
@@ -88,6 +90,8 @@ def connectivity_stage(
                 loss.backward()
                 opt.step()
                 steps += 1
+                if losses is not None:
+                    losses.append(float(loss.detach()))
     finally:
         point.straight_through = False
         set_anchor(net, "old", None)

@@ -104,6 +104,7 @@ class MCSGD(SubspaceStrategy):
         super().__init__(backbone, **options)
         self.sequential_ = nn.Module()  # ŵ_t as buffers (checkpointed: the next start point)
         self._previous: dict[str, Tensor] | None = None
+        self._connect_losses: list[float] = []
 
     # -- the sequential chain's state --------------------------------------------------------
     def grow(self, info: ExperienceInfo) -> None:
@@ -138,7 +139,7 @@ class MCSGD(SubspaceStrategy):
         if self.continue_from == "sequential":
             for key, value in seq.items():
                 getattr(self.sequential_, _name(key)).copy_(value)
-        prev = self._previous
+        prev, self._connect_losses = self._previous, []
         if prev is not None and self.connect_epochs > 0:
             old_rows = self.seen[-2].num_seen_classes
             for key in prev:  # rows of classes new at t: no previous solution, take ŵ_t's
@@ -154,10 +155,15 @@ class MCSGD(SubspaceStrategy):
                 new_vertex=seq,
                 sampling="grid",
                 straight_through=not self.chain_rule,
+                losses=self._connect_losses,
                 **self.connectivity_sgd(),
             )
         self._previous = None
         self.recompute_statistics(exp, memory)
+
+    def diagnostics(self) -> dict[str, Any]:
+        """The connectivity step's per-step loss (summed over its K + 1 points and both sets)."""
+        return {"connectivity_loss": [round(v, 5) for v in self._connect_losses]}
 
     def _episodic_memory(self, exp: Experience, memory: ReplayMemory) -> SampleSet:
         """The replay memory plus ``current_per_class`` samples per class of ``exp``."""

@@ -11,7 +11,7 @@ one plain network for export. The methods, their papers and deviations:
 
 from __future__ import annotations
 
-__all__ = ["SubspaceOptions", "SubspaceStrategy"]
+__all__ = ["SubspaceOptions", "SubspaceStrategy", "balanced_rows"]
 
 import math
 from dataclasses import dataclass
@@ -53,6 +53,7 @@ class SubspaceOptions(StrategyOptions):
     subset_size: int = 500
     bn: Literal["recompute", "batch"] = "recompute"
     bn_samples: int = 1024
+    bn_set: Literal["balanced", "experience"] = "balanced"
     stage1_replay: bool = False
     seed: int = 0
 
@@ -73,6 +74,21 @@ class SubspaceOptions(StrategyOptions):
             )
 
 
+def balanced_rows(labels: Tensor, size: int) -> Tensor:
+    """``size`` random rows (the global RNG) whose classes are as equal as the data allow.
+
+    Rows are shuffled, ranked within their class and taken rank by rank, so every class gives
+    ``size // #classes`` rows (one more for some) unless it has fewer, the rest coming from the
+    others. Returns ``(min(size, N),)`` row indices.
+    """
+    perm = torch.randperm(len(labels))
+    shuffled, rank = labels[perm], torch.empty(len(labels), dtype=torch.long)
+    for c in torch.unique(shuffled):
+        rows = torch.nonzero(shuffled == c).flatten()
+        rank[rows] = torch.arange(len(rows))
+    return perm[torch.argsort(rank, stable=True)[:size]]
+
+
 class SubspaceStrategy(Strategy):
     """Base of strategies whose network is a subspace (S-C, MC-SGD): structure, BN, inference.
 
@@ -82,7 +98,12 @@ class SubspaceStrategy(Strategy):
         grid_points, connect_epochs, connect_lr, connect_momentum, connect_batch_size,
             subset_size: the connectivity stage (:meth:`connectivity_sgd`).
         bn: ``"recompute"`` (statistics re-estimated at the evaluated point) or ``"batch"``.
-        bn_samples: samples of the current experience used to re-estimate them (plus the buffer).
+        bn_samples: at most this many samples of the current experience re-estimate them.
+        bn_set: the re-estimation set. ``"balanced"`` (default): the whole replay memory plus as
+            many current samples as it holds (classes as equal as the data allow; up to
+            ``bn_samples`` when the memory is empty), so old and new data weigh alike.
+            ``"experience"`` (ablation, the earlier behaviour): ``bn_samples`` random current
+            samples plus the memory (about 84 % current data with 1024 and a memory of 200).
         stage1_replay: mix the replay memory into the trainer's batches (stage 1 / the
             sequential chain); False trains on the experience alone, as the papers do.
         seed: seeds the endpoints' independent initialisation.
@@ -124,11 +145,18 @@ class SubspaceStrategy(Strategy):
             "batch_size": self.connect_batch_size,
         }
 
+    def statistics_rows(self, exp: Experience, memory: ReplayMemory) -> Tensor:
+        """Rows of ``exp.train`` that join the memory in the BatchNorm re-estimation (``bn_set``)."""
+        if self.bn_set == "experience":
+            return torch.randperm(len(exp.train))[: self.bn_samples]
+        n = min(self.bn_samples, len(memory)) if len(memory) else self.bn_samples
+        return balanced_rows(exp.train.labels, n)
+
     def recompute_statistics(self, exp: Experience, memory: ReplayMemory) -> None:
-        """Re-estimate BatchNorm statistics at the current point on the experience + buffer."""
+        """Re-estimate BatchNorm statistics at the current point on ``bn_set``'s samples."""
         if self.bn != "recompute":
             return
-        idx = torch.randperm(len(exp.train))[: self.bn_samples]
+        idx = self.statistics_rows(exp, memory)
         parts = [exp.train.images[idx]] + ([memory.as_sampleset().images] if len(memory) else [])
         images = torch.cat(parts)
         device = next(self.parameters()).device
