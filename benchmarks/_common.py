@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+#: the seed that chooses hyper-parameters (never reported) and the reported seeds
+SELECTION_SEED, REPORTED_SEEDS = 100, (0, 1, 2)
+#: ``--quick`` smoke streams: small synthetic images, class-incremental (no data files needed)
+SMOKE_SCENARIO = {"name": "synthetic-ci", "num_classes": 4, "classes_per_experience": 2,
+                  "n_train": 96, "n_test": 48, "n_val": 32, "image_size": 16}  # fmt: skip
 
 
 def data_root(arg: str | None) -> Path:
@@ -49,6 +55,23 @@ def paired_difference(a: list[float], b: list[float]) -> dict[str, Any]:
         return {"mean": float(d.mean()), "sd": None, "ci95": None}
     half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
     return {"mean": float(d.mean()), "sd": float(d.std(ddof=1)), "ci95": [float(d.mean() - half), float(d.mean() + half)]}  # fmt: skip
+
+
+def choose_from_grid(
+    score: Callable[[float], float], grid: list[float], *, key: str = "score", widenings: int = 2
+) -> dict[str, Any]:
+    """The grid value with the best ``score`` (higher is better), the grid widened ×3 on the side
+    where the best value sits at an edge (at most ``widenings`` times), so the choice brackets
+    the optimum. Returns ``{"chosen", "grid", key: {value: score}, "at_edge"}``."""
+    grid, widened = sorted(grid), 0
+    while True:
+        scores = {v: score(v) for v in grid}
+        best = max(grid, key=scores.__getitem__)
+        edge = best in (grid[0], grid[-1])
+        if not edge or widened == widenings:
+            return {"chosen": best, "grid": grid, key: scores, "at_edge": edge}
+        grid = [grid[0] / 3, *grid] if best == grid[0] else [*grid, grid[-1] * 3]
+        widened += 1
 
 
 def json_safe(obj: Any) -> Any:

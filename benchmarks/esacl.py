@@ -44,7 +44,18 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, RESULTS, data_root, markdown_table, paired_difference, write_results
+from _common import (
+    REPO,
+    REPORTED_SEEDS,
+    RESULTS,
+    SELECTION_SEED,
+    SMOKE_SCENARIO,
+    choose_from_grid,
+    data_root,
+    markdown_table,
+    paired_difference,
+    write_results,
+)
 
 from medcl.config import validate_config
 from medcl.engine.evaluate import evaluate
@@ -55,9 +66,7 @@ from medcl.models.pruning import one_shot_prune
 from medcl.strategies import Classifier
 
 SCENARIO = "medmnist-cross3"
-QUICK_SCENARIO = {"name": "synthetic-ci", "num_classes": 4, "classes_per_experience": 2,
-                  "n_train": 96, "n_test": 48, "n_val": 32, "image_size": 16}  # fmt: skip
-MEMORY, SELECTION_SEED, SEEDS, MAIN = 200, 100, (0, 1, 2), 0.9
+MEMORY, SEEDS, MAIN = 200, REPORTED_SEEDS, 0.9
 #: method -> (strategy, extra options, uses the memory, lr family)
 METHODS: dict[str, tuple[str, dict[str, Any], bool, str]] = {
     "esacl": ("esacl", {}, True, "esacl"),
@@ -103,7 +112,7 @@ def config(args, method: str, sparsity: float, seed: int, lr: float, out: Path) 
              "weight_decay": 0.0, "scheduler": "none"}  # fmt: skip
     if args.max_updates:
         train["max_updates"] = args.max_updates
-    scenario = QUICK_SCENARIO if args.quick else {"name": SCENARIO}
+    scenario = SMOKE_SCENARIO if args.quick else {"name": SCENARIO}
     return validate_config({
         "seed": seed, "name": f"{method}-{sparsity}-s{seed}-lr{lr:g}", "output_dir": str(out),
         "scenario": scenario, "strategy": strategy, "train": train,
@@ -186,15 +195,11 @@ def one_run(args, method: str, sparsity: float, seed: int, lr: float) -> dict[st
 
 def choose_lr(args, family: str) -> dict[str, Any]:
     """The family's lr: best mean validation accuracy at sparsity 0.9, selection seed."""
-    grid, widened = sorted(args.lr_grid), 0
-    while True:
-        val = {lr: one_run(args, family, MAIN, SELECTION_SEED, lr)["val_accuracy"] for lr in grid}
-        best = max(grid, key=val.get)
-        edge = best in (grid[0], grid[-1])
-        if not edge or widened == 2:
-            return {"chosen": best, "grid": grid, "val_accuracy": val, "at_edge": edge}
-        grid = [grid[0] / 3, *grid] if best == grid[0] else [*grid, grid[-1] * 3]
-        widened += 1
+
+    def val(lr: float) -> float:
+        return one_run(args, family, MAIN, SELECTION_SEED, lr)["val_accuracy"]
+
+    return choose_from_grid(val, args.lr_grid, key="val_accuracy")
 
 
 def pick(rows, method: str, sparsity: float, key: str, seeds=SEEDS) -> list[float]:

@@ -58,7 +58,18 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, RESULTS, data_root, markdown_table, paired_difference, write_results
+from _common import (
+    REPO,
+    REPORTED_SEEDS,
+    RESULTS,
+    SELECTION_SEED,
+    SMOKE_SCENARIO,
+    choose_from_grid,
+    data_root,
+    markdown_table,
+    paired_difference,
+    write_results,
+)
 
 from medcl.config import validate_config
 from medcl.data.scenarios import build_scenario
@@ -68,9 +79,7 @@ from medcl.engine.run import run
 from medcl.models.widths import width_for_parameters
 
 SCENARIO = "medmnist-cross3"
-QUICK_SCENARIO = {"name": "synthetic-ci", "num_classes": 4, "classes_per_experience": 2,
-                  "n_train": 96, "n_test": 48, "n_val": 32, "image_size": 16}  # fmt: skip
-MEMORY, SELECTION_SEED, SEEDS = 200, 100, (0, 1, 2)
+MEMORY, SEEDS = 200, REPORTED_SEEDS
 MIDPOINT = "subspace-line"
 #: lr family -> the arm whose validation accuracy chooses it
 FAMILIES = {"replay": "replay", "mcsgd": "mcsgd", "subspace": MIDPOINT}
@@ -106,7 +115,7 @@ def config(args, arm: str, seed: int, lr: float) -> Any:
     if args.quick:
         train["max_updates"] = 3
     body = {
-        "seed": seed, "scenario": QUICK_SCENARIO if args.quick else {"name": SCENARIO},
+        "seed": seed, "scenario": SMOKE_SCENARIO if args.quick else {"name": SCENARIO},
         "strategy": {"name": name, **opts}, "train": train,
         "model": {"backbone": args.backbone, "small_input": True,
                   "width": args.width if arm == "scaled-mcsgd" else 1.0},
@@ -154,15 +163,11 @@ def one_run(args, arm: str, seed: int, lr: float) -> dict[str, Any]:
 
 def choose_lr(args, family: str) -> dict[str, Any]:
     """The family's lr: best mean task-aware validation accuracy, selection seed."""
-    grid, widened = sorted(args.lr_grid), 0
-    while True:
-        val = {lr: one_run(args, FAMILIES[family], SELECTION_SEED, lr)["val_task"] for lr in grid}
-        best = max(grid, key=val.get)
-        edge = best in (grid[0], grid[-1])
-        if not edge or widened == 2:
-            return {"chosen": best, "grid": grid, "val_task": val, "at_edge": edge}
-        grid = [grid[0] / 3, *grid] if best == grid[0] else [*grid, grid[-1] * 3]
-        widened += 1
+
+    def val(lr: float) -> float:
+        return one_run(args, FAMILIES[family], SELECTION_SEED, lr)["val_task"]
+
+    return choose_from_grid(val, args.lr_grid, key="val_task")
 
 
 def pick(rows, arm: str, key: str) -> list[float]:
@@ -221,7 +226,7 @@ def main() -> None:
     if args.fresh:
         shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    sc = build_scenario(**QUICK_SCENARIO) if args.quick else build_scenario(
+    sc = build_scenario(**SMOKE_SCENARIO) if args.quick else build_scenario(
         SCENARIO, root=data_root(args.root))  # fmt: skip
     # Scaled MC-SGD: S-C's line trains 2 endpoints of every tensor (backbone and head)
     args.width = width_for_parameters(args.backbone, ratio=2.0, in_chans=sc.input_shape[0],
