@@ -48,7 +48,9 @@ def _bars(ax, block: dict) -> None:
     for i, v in enumerate(arms):
         mean, sd = block["summary"][v], block["sd"][v]
         rec = mean.get("updates_to_recover", math.nan)
-        label = f"{v} (recover: {rec:.3g} updates)"
+        label = (
+            f"{v} (recovers in {rec:.3g} updates)" if math.isfinite(rec) else f"{v} (no recovery)"
+        )
         err = [sd.get(k, math.nan) for k in BARS]
         ax.bar(x + (i - (len(arms) - 1) / 2) * width, [mean.get(k, math.nan) for k in BARS],
                width, color=COLORS[v], label=label,
@@ -57,7 +59,7 @@ def _bars(ax, block: dict) -> None:
     ax.axhline(0, color="0.3", lw=0.6)
     ax.set(ylabel="accuracy (fraction)")
     if arms:
-        ax.legend(fontsize="x-small", loc="upper right")
+        ax.legend(fontsize="x-small", loc="best")
 
 
 def figure(block: dict, scenario: str, k: int, path: Path) -> None:
