@@ -7,10 +7,12 @@ processes (``--jobs``) or inline. Kinds:
   0 (frozen, eval mode, no augmentation: exactly what training the head alone through the trainer
   sees) and a linear head trained on them; learning rate and number of epochs are chosen on
   experience 0's *validation* split. The head is saved for the arms.
-- ``arm``: vanilla rehearsal, SGM or an SGM ablation from that base, experiences 1.. through
+- ``arm``: a vanilla arm, SGM or an ablation from that base, experiences 1.. through
   :func:`medcl.engine.trainer.fit_experience`, with old/new/all accuracy every ``k`` updates on
-  fixed test subsets, the test accuracy matrix, the final validation accuracy (for learning-rate
-  selection) and the training FLOPs of one update (``torch.utils.flop_counter``).
+  fixed test subsets, the test accuracy matrix over the experiences seen so far and the
+  training FLOPs of one update (``torch.utils.flop_counter``). A learning-rate selection run
+  (``select``) is trained the same way but returns only its final validation accuracy: its
+  curves would never be reported, and they cost as much as the training.
 - ``joint``: the upper bound for experience ``t``: the same network (front frozen, back + head
   trained, same optimiser) trained on the union of experiences ``0..t`` to convergence, the
   epoch kept by validation accuracy; its accuracy on the curves' old/new/all test subsets.
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _stability_front import back_scores, cached_front, check_shortcut
 from torch import nn
 
 from medcl.config import TrainConfig
@@ -41,6 +44,7 @@ from medcl.strategies.base import Batch, Strategy
 
 BACKBONE, WEIGHTS = "tf_efficientnet_lite0", "efficientnet_lite0"
 _SCENARIOS: dict[tuple, Any] = {}
+_FEATURES: dict[tuple, torch.Tensor] = {}  # the pretrained network's features: seed-free
 
 
 def init_worker(threads: int) -> None:
@@ -92,21 +96,38 @@ def train_cfg(spec: dict, lr: float, **kw: Any) -> TrainConfig:
 class GroupMonitor:
     """Old/new/all accuracy every ``every`` updates on fixed test subsets (<= ``max_samples``
     per experience, the same images for every arm and seed); each subset is predicted once per
-    evaluation and the groups are pooled from the per-experience counts."""
+    evaluation and the groups are pooled from the per-experience counts. With ``front`` (a
+    cache key and ``trainable_stages``) the subsets' front outputs are computed once per
+    process and only the back runs (:mod:`_stability_front`; checked against the full
+    forward pass at the start of each experience)."""
 
-    def __init__(self, experiences: list[Experience], *, every: int, max_samples: int) -> None:
-        self.every, self.rows = every, []
+    def __init__(
+        self,
+        experiences: list[Experience],
+        *,
+        every: int,
+        max_samples: int,
+        front: tuple[tuple, int] | None = None,
+    ) -> None:
+        self.every, self.rows, self.front, self._checked = every, [], front, set()
         g = torch.Generator().manual_seed(0)
         self.subsets = [
             e.test.subset(torch.randperm(len(e.test), generator=g)[:max_samples])
             for e in experiences
         ]
 
-    def correct(self, strategy: nn.Module, ids: list[int]) -> dict[int, tuple[int, int]]:
+    def _scores(self, strategy: Strategy, i: int) -> torch.Tensor:
+        if self.front is None:
+            return predict_proba(strategy, self.subsets[i].images)
+        key, stages = self.front
+        front = cached_front((*key, i), strategy, self.subsets[i].images, stages)
+        return back_scores(strategy, front, stages).cpu()
+
+    def correct(self, strategy: Strategy, ids: list[int]) -> dict[int, tuple[int, int]]:
         out = {}
         for i in ids:
-            probs = predict_proba(strategy, self.subsets[i].images)
-            out[i] = (int((probs.argmax(1) == self.subsets[i].labels).sum()), len(probs))
+            scores = self._scores(strategy, i)
+            out[i] = (int((scores.argmax(1) == self.subsets[i].labels).sum()), len(scores))
         return out
 
     @staticmethod
@@ -114,7 +135,13 @@ class GroupMonitor:
         n = sum(counts[i][1] for i in ids)
         return sum(counts[i][0] for i in ids) / n if n else float("nan")
 
-    def record(self, strategy: nn.Module, experience: int, update: int, offset: int) -> None:
+    def record(self, strategy: Strategy, experience: int, update: int, offset: int) -> None:
+        if self.front is not None and experience not in self._checked:
+            key, stages = self.front
+            images = self.subsets[experience].images
+            front = cached_front((*key, experience), strategy, images, stages)
+            check_shortcut(strategy, images[:16], front[:16], stages)
+            self._checked.add(experience)
         counts = self.correct(strategy, list(range(experience + 1)))
         old = list(range(experience))
         self.rows.append(
@@ -176,7 +203,10 @@ def base_task(task: dict) -> dict:
     s = make_strategy(task, sc, "rehearsal", task["options"])
     s.grow(experience_info(exp0, sc.num_seen_classes(0)))
     dev = s.head.weight.device
-    f_tr, f_va = _features(s, exp0.train.images), _features(s, exp0.val.images)
+    key = (task["scenario"], task["image_size"], task["root"], str(dev))
+    if key not in _FEATURES:  # the frozen pretrained backbone: the same for every seed
+        _FEATURES[key] = (_features(s, exp0.train.images), _features(s, exp0.val.images))
+    f_tr, f_va = _FEATURES[key]
     y_tr, y_va = exp0.train.labels.to(dev), exp0.val.labels.to(dev)
     init = copy.deepcopy(s.head.state_dict())
     best, trace = (-1.0, 0, 0.0, init), []
@@ -248,22 +278,30 @@ def _flops_per_update(s: Strategy, exp: Experience, n_seen: int, memory: ReplayM
 
 
 def _test_accuracies(s: Strategy, exps: list[Experience]) -> list[float]:
-    return [r.accuracy for r in evaluate(s, exps, split="test")]
+    """Test accuracy of each of ``exps`` (the experiences seen so far)."""
+    return [r.accuracy for r in evaluate(s, exps, split="test", quiet=True)]
 
 
 def arm_task(task: dict) -> dict:
     sc = scenario(task)
     exps = list(sc.experiences)
+    select = task.get("select", False)
     s = make_strategy(task, sc, task["strategy"], task["options"])
     s.grow(experience_info(exps[0], sc.num_seen_classes(0)))
     s.head.load_state_dict(torch.load(task["head_path"], weights_only=True))
     memory = ReplayMemory(task["memory"], selection="random", seed=task["seed"])
     memory.attach(exps)
     memory.update(exps[0])
-    monitor = GroupMonitor(exps, every=task["eval_every"], max_samples=task["eval_samples"])
-    monitor.record(s, 0, 0, 0)  # the deployed base: "pre" level of experience 1
-    R = [_test_accuracies(s, exps)]
-    flops = _flops_per_update(s, exps[1], sc.num_seen_classes(1), memory, task["batch_size"])
+    monitor = None
+    if not select:
+        key = (task["scenario"], task["image_size"], task["root"], task["eval_samples"])
+        front = (key, task["options"]["trainable_stages"]) if task.get("front_cache") else None
+        monitor = GroupMonitor(
+            exps, every=task["eval_every"], max_samples=task["eval_samples"], front=front
+        )
+        monitor.record(s, 0, 0, 0)  # the deployed base: "pre" level of experience 1
+        R = [_test_accuracies(s, exps[:1])]  # row t: the experiences seen after t
+        flops = _flops_per_update(s, exps[1], sc.num_seen_classes(1), memory, task["batch_size"])
     cfg = train_cfg(task, task["lr"], max_updates=task["updates"], eval_every=task["eval_every"])
     updates, seconds = 0, []
     for exp in exps[1:]:
@@ -281,15 +319,16 @@ def arm_task(task: dict) -> dict:
         )
         updates += stats.updates
         seconds.append(stats.seconds)
-        R.append(_test_accuracies(s, exps))
-    val = [r.accuracy for r in evaluate(s, exps, split="val")]
-    return {
+        if not select:
+            R.append(_test_accuracies(s, exps[: exp.index + 1]))
+    out = {"updates": updates, "train_seconds": sum(seconds)}
+    if select:
+        val = [r.accuracy for r in evaluate(s, exps, split="val", quiet=True)]
+        return out | {"val_acc": sum(val) / len(val)}
+    return out | {
         "curves": monitor.rows,
         "accuracy_matrix": R,
-        "val_acc": sum(val) / len(val),
         "flops_per_update": flops,
-        "updates": updates,
-        "train_seconds": sum(seconds),
         "init": s.diagnostics().get("init", []),
         "group_sizes": [len(x) for x in monitor.subsets],
     }

@@ -1,20 +1,29 @@
-"""Stability gap of vanilla rehearsal vs SGM on a pretrained EfficientNet-Lite0 (issue 14).
+"""Stability gap of vanilla rehearsal (two arms) vs SGM on a pretrained EfficientNet-Lite0.
 
 Harun & Kanan, TMLR 2024 report the stability gap falling from 0.300 (vanilla rehearsal) to 0.006
-with SGM. This script measures it on medmnist-cross3 and pneumonia-sites at 64 px:
+with SGM, and SGM needing up to 16.7x fewer updates than joint retraining. This script measures
+both on medmnist-cross3 (class-incremental) and pneumonia-sites (domain-incremental: every class
+is old after site 0, so the new-unit mechanisms are no-ops) at 64 px (issues 14 and 24):
 
 - **Base model** (per stream and seed): offline ImageNet EfficientNet-Lite0 + a head trained on
-  experience 0 (learning rate and epochs chosen on experience 0's validation split). SGM, vanilla
-  and every ablation of a seed start from the same base.
-- **Arms**: ``rehearsal`` (vanilla) and ``sgm`` from :mod:`medcl.strategies.sgm`, each with the
-  same frozen front / plastic back, memory, AdamW + OneCycle + layer-wise decay and BatchNorm
-  policy; each arm's peak learning rate is chosen from ``--lrs`` by the final mean accuracy on the
-  *validation* splits (seed 0), then used for every seed. Ablations (seed 0) turn one SGM
-  component off.
+  experience 0 (learning rate and epochs chosen on experience 0's validation split). Every arm
+  and ablation of a seed starts from the same base.
+- **Arms** (:mod:`_stability_arms`), all with the same frozen front / plastic back, memory,
+  data mixture and BatchNorm policy: ``vanilla-authors`` (the paper's baseline: hard CE, full
+  fine-tuning, AdamW at a constant rate, no warm-up), ``vanilla-tuned`` (hard CE, OneCycle
+  warm-up, layer-wise decay 0.9) and ``sgm`` (OneCycle, one rate for every layer). Each arm's
+  peak rate is chosen on the *validation* splits (final mean accuracy) of ``--selection-seed``,
+  which is never reported, from ``--lrs``, grown by up to ``--lr-extend`` rates while the best
+  is at an edge; the reported ``--seeds`` use it. Ablations (first reported seed, the arm's
+  rate) change one thing each: an SGM component off, the authors' literal or ``init_quantile:
+  0`` head init, the tuned layer decay, BatchNorm in train mode.
 - **Upper bound** (seed 0): for each experience ``t``, the same network with back + head trained on
-  the union of experiences ``0..t`` to convergence (epoch kept by validation accuracy).
+  the union of experiences ``0..t`` to convergence (epoch kept by validation accuracy); its
+  updates to the kept model are joint retraining's cost in the 16.7x comparison.
 - **Curves**: old/new/all accuracy every ``--eval-every`` updates on fixed test subsets of at most
-  ``--eval-samples`` images per experience; gaps from :mod:`medcl.metrics.stability`.
+  ``--eval-samples`` images per experience; gap and dip metrics from
+  :mod:`medcl.metrics.stability`; paired differences (SGM minus each vanilla, 95 % CIs) over
+  the reported seeds.
 
 Independent runs go to ``--jobs`` worker processes (``--threads`` torch threads each); results
 are merged by run id, so the order they finish in does not matter. Each finished run is stored
@@ -24,9 +33,16 @@ rewritten: a run killed at a time limit still leaves a usable JSON. Writes ``sta
 
     nice python benchmarks/stability_gap.py [--device auto] [--jobs 2] [--out DIR] [--quick]
 
-Cost at the defaults (43 runs): about 10,100 CPU-seconds at one thread (estimated from timed
-pieces: 1.0-1.2 s per update of 128 images, 6.6 ms per evaluated image), i.e. about 85 minutes
-with ``--jobs 2`` on two idle cores; on one GPU ``--device cuda --jobs 8 --threads 2`` runs every
+Cost at the defaults (8 bases, 5 joint models, 51 continual runs, up to 6 more if grids grow):
+about 5,800 CPU-seconds at one thread, 6,300 if every grid grows, i.e. 49-53 minutes with
+``--jobs 2`` on two idle cores. Estimated from pieces timed on this 2-core machine (one
+thread, 2026-12-05, with other jobs running: update costs are wall times scaled by each run's
+CPU/wall ratio): an update of 64 + 64 images costs 1.23 s when the whole
+back trains (vanilla, sgm-no-lora) and 0.47 s with LoRA (SGM); a curve image 0.8 ms through
+the back on cached front outputs (2.45 ms through the full network, ``--no-front-cache``);
+a joint update of 64 images about 0.6 s; a base 24 s (3 s once the worker holds the
+pretrained features); fixed costs per run 5-23 s. The 30 updates per experience (60 before)
+are what fits the hour. On one GPU ``--device cuda --jobs 8 --threads 2`` runs every
 independent job at once. ``--quick --out DIR`` is a smoke test (minutes; numbers meaningless).
 """
 
@@ -47,12 +63,23 @@ from sklearn.exceptions import UndefinedMetricWarning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, RESULTS, data_root, json_text, machine
-from _stability_report import ABLATIONS, ARMS, STREAMS, chosen_lr, report, variants
+from _stability_arms import (
+    ABLATIONS,
+    ARMS,
+    STREAMS,
+    arm_of,
+    options_of,
+    run_id,
+    select_lr,
+    variants,
+)
+from _stability_report import report
 from _stability_tasks import init_worker, run_task
 
 QUICK = {
-    "seeds": [0],
+    "seeds": [0, 1],
     "lrs": [1.5e-3, 4.5e-3],
+    "lr_extend": 0,
     "updates": 6,
     "eval_every": 3,
     "eval_samples": 40,
@@ -83,23 +110,23 @@ def shared_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"trainable_stages": args.trainable_stages, "base": "head"}
 
 
-def arm(
-    args: argparse.Namespace,
-    sc: str,
-    variant: str,
-    strategy: str,
-    options: dict,
-    seed: int,
-    lr: float,
-) -> dict[str, Any]:
-    """A continual run from the base model of (``sc``, ``seed``)."""
+def arm(args: argparse.Namespace, sc: str, variant: str, seed: int, lr: float) -> dict[str, Any]:
+    """A continual run of a main arm or an ablation from the base model of (``sc``, ``seed``);
+    on the selection seed, a learning-rate selection run (final validation accuracy only).
+
+    The options name the optimiser and ``layer_decay`` explicitly, so a stored run made under
+    other defaults is never reused for this one.
+    """
+    strategy, options = options_of(variant)
     return common(args, sc, seed) | {
-        "id": f"{sc}/{variant}/s{seed}/lr{lr:g}",
+        "id": run_id(sc, variant, seed, lr),
         "kind": "arm",
         "variant": variant,
         "strategy": strategy,
         "options": shared_options(args) | options,
         "lr": lr,
+        "select": seed == args.selection_seed,
+        "front_cache": args.front_cache,
         "needs": [f"{sc}/base/s{seed}"],
     }
 
@@ -108,7 +135,7 @@ def plan(args: argparse.Namespace, done: dict[str, dict]) -> list[dict[str, Any]
     """Every task that can be defined from the results so far, with the ids it needs."""
     tasks: list[dict[str, Any]] = []
     for sc in args.scenarios:
-        for seed in args.seeds:
+        for seed in [args.selection_seed, *args.seeds]:
             tasks.append(
                 common(args, sc, seed)
                 | {
@@ -136,18 +163,18 @@ def plan(args: argparse.Namespace, done: dict[str, dict]) -> list[dict[str, Any]
                 }
             )
 
-        seed0, lr_of = args.seeds[0], {}
-        for name, strategy in ARMS.items():
-            select = [arm(args, sc, name, strategy, {}, seed0, lr) for lr in args.lrs]
-            tasks += select
-            lr_of[name] = lr = chosen_lr([done.get(t["id"]) for t in select], args.lrs)
+        # each main arm: its lr grid on the selection seed (never reported), extended until the
+        # best rate is inside it; then the reported seeds at the chosen rate
+        lr_of: dict[str, float | None] = {}
+        for name in ARMS:
+            grid, lr_of[name], _ = select_lr(done, sc, name, args)
+            tasks += [arm(args, sc, name, args.selection_seed, lr) for lr in grid]
+            if lr_of[name] is not None:
+                tasks += [arm(args, sc, name, s, lr_of[name]) for s in args.seeds]
+        for v in variants(args, sc):  # ablations: the first reported seed, the arm's rate
+            lr = lr_of[arm_of(v)]
             if lr is not None:
-                tasks += [arm(args, sc, name, strategy, {}, s, lr) for s in args.seeds[1:]]
-        for v in variants(args, sc):
-            strategy, options = ABLATIONS[v]
-            lr = lr_of["vanilla" if strategy == "rehearsal" else "sgm"]  # the arm's chosen rate
-            if lr is not None:
-                tasks.append(arm(args, sc, v, strategy, options, seed0, lr))
+                tasks.append(arm(args, sc, v, args.seeds[0], lr))
     return tasks
 
 
@@ -249,11 +276,13 @@ def execute(args: argparse.Namespace) -> tuple[dict[str, dict], dict[str, str]]:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scenarios", nargs="+", default=["medmnist-cross3", "pneumonia-sites"])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="reported seeds")
+    p.add_argument("--selection-seed", type=int, default=100, help="lr selection (unreported)")
     p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS))
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
-    p.add_argument("--updates", type=int, default=60, help="updates per experience >= 1")
-    p.add_argument("--eval-every", type=int, default=6)
+    p.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1.5e-3, 4.5e-3])
+    p.add_argument("--lr-extend", type=int, default=1, help="rates the grid may grow by")
+    p.add_argument("--updates", type=int, default=30, help="updates per experience >= 1")
+    p.add_argument("--eval-every", type=int, default=3)
     p.add_argument("--eval-samples", type=int, default=500, help="test images per experience")
     p.add_argument("--batch-size", type=int, default=64, help="new images; as many replayed")
     p.add_argument("--memory", type=int, default=500)
@@ -264,6 +293,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--joint-lr", type=float, default=1.5e-3)
     p.add_argument("--joint-epochs", type=int, default=6)
     p.add_argument("--joint-max-updates", type=int, default=None)
+    p.add_argument(
+        "--no-front-cache",
+        dest="front_cache",
+        action="store_false",
+        help="curves through the full network (default: cached front outputs, back only)",
+    )
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--jobs", type=int, default=1, help="worker processes")
@@ -290,6 +325,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--device cuda: no CUDA device is available (use auto or cpu)")
     if args.jobs < 1 or args.threads < 1:
         p.error("--jobs and --threads must be >= 1")
+    if args.selection_seed in args.seeds:
+        p.error(f"--selection-seed {args.selection_seed} is among --seeds {args.seeds}: the "
+                "seed that picks the learning rate must not be reported; choose another")  # fmt: skip
+    if args.lr_extend < 0:
+        p.error("--lr-extend must be >= 0")
     args.out = args.out or RESULTS
     args.work_dir = args.work_dir or (
         args.out / "runs" if args.quick else REPO / "runs" / "stability_gap"

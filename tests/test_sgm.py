@@ -201,6 +201,9 @@ def test_optimizer_groups_decay_per_unit_and_warm_up(stream, sgm0):
     s, memory = sgm0
     start(s, stream[1], memory)
     params = list(s.trainable_parameters())
+    uniform, _ = s.configure_optimizers(CFG, params, 10)  # default layer_decay 1: one rate
+    assert {g["max_lr"] for g in uniform.param_groups} == {CFG.lr}
+    s.layer_decay = 0.9  # the tuned ablation
     opt, sched = s.configure_optimizers(CFG, params, 10)
     assert isinstance(opt, torch.optim.AdamW)
     assert isinstance(sched, torch.optim.lr_scheduler.OneCycleLR)
@@ -220,7 +223,7 @@ def test_optimizer_groups_decay_per_unit_and_warm_up(stream, sgm0):
     peak = lrs.index(max(lrs))
     assert 0 < peak < 5 and max(lrs) == pytest.approx(CFG.lr, rel=0.05)  # warm-up, then down
     # vanilla gets the same rule over its (non-LoRA) back parameters
-    r = make("rehearsal")
+    r = make("rehearsal", layer_decay=0.9)
     r.rebuild(s.seen[:1])
     start(r, stream[1], memory)
     ropt, _ = r.configure_optimizers(CFG, list(r.trainable_parameters()), 10)

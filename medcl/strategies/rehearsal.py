@@ -5,19 +5,24 @@ Harun & Kanan, "Overcoming the Stability Gap in Continual Learning", TMLR 2024 (
 frozen front and a plastic back (:func:`medcl.models.plasticity.split_units`: from the
 ``trainable_stages``-th last stage to the end); every batch mixes new data with replay.
 
-``rehearsal`` is the paper's vanilla baseline: same base model, memory, plastic back, optimiser
-and BatchNorm policy as SGM; hard targets, full fine-tuning of the back, Linear-default new
-units. SGM (:mod:`medcl.strategies.sgm`) is this set-up plus four components.
+``rehearsal`` is the paper's vanilla baseline: same base model, memory, plastic back and
+BatchNorm policy as SGM; hard targets, full fine-tuning of the back, Linear-default new units;
+SGM's optimiser (tuned vanilla) or the authors' unscheduled one (``optimizer: adamw_constant``).
+SGM (:mod:`medcl.strategies.sgm`) is this set-up plus four components.
 
 **BatchNorm policy (both arms, ``bn``).** Default ``"frozen"``: every BatchNorm runs in eval mode
 with its statistics fixed, in the front and in the back, for SGM and vanilla alike (vanilla still
 trains the back's affine parameters, as full fine-tuning does). ``"train"`` (ablation) lets the
 back's BatchNorms update their statistics from the mixed batches in both arms.
 
-**Optimiser (both arms, ``optimizer: adamw_onecycle``).** AdamW (``train.lr`` is the peak rate,
-``train.weight_decay`` the decoupled decay), OneCycle with ``warmup`` of the steps rising
-(PyTorch's defaults otherwise) and layer-wise decay: the head gets ``lr``, the ``d``-th unit from
-the end ``lr * layer_decay ** d``. ``optimizer: run`` uses the run's optimiser and schedule.
+**Optimiser (``optimizer``).** ``adamw_onecycle`` (default, SGM's): AdamW (``train.lr`` is the
+peak rate, ``train.weight_decay`` the decoupled decay), OneCycle with ``warmup`` of the steps
+rising (PyTorch's defaults otherwise). ``adamw_constant``: the same AdamW at the constant rate
+``train.lr`` (no warm-up, no schedule): with hard targets, the authors' vanilla baseline.
+``run``: the run's ``train.optimizer`` and ``train.scheduler``. Layer-wise decay applies to both
+AdamW variants: the head gets ``lr``, the ``d``-th unit from the end ``lr * layer_decay ** d``;
+the default ``layer_decay: 1`` is a uniform rate (what the authors' SGM ran; 0.9 is the tuned
+ablation).
 
 **Base model (``base``).** ``head``: experience 0 fits only the head on the pretrained backbone
 (the paper's converged base network; benchmarks/stability_gap.py picks its budget on
@@ -29,14 +34,19 @@ Deviations and reconstructions (source in brackets):
   ConvNeXt-V2 with LayerNorm [reconstruction]; hence the BatchNorm policy above: LayerNorm has
   no running statistics and the authors freeze every norm layer of the front, so fixed
   BatchNorm statistics are the analogue of "only LoRA and the head move" [reconstruction].
-- Layer-wise decay is per unit (a block or a trailing layer), not per parameter tensor, and it is
-  applied by default, the set-up the paper describes: the authors' code passes OneCycle a scalar
-  ``max_lr``, which resets every parameter group to one rate, so what they ran is
-  ``layer_decay: 1`` (per tensor, the earliest LoRA tensors would get about 0.9^109 of the
-  head's rate) [PyTorch semantics].
-- Vanilla rehearsal uses the same AdamW + OneCycle + layer-wise decay as SGM, so the two arms
-  differ only in SGM's components; the authors' vanilla baseline has no scheduler [official
-  code: model_vanilla.py].
+- ``layer_decay`` defaults to 1 (a uniform rate): the authors' SGM code builds per-tensor 0.9
+  groups but passes OneCycle a scalar ``max_lr``, which resets every group to one rate, so what
+  ran is uniform [official code: train_sgm.py; PyTorch semantics]. With ``layer_decay < 1``
+  (an ablation) the decay is per unit (a block or a trailing layer), not per parameter tensor
+  (per tensor, the earliest LoRA tensors would get about 0.9^109 of the head's rate).
+- Two vanilla arms: ``optimizer: adamw_constant`` is the authors' vanilla (hard CE, full
+  fine-tuning of the back, AdamW at a constant rate, no warm-up) [official code:
+  model_vanilla.py]; the default ``adamw_onecycle`` with ``layer_decay: 0.9`` is medcl's tuned
+  vanilla, which differs from SGM only in SGM's components and the decay. The authors' vanilla
+  code also builds per-tensor 0.9 groups and, having no scheduler, keeps them (the earliest
+  tensors of their plastic part train at about 0.9^87 = 1e-4 of the head's rate); medcl's
+  authors' arm uses the uniform rate of "full fine-tuning" [reconstruction; ``layer_decay``
+  sets the per-unit analogue].
 - The new-class data is cycled to reach the run's update budget (the authors' loader is not, so
   an experience runs min(1200, new-data batches) updates: few on small medical data sets)
   [reconstruction]; no augmentation in the benchmark, as the authors'.
@@ -77,8 +87,8 @@ class RehearsalOptions(StrategyOptions):
     trainable_stages: int = 2
     bn: Literal["frozen", "train"] = "frozen"
     base: Literal["head", "plastic", "full", "none"] = "full"
-    optimizer: Literal["adamw_onecycle", "run"] = "adamw_onecycle"
-    layer_decay: float = 0.9
+    optimizer: Literal["adamw_onecycle", "adamw_constant", "run"] = "adamw_onecycle"
+    layer_decay: float = 1.0
     warmup: float = 0.3
 
     def check(self, component: str) -> None:
@@ -99,9 +109,11 @@ class Rehearsal(Strategy):
         bn: BatchNorm policy of the back, ``frozen`` or ``train`` (the front is always frozen).
         base: what experience 0 trains: ``head``, ``plastic``, ``full``, or ``none`` (the
             set-up from experience 0).
-        optimizer: ``adamw_onecycle`` (AdamW, OneCycle, layer-wise decay) or ``run`` (the run's
-            ``train.optimizer`` and ``train.scheduler``).
-        layer_decay: layer-wise learning-rate decay per unit from the head backwards.
+        optimizer: ``adamw_onecycle`` (AdamW + OneCycle), ``adamw_constant`` (AdamW at a
+            constant rate: the authors' vanilla) or ``run`` (the run's ``train.optimizer`` and
+            ``train.scheduler``).
+        layer_decay: layer-wise learning-rate decay per unit from the head backwards (1:
+            uniform).
         warmup: fraction of each experience's updates in OneCycle's rising phase.
     """
 
@@ -149,7 +161,8 @@ class Rehearsal(Strategy):
     def configure_optimizers(
         self, cfg: TrainConfig, params: list[nn.Parameter], total: int
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None] | None:
-        """AdamW + OneCycle with layer-wise decay (``optimizer: adamw_onecycle``), else None."""
+        """AdamW with layer-wise decay, under OneCycle (``adamw_onecycle``) or at a constant
+        rate (``adamw_constant``); None for ``run`` (the trainer builds the run's)."""
         if self.optimizer == "run":
             return None
         units = [*self._front, *self._back]
@@ -160,6 +173,8 @@ class Rehearsal(Strategy):
             params, depth_of, lr=cfg.lr, decay=self.layer_decay, weight_decay=cfg.weight_decay
         )
         opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if self.optimizer == "adamw_constant":
+            return opt, None
         return opt, onecycle(opt, total, warmup=self.warmup)
 
     def diagnostics(self) -> dict:
