@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_sgm import CFG, fit, make, start, toy_experience
+from test_sgm import CFG, LoggedLrs, fit, make, start, toy_experience
 
 from medcl.config import TrainConfig
 from medcl.data.memory import ReplayMemory
@@ -23,19 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def stream():
     return [toy_experience(0, [0, 1]), toy_experience(1, [2, 3])]
-
-
-class LoggedLrs:
-    """A trainer logger that keeps the first group's (the head's) rate of every update."""
-
-    def __init__(self) -> None:
-        self.lrs: list[float] = []
-
-    def due(self, update: int) -> bool:
-        return True
-
-    def log(self, values, step: int) -> None:
-        self.lrs.append(values["train/lr"])
 
 
 def adapted(stream, **options):

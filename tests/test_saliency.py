@@ -64,7 +64,7 @@ def _untrained(backbone: str, shape: tuple[int, ...], *, small_input: bool) -> t
         {},
         input_shape=shape,
         small_input=small_input,
-        width=0.25,
+        width=0.25 if backbone.endswith("_3d") else 1.0,  # a small 3D net; timm models as named
         scenario_kind="class",
     )
     strategy.head.expand(3)

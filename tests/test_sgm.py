@@ -379,21 +379,24 @@ def test_lora_targets_all_skips_grouped_convs_and_trains_conv_head(stream, train
     assert depth == 2  # conv_head: second unit from the end (bn2 is 1), not the head's depth 0
 
 
+class LoggedLrs:
+    """A trainer logger that keeps the first group's (the head's) rate of every update."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def due(self, update: int) -> bool:
+        return True
+
+    def log(self, values, step: int) -> None:
+        self.lrs.append(values["train/lr"])
+
+
 def test_trainer_runs_the_strategys_onecycle_schedule(stream, sgm0):
     """fit_experience uses configure_optimizers: the logged head lr warms up, then anneals."""
 
-    class Lrs:
-        def __init__(self) -> None:
-            self.lrs: list[float] = []
-
-        def due(self, update: int) -> bool:
-            return True
-
-        def log(self, values, step: int) -> None:
-            self.lrs.append(values["train/lr"])
-
     s, memory = sgm0
-    log = Lrs()
+    log = LoggedLrs()
     cfg = TrainConfig(epochs=10, batch_size=8, max_updates=8, lr=0.01, augment="none")
     fit_experience(
         s,
