@@ -33,6 +33,7 @@ stream, a few updates, one seed, no selection).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import statistics
@@ -152,12 +153,16 @@ def one_shot(run_dir: Path, sparsities: tuple[float, ...]) -> list[dict[str, flo
 
 def one_run(args, method: str, sparsity: float, seed: int, lr: float) -> dict[str, Any]:
     """Train (or read back the cached row of) one run: accuracy, validation, cost, one-shot."""
-    key = f"{method}-{sparsity:g}-s{seed}-lr{lr:g}"
-    cache = args.work / f"{key}.json"
+    cfg = config(args, method, sparsity, seed, lr, args.work / "runs")
+    settings = json.dumps(cfg.model_dump(mode="json", exclude={"output_dir"}), sort_keys=True)
+    key = (
+        f"{method}-{sparsity:g}-s{seed}-lr{lr:g}-{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
+    )
+    cache = args.work / f"{key}.json"  # a changed setting (epochs, backbone, ...) is a new run
     if cache.is_file():
         return json.loads(cache.read_text())
     t0 = time.perf_counter()
-    run_dir = run(config(args, method, sparsity, seed, lr, args.work / "runs"), quiet=True)
+    run_dir = run(cfg, quiet=True)
     wall = time.perf_counter() - t0
     m = json.loads((run_dir / "metrics.json").read_text())
     _, scen, strategy, _, _ = restore_run(run_dir, command="benchmarks/esacl.py")
