@@ -285,7 +285,6 @@ def main() -> None:
     if args.fresh:
         shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
     lrs = {f: {"chosen": args.lr_grid[0]} if args.quick else choose_lr(args, f) for f in FAMILIES}
     rows = []
     for i, (method, sp, seed) in enumerate(plan(args.quick)):
@@ -299,11 +298,9 @@ def main() -> None:
     a, b = drops(rows, "esacl-dense", MAIN), drops(rows, "replay", MAIN)
     diffs["one-shot drop: replay - esacl-dense (0.9, end)"] = paired_difference(b, a)
     tg = targets(rows, diffs)
-    wall = time.perf_counter() - t0
     write_results("esacl", {"args": {k: str(v) for k, v in vars(args).items()}, "lr": lrs,
-                            "rows": rows, "paired_differences": diffs, "targets": tg,
-                            "wall_seconds_this_invocation": wall}, report(args, rows, lrs, diffs, tg),
-                  out=args.out)  # fmt: skip
+                            "rows": rows, "paired_differences": diffs, "targets": tg},
+                  report(args, rows, lrs, diffs, tg), out=args.out)  # fmt: skip
 
 
 def report(args, rows, lrs, diffs, tg) -> str:
