@@ -46,11 +46,15 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def paired_difference(a: list[float], b: list[float]) -> dict[str, Any]:
-    """Mean, sd and t-based 95 % CI of the paired differences ``a - b`` (same seeds)."""
+    """Mean, sd and t-based 95 % CI of the paired differences ``a - b`` (same seeds); NaN
+    throughout when a value is not finite (e.g. a target never reached: ``inf``)."""
     import numpy as np
     from scipy import stats
 
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return {"mean": math.nan, "sd": None, "ci95": None}
+    d = x - y
     if len(d) < 2:
         return {"mean": float(d.mean()), "sd": None, "ci95": None}
     half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))

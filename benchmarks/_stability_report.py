@@ -83,11 +83,19 @@ def score(run: dict, bounds: Any, vanilla: dict | None) -> dict[str, Any]:
 
 
 def _mean_sd(rows: list[dict]) -> tuple[dict, dict]:
+    """Seed mean and sd per numeric metric; a metric that is ``inf`` (never reached) in any seed
+    has mean ``inf`` and sd NaN, a NaN in any seed gives NaN (no numpy warnings either way)."""
     keys = [k for k in rows[0] if isinstance(rows[0][k], int | float)]
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
-    sd = {
-        k: float(np.std([r[k] for r in rows], ddof=1)) if len(rows) > 1 else math.nan for k in keys
-    }
+    mean, sd = {}, {}
+    for k in keys:
+        x = np.asarray([r[k] for r in rows], dtype=float)
+        if np.isnan(x).any():
+            mean[k], sd[k] = math.nan, math.nan
+        elif np.isinf(x).any():
+            mean[k], sd[k] = math.inf, math.nan
+        else:
+            mean[k] = float(x.mean())
+            sd[k] = float(x.std(ddof=1)) if len(x) > 1 else math.nan
     return mean, sd
 
 
@@ -276,6 +284,14 @@ def report(
     blocks = {sc: stream_block(args, done, sc, variants(args, sc)) for sc in args.scenarios}
     all_targets = []
     md = _header(args, partial)
+    # every run's own seconds (a worker's wall time per run), selection and joint models included
+    run_seconds = sum(float(r.get("seconds", 0.0)) for r in done.values())
+    md += [
+        "",
+        f"Cost: the {len(done)} runs took {run_seconds / 60:.0f} worker-minutes in all "
+        f"({args.jobs} worker(s) of {args.threads} thread(s) on {machine.get('cpus', '?')} "
+        f"CPUs: about {run_seconds / 60 / args.jobs:.0f} min of wall time run alone).",
+    ]
     for sc, b in blocks.items():
         tg = targets(sc, b)
         b["targets"] = tg
@@ -320,6 +336,7 @@ def report(
         "failed": failed or {},
         "args": {k: str(v) for k, v in vars(args).items()},
         "targets": all_targets,
+        "run_seconds_sum": run_seconds,
         "results": blocks,
     }
     text = "\n".join(md)

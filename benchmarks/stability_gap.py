@@ -33,17 +33,15 @@ rewritten: a run killed at a time limit still leaves a usable JSON. Writes ``sta
 
     nice python benchmarks/stability_gap.py [--device auto] [--jobs 2] [--out DIR] [--quick]
 
-Cost at the defaults (8 bases, 5 joint models, 51 continual runs, up to 6 more if grids grow):
-about 5,800 CPU-seconds at one thread, 6,300 if every grid grows, i.e. 49-53 minutes with
-``--jobs 2`` on two idle cores. Estimated from pieces timed on this 2-core machine (one
-thread, 2026-12-05, with other jobs running: update costs are wall times scaled by each run's
-CPU/wall ratio): an update of 64 + 64 images costs 1.23 s when the whole
-back trains (vanilla, sgm-no-lora) and 0.47 s with LoRA (SGM); a curve image 0.8 ms through
-the back on cached front outputs (2.45 ms through the full network, ``--no-front-cache``);
-a joint update of 64 images about 0.6 s; a base 24 s (3 s once the worker holds the
-pretrained features); fixed costs per run 5-23 s. The 30 updates per experience (60 before)
-are what fits the hour. On one GPU ``--device cuda --jobs 8 --threads 2`` runs every
-independent job at once. ``--quick --out DIR`` is a smoke test (minutes; numbers meaningless).
+Cost at the defaults, measured (2026-12-05, this 2-core machine, alone, ``--jobs 2 --threads
+1``): 8 bases, 5 joint models (147-369 s each: full epochs over every experience's data), 61
+continual runs (selection grids grown by up to 3 rates: the authors' vanilla needs a constant
+rate 30x below the others'); 74 runs, 105 worker-minutes, 59 minutes of wall time (50 + 9: the
+grids were widened in a second invocation). A continual run costs 45-120 s: 30 updates per
+experience of 64 + 64 images, curves every 3 updates on cached front outputs
+(``--no-front-cache``: through the full network, about 3x the curve cost). On one GPU
+``--device cuda --jobs 8 --threads 2`` runs every independent job at once. ``--quick --out
+DIR`` is a smoke test (minutes; numbers meaningless).
 """
 
 from __future__ import annotations
@@ -280,7 +278,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--selection-seed", type=int, default=100, help="lr selection (unreported)")
     p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS))
     p.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1.5e-3, 4.5e-3])
-    p.add_argument("--lr-extend", type=int, default=1, help="rates the grid may grow by")
+    p.add_argument("--lr-extend", type=int, default=3, help="rates the grid may grow by")
     p.add_argument("--updates", type=int, default=30, help="updates per experience >= 1")
     p.add_argument("--eval-every", type=int, default=3)
     p.add_argument("--eval-samples", type=int, default=500, help="test images per experience")
