@@ -10,7 +10,9 @@ version chose on the validation splits for both families; the paper's stage 1 wi
 cannot keep the old classes' logits in a class-incremental stream). Arms:
 
 - ``replay``: one network, experience replay;
-- ``mcsgd``: MC-SGD (Mirzadeh et al. 2021);
+- ``mcsgd``: MC-SGD (Mirzadeh et al. 2021), its connectivity step of one epoch as published;
+- ``mcsgd-connect``: the control for S-C's longer stage 2: MC-SGD whose connectivity step runs
+  ``--connect-epochs`` epochs (separates the line of solutions from the extra training);
 - ``ensemble-mcsgd``: **Ensemble MC-SGD**, ``--n-models`` independent MC-SGD chains, logits
   averaged (n × inference MACs);
 - ``scaled-mcsgd``: **Scaled MC-SGD**, MC-SGD on a ``test_resnet`` widened (``model.width``,
@@ -83,7 +85,7 @@ MEMORY, SEEDS = 200, REPORTED_SEEDS
 MIDPOINT = "subspace-line"
 #: lr family -> the arm whose validation accuracy chooses it
 FAMILIES = {"replay": "replay", "mcsgd": "mcsgd", "subspace": MIDPOINT}
-OTHERS = ("replay", "mcsgd", "ensemble-mcsgd", "scaled-mcsgd", "ensemble")
+OTHERS = ("replay", "mcsgd", "mcsgd-connect", "ensemble-mcsgd", "scaled-mcsgd", "ensemble")
 
 
 def arms(args) -> dict[str, tuple[str, dict[str, Any], str]]:
@@ -97,6 +99,7 @@ def arms(args) -> dict[str, tuple[str, dict[str, Any], str]]:
     return {
         "replay": ("replay", {}, "replay"),
         "mcsgd": ("mcsgd", mc, "mcsgd"),
+        "mcsgd-connect": ("mcsgd", mc | {"connect_epochs": args.connect_epochs}, "mcsgd"),
         "ensemble-mcsgd": (
             "ensemble-mcsgd",
             {"n_models": args.n_models, "member_options": mc},
@@ -111,7 +114,7 @@ def arms(args) -> dict[str, tuple[str, dict[str, Any], str]]:
 def config(args, arm: str, seed: int, lr: float) -> Any:
     name, opts, _ = arms(args)[arm]
     train = {"epochs": args.epochs, "batch_size": 64, "lr": lr, "grad_clip_norm": 5.0,
-             "device": args.device}  # fmt: skip
+             "device": args.device, "num_threads": args.threads}  # fmt: skip
     if args.quick:
         train["max_updates"] = 3
     body = {
@@ -220,6 +223,8 @@ def main() -> None:
     ap.add_argument("--ensemble-seeds", type=int, default=1, help="seeds of the vanilla ensemble")
     ap.add_argument("--connect-epochs", type=int, default=12, help="S-C's stage-2 epochs")
     ap.add_argument("--lr-grid", type=float, nargs="+", default=[0.01, 0.03, 0.1])
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads of every run (a fixed count: bit-reproducible rows)")  # fmt: skip
     args = ap.parse_args()
     if args.quick:
         args.connect_epochs, args.work = 1, args.work.with_name(args.work.name + "-quick")
