@@ -9,7 +9,9 @@ memory 200 (random) where used. Protocol:
 - **lr** per method family (EsaCL and its controls, SparCL, magnitude, replay), chosen at
   sparsity 0.9 by the selection seed 100 (never reported) on the validation splits (mean over
   experiences of the final model's accuracy) from ``--lr-grid``, widened ×3 on the side where
-  the best value sits at an edge (at most twice);
+  the best value sits at an edge (at most twice); then, at that lr, the share of each experience
+  IDS removes (``removal_fraction``, the paper's 30 % is the default) from ``--removal-grid``,
+  widened ×3 once at an edge, the same way; every run that removes examples uses it;
 - **reported** seeds 0-2 at sparsity 0.9: EsaCL, SparCL, magnitude pruning, dense replay, and
   EsaCL's controls — support selection only, example removal only, a random subset of the same
   sizes instead of IDS, no replay, and EsaCL trained dense (sparsity 0, SAM + IDS); seed 0:
@@ -26,7 +28,7 @@ memory 200 (random) where used. Protocol:
   last epoch). The target is that the FLOPs saving shows in wall time.
 
 Resumable: each run's row is cached in ``--work`` (default ``runs/esacl``); ``--fresh`` starts
-over. Writes ``<out>/esacl.{json,md}`` with ``"targets"``. ``--quick``: a smoke run (synthetic
+over. Every run uses ``--threads`` torch threads (rows record it: the count changes float sums). Writes ``<out>/esacl.{json,md}`` with ``"targets"``. ``--quick``: a smoke run (synthetic
 stream, a few updates, one seed, no selection).
 """
 
@@ -62,9 +64,11 @@ from medcl.config import validate_config
 from medcl.engine.evaluate import evaluate
 from medcl.engine.resume import restore_run
 from medcl.engine.run import run
+from medcl.engine.threads import first_environment
 from medcl.metrics.compute import TrainingFlops
 from medcl.models.pruning import one_shot_prune
 from medcl.strategies import Classifier
+from medcl.strategies.esacl import EsaCLOptions
 
 SCENARIO = "medmnist-cross3"
 MEMORY, SEEDS, MAIN = 200, REPORTED_SEEDS, 0.9
@@ -84,6 +88,9 @@ METHODS: dict[str, tuple[str, dict[str, Any], bool, str]] = {
 FAMILIES = ("esacl", "sparcl", "magnitude", "replay")
 CONTROLS = ("esacl-support-only", "esacl-removal-only", "esacl-random", "esacl-nomem")
 ONE_SHOT = ("esacl-dense", "replay")  # dense models pruned once: SAM-trained vs plain SGD
+#: the runs that remove examples (the chosen ``removal_fraction`` applies to these)
+REMOVES = ("esacl", "esacl-removal-only", "esacl-random", "esacl-nomem", "esacl-dense")
+PAPER_REMOVAL = EsaCLOptions.removal_fraction  # 0.3: a run at it keeps the lr selection's key
 
 
 def plan(quick: bool) -> list[tuple[str, float, int]]:
@@ -95,7 +102,8 @@ def plan(quick: bool) -> list[tuple[str, float, int]]:
     return runs + [(m, sp, 0) for sp in (0.75, 0.95) for m in ("esacl", "sparcl", "magnitude")]
 
 
-def config(args, method: str, sparsity: float, seed: int, lr: float, out: Path) -> Any:
+def config(args, method: str, sparsity: float, seed: int, lr: float, out: Path,
+           removal: float = PAPER_REMOVAL) -> Any:  # fmt: skip
     name, opts, mem, _ = METHODS[method]
     strategy: dict[str, Any] = {"name": name}
     if name != "replay":
@@ -108,9 +116,11 @@ def config(args, method: str, sparsity: float, seed: int, lr: float, out: Path) 
         strategy["removal_epochs"] = args.removal_epochs
     if name == "sparcl":  # the official code freezes the mask for the last 10 % of epochs
         strategy["freeze_from"] = max(1, round(0.9 * args.epochs))
+    if method in REMOVES and removal != PAPER_REMOVAL:
+        strategy["removal_fraction"] = removal
     strategy.update(opts)
     train = {"epochs": args.epochs, "batch_size": 32, "lr": lr, "momentum": 0.0,
-             "weight_decay": 0.0, "scheduler": "none"}  # fmt: skip
+             "weight_decay": 0.0, "scheduler": "none", "num_threads": args.threads}  # fmt: skip
     if args.max_updates:
         train["max_updates"] = args.max_updates
     scenario = SMOKE_SCENARIO if args.quick else {"name": SCENARIO}
@@ -151,10 +161,15 @@ def one_shot(run_dir: Path, sparsities: tuple[float, ...]) -> list[dict[str, flo
     return out
 
 
-def one_run(args, method: str, sparsity: float, seed: int, lr: float) -> dict[str, Any]:
+def one_run(args, method: str, sparsity: float, seed: int, lr: float,
+            removal: float = PAPER_REMOVAL) -> dict[str, Any]:  # fmt: skip
     """Train (or read back the cached row of) one run: accuracy, validation, cost, one-shot."""
-    cfg = config(args, method, sparsity, seed, lr, args.work / "runs")
-    settings = json.dumps(cfg.model_dump(mode="json", exclude={"output_dir"}), sort_keys=True)
+    cfg = config(args, method, sparsity, seed, lr, args.work / "runs", removal)
+    # the key names the experiment; the threads a row ran with are in the row (they change the
+    # float sums, so a run is bit-identical only at the same count: rows before `--threads`
+    # existed ran at `auto`, which follows the machine's load)
+    dump = cfg.model_dump(mode="json", exclude={"output_dir": True, "train": {"num_threads"}})
+    settings = json.dumps(dump, sort_keys=True)
     key = (
         f"{method}-{sparsity:g}-s{seed}-lr{lr:g}-{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
     )
@@ -171,11 +186,13 @@ def one_run(args, method: str, sparsity: float, seed: int, lr: float) -> dict[st
     model = strategy.deployable_model()
     row: dict[str, Any] = {
         "method": method, "sparsity": sparsity if method != "replay" else 0.0, "seed": seed,
-        "lr": lr, "average_accuracy": 100 * m["summary"]["average_accuracy"],
+        "lr": lr, "removal": removal if method in REMOVES else 0.0,
+        "average_accuracy": 100 * m["summary"]["average_accuracy"],
         "final_accuracy": 100 * m["summary"]["final_accuracy"],
         "forgetting": 100 * m["summary"]["forgetting"],
         "val_accuracy": 100 * statistics.fmean(val), "wall_s": wall,
         "train_s": sum(f["seconds"] for f in m["fit"]), "epochs": args.epochs,
+        "threads": (first_environment(run_dir) or {}).get("threads"),
         "nonzero": sum(int((p != 0).sum()) for p in model.parameters()),
     }  # fmt: skip
     if hasattr(strategy, "masks"):
@@ -205,6 +222,16 @@ def choose_lr(args, family: str) -> dict[str, Any]:
         return one_run(args, family, MAIN, SELECTION_SEED, lr)["val_accuracy"]
 
     return choose_from_grid(val, args.lr_grid, key="val_accuracy")
+
+
+def choose_removal(args, lr: float) -> dict[str, Any]:
+    """EsaCL's removal share at its lr: best validation accuracy at 0.9, selection seed (widened
+    once: ×3 of the largest grid value must stay below 1)."""
+
+    def val(fraction: float) -> float:
+        return one_run(args, "esacl", MAIN, SELECTION_SEED, lr, fraction)["val_accuracy"]
+
+    return choose_from_grid(val, args.removal_grid, key="val_accuracy", widenings=1)
 
 
 def pick(rows, method: str, sparsity: float, key: str, seeds=SEEDS) -> list[float]:
@@ -276,8 +303,13 @@ def main() -> None:
     ap.add_argument("--ramp-updates", type=int, default=300)
     ap.add_argument("--removal-epochs", type=int, nargs="+", default=[1, 2],
                     help="epochs (0-based) at whose start IDS/DDR remove an equal share")  # fmt: skip
+    ap.add_argument("--removal-grid", type=float, nargs="+", default=[0.1, 0.2, 0.3],
+                    help="IDS removal shares to choose from (each < 1/3 if it may widen)")  # fmt: skip
     ap.add_argument("--max-updates", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of every run")
     args = ap.parse_args()
+    if not all(0 < f < 1 for f in args.removal_grid):
+        ap.error(f"--removal-grid: shares must be in (0, 1); got {args.removal_grid}")
     if args.quick:
         args.epochs, args.max_updates, args.prune_every, args.ramp_updates = 2, 6, 2, 8
         args.removal_epochs = [1]
@@ -286,9 +318,13 @@ def main() -> None:
         shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True, exist_ok=True)
     lrs = {f: {"chosen": args.lr_grid[0]} if args.quick else choose_lr(args, f) for f in FAMILIES}
+    removal = (
+        {"chosen": PAPER_REMOVAL} if args.quick else choose_removal(args, lrs["esacl"]["chosen"])
+    )
     rows = []
     for i, (method, sp, seed) in enumerate(plan(args.quick)):
-        rows.append(one_run(args, method, sp, seed, lrs[METHODS[method][3]]["chosen"]))
+        lr = lrs[METHODS[method][3]]["chosen"]
+        rows.append(one_run(args, method, sp, seed, lr, removal["chosen"]))
         print(f"[{i + 1}/{len(plan(args.quick))}] {method} {sp} s{seed}: ACC "
               f"{rows[-1]['average_accuracy']:.1f}", flush=True)  # fmt: skip
     seeds = (0,) if args.quick else SEEDS
@@ -299,11 +335,12 @@ def main() -> None:
     diffs["one-shot drop: replay - esacl-dense (0.9, end)"] = paired_difference(b, a)
     tg = targets(rows, diffs)
     write_results("esacl", {"args": {k: str(v) for k, v in vars(args).items()}, "lr": lrs,
-                            "rows": rows, "paired_differences": diffs, "targets": tg},
-                  report(args, rows, lrs, diffs, tg), out=args.out)  # fmt: skip
+                            "removal": removal, "rows": rows, "paired_differences": diffs,
+                            "targets": tg},
+                  report(args, rows, lrs, removal, diffs, tg), out=args.out)  # fmt: skip
 
 
-def report(args, rows, lrs, diffs, tg) -> str:
+def report(args, rows, lrs, removal, diffs, tg) -> str:
     cols = ("average_accuracy", "final_accuracy", "forgetting", "val_accuracy", "density",
             "train_gflops", "images", "train_s")  # fmt: skip
     table = []
@@ -322,13 +359,17 @@ def report(args, rows, lrs, diffs, tg) -> str:
                                   "drop (points)": pm(d)})  # fmt: skip
     dif = [{"comparison": k, "mean": v["mean"], "sd": v["sd"], "ci95": v["ci95"]} for k, v in diffs.items()]  # fmt: skip
     total = sum(r["wall_s"] for r in rows) + sum(
-        one_run(args, f, MAIN, SELECTION_SEED, lr)["wall_s"] for f in FAMILIES for lr in lrs[f].get("grid", []))  # fmt: skip
+        one_run(args, f, MAIN, SELECTION_SEED, lr)["wall_s"] for f in FAMILIES for lr in lrs[f].get("grid", [])) + sum(
+        one_run(args, "esacl", MAIN, SELECTION_SEED, lrs["esacl"]["chosen"], r)["wall_s"]
+        for r in removal.get("grid", []) if r != PAPER_REMOVAL)  # fmt: skip
     chosen = {f: {k: v.get(k) for k in ("chosen", "grid", "at_edge")} for f, v in lrs.items()}
     head = (
         f"`{SCENARIO}` at 28 px, backbone `{args.backbone}` (small input), {args.epochs} epochs "
         f"per experience for every run, batch 32, SGD constant lr, memory {MEMORY} (random) where "
         f"used. Reported seeds {list(SEEDS)} (mean ± sd; 0.75 and 0.95: seed 0); lr per family "
-        f"chosen at 0.9 by seed {SELECTION_SEED} on the validation splits: {json.dumps(chosen)}. "
+        f"chosen at 0.9 by seed {SELECTION_SEED} on the validation splits: {json.dumps(chosen)}; "
+        f"then EsaCL's removal share at that lr: {removal['chosen']:g} of "
+        f"{removal.get('grid', [removal['chosen']])} (at an edge: {removal.get('at_edge')}). "
         f"Sum of the runs' wall times, selection included (2-core CPU): {total / 60:.0f} min. "
         "Generated by `benchmarks/esacl.py`."
     )
