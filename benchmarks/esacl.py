@@ -28,7 +28,8 @@ memory 200 (random) where used. Protocol:
   last epoch). The target is that the FLOPs saving shows in wall time.
 
 Resumable: each run's row is cached in ``--work`` (default ``runs/esacl``); ``--fresh`` starts
-over. Every run uses ``--threads`` torch threads (rows record it: the count changes float sums). Writes ``<out>/esacl.{json,md}`` with ``"targets"``. ``--quick``: a smoke run (synthetic
+over. Every run uses ``--threads`` torch threads (rows record it: the count changes float sums).
+Writes ``<out>/esacl.{json,md}`` with ``"targets"``. ``--quick``: a smoke run (synthetic
 stream, a few updates, one seed, no selection).
 """
 

@@ -36,7 +36,7 @@ rewritten: a run killed at a time limit still leaves a usable JSON. Writes ``sta
 Cost at the defaults, measured (2026-12-05, this 2-core machine, alone, ``--jobs 2 --threads
 1``): 8 bases, 5 joint models (147-369 s each: full epochs over every experience's data), 61
 continual runs (selection grids grown by up to 3 rates: the authors' vanilla needs a constant
-rate 30x below the others'); 74 runs, 105 worker-minutes, 59 minutes of wall time (50 + 9: the
+rate 9-27x below the others'); 74 runs, 105 worker-minutes, 59 minutes of wall time (50 + 9: the
 grids were widened in a second invocation). A continual run costs 45-120 s: 30 updates per
 experience of 64 + 64 images, curves every 3 updates on cached front outputs
 (``--no-front-cache``: through the full network, about 3x the curve cost). On one GPU
