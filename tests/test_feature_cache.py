@@ -209,3 +209,37 @@ def test_stratified_rows_keep_class_shares_and_are_seeded() -> None:
     assert not torch.equal(rows, stratified_rows(labels, 20, seed=4))
     assert torch.equal(stratified_rows(labels, None, seed=0), torch.arange(100))
     assert torch.equal(stratified_rows(labels, 500, seed=0), torch.arange(100))
+
+
+class Batches:
+    """Forward passes (batches) through ``module`` without gradients."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.sizes: list[int] = []
+        module.register_forward_hook(lambda m, a, o: self.sizes.append(len(a[0])))
+
+
+def test_outputs_many_shares_batches_and_equals_one_set_at_a_time() -> None:
+    root, body, images = _toy()
+    sets = [images[:3].clone(), images[3:6].clone(), images[6:].clone()]  # 3 + 3 + 4 rows
+    alone = [FeatureCache(batch_size=4).outputs("f", root, body, x) for x in sets]
+    cache, batches = FeatureCache(batch_size=4), Batches(body)
+    many = cache.outputs_many("f", root, body, [(x, None) for x in sets])
+    assert batches.sizes == [4, 4, 2]  # 10 rows in shared batches, not 3 + 3 + 4
+    for a, b in zip(alone, many, strict=True):
+        torch.testing.assert_close(a, b)
+    rows = torch.tensor([2, 0])  # cached rows are served per set, in the order asked
+    again = cache.outputs_many("f", root, body, [(sets[0], rows), (sets[2], None)])
+    assert batches.sizes == [4, 4, 2] and torch.equal(again[0], many[0][rows])
+
+
+def test_outputs_many_batches_shapes_apart_and_answers_empty_sets() -> None:
+    root, body, images = _toy()
+    big = torch.randint(0, 256, (3, 1, 12, 12), dtype=torch.uint8)  # another image size
+    empty = images[:0]
+    batches = Batches(body)
+    out = FeatureCache(batch_size=8).outputs_many(
+        "f", root, body, [(images, None), (big, None), (empty, None)]
+    )
+    assert batches.sizes[:3] == [8, 2, 3] and [len(x) for x in out] == [10, 3, 0]
+    assert out[2].shape == (0, 4)

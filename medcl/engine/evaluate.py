@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["CurveMonitor", "ExperienceEval", "evaluate", "predict_proba", "stratified_rows"]
+__all__ = [
+    "CurveMonitor",
+    "ExperienceEval",
+    "evaluate",
+    "predict_proba",
+    "predict_proba_sets",
+    "stratified_rows",
+]
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,14 +60,10 @@ def predict_proba(
     """
     from medcl.strategies.base import Strategy
 
-    device = next(model.parameters()).device
-    bf16 = amp and bf16_available(device)
     if isinstance(model, Strategy):
-        scores = model.feature_cache.outputs(
-            "scores", model, model.predict, images, rows,
-            bf16=bf16, batch_size=batch_size, desc=desc,
-        )  # fmt: skip
-        return torch.softmax(scores, 1)
+        sets = [(images, rows)]
+        return predict_proba_sets(model, sets, batch_size=batch_size, amp=amp, desc=desc)[0]
+    device = next(model.parameters()).device
     images = images if rows is None else images[rows]
     size = batch_size or DEFAULT_BATCH_SIZE
     was_training = model.training
@@ -80,6 +83,29 @@ def predict_proba(
             out = [torch.softmax(model(to_model_input(blank)).float(), 1).cpu()[:0]]
     model.train(was_training)
     return torch.cat(out)
+
+
+@torch.no_grad()
+def predict_proba_sets(
+    strategy: Strategy,
+    sets: Sequence[tuple[Tensor, Tensor | None]],
+    *,
+    batch_size: int | None = None,
+    amp: bool = False,
+    desc: str | None = None,
+) -> list[Tensor]:
+    """:func:`predict_proba` of a strategy on several ``(images, rows)`` sets in one pass: the
+    sets share full batches (:meth:`~medcl.models.feature_cache.FeatureCache.outputs_many`),
+    so ten 60-image site test sets cost five batches, not ten.
+
+    Returns:
+        one ``(n_i, K)`` float32 CPU probability tensor per set.
+    """
+    bf16 = amp and bf16_available(next(strategy.parameters()).device)
+    scores = strategy.feature_cache.outputs_many(
+        "scores", strategy, strategy.predict, sets, bf16=bf16, batch_size=batch_size, desc=desc
+    )
+    return [torch.softmax(x, 1) for x in scores]
 
 
 @dataclass(frozen=True)
@@ -120,19 +146,19 @@ def evaluate(
     amp: bool = False,
     quiet: bool = False,
 ) -> list[ExperienceEval]:
-    """Evaluate on ``split`` of every experience (also future ones: FWT needs them).
+    """Evaluate on ``split`` of every experience (also future ones: FWT needs them), all
+    experiences' images in shared batches (:func:`predict_proba_sets`).
 
     ``batch_size`` and ``amp`` as in :func:`predict_proba`; ``quiet`` hides the progress bars.
     """
+    data: list[SampleSet] = [getattr(exp, split) for exp in experiences]
+    desc = None if quiet else f"evaluate {len(data)} experience(s) ({split})"
+    sets = [(d.images, None) for d in data]
+    probs = predict_proba_sets(strategy, sets, batch_size=batch_size, amp=amp, desc=desc)
     out = []
-    for exp in experiences:
-        data: SampleSet = getattr(exp, split)
-        probs = predict_proba(
-            strategy, data.images, batch_size=batch_size, amp=amp,
-            desc=None if quiet else f"evaluate {exp.name} ({split})",
-        )  # fmt: skip
-        acc, tacc = _accuracies(probs, data.labels, exp.classes)
-        out.append(ExperienceEval(probs, data.labels, acc, tacc))
+    for exp, d, p in zip(experiences, data, probs, strict=True):
+        acc, tacc = _accuracies(p, d.labels, exp.classes)
+        out.append(ExperienceEval(p, d.labels, acc, tacc))
     return out
 
 
@@ -202,15 +228,17 @@ class CurveMonitor:
         """Rows of each experience's test set on the curves."""
         return [len(r) for r in self.subset_rows]
 
-    def _correct(self, strategy: Strategy, i: int) -> Tensor:
-        """``(n_i,)`` bool: which rows of experience ``i``'s subset are predicted right."""
-        test, rows = self._tests[i], self.subset_rows[i]
-        probs = predict_proba(strategy, test.images, rows=rows, amp=self.amp)  # short: no bar
-        return probs.argmax(1) == test.labels[rows]
-
     def record(self, strategy: Strategy, experience: int, update: int, offset: int) -> None:
-        """Evaluate now; ``update`` is the global update count, ``offset`` within the experience."""
-        correct = [self._correct(strategy, i) for i in range(experience + 1)]
+        """Evaluate now; ``update`` is the global update count, ``offset`` within the experience.
+        The subsets of experiences ``0..experience`` are scored in shared batches (short: no
+        bar)."""
+        seen = range(experience + 1)
+        sets = [(self._tests[i].images, self.subset_rows[i]) for i in seen]
+        probs = predict_proba_sets(strategy, sets, amp=self.amp)
+        correct = [
+            p.argmax(1) == self._tests[i].labels[self.subset_rows[i]]
+            for i, p in zip(seen, probs, strict=True)
+        ]
 
         def acc(parts: list[Tensor]) -> float:
             hits = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)

@@ -36,7 +36,7 @@ from numpy.typing import ArrayLike, NDArray
 from medcl.config_sections import CalibrationConfig
 from medcl.data.experience import Experience
 from medcl.engine.checkpoint import atomic_write_text, json_dumps
-from medcl.engine.evaluate import predict_proba
+from medcl.engine.evaluate import predict_proba, predict_proba_sets
 from medcl.engine.layout import RunLayout
 from medcl.errors import DataError
 from medcl.metrics.calibration import expected_calibration_error
@@ -135,11 +135,11 @@ def fit_posthoc(
         "note": "",
     }
     fit_p, fit_y, cal_p, cal_y, cal_site = [], [], [], [], []
-    for exp in seen:
+    used = [exp for exp in seen if len(exp.val) >= 2]
+    desc = f"calibrate on {len(used)} validation split(s)"
+    scored = predict_proba_sets(strategy, [(e.val.images, None) for e in used], desc=desc)
+    for exp, probs in zip(used, scored, strict=True):
         val = exp.val
-        if len(val) < 2:
-            continue
-        probs = predict_proba(strategy, val.images, desc=f"calibrate on {exp.name} (validation)")
         a, b = _split(len(val), seed * 1000 + exp.index)
         fit_p.append(probs[a])
         fit_y.append(val.labels[a])

@@ -31,7 +31,7 @@ from __future__ import annotations
 __all__ = ["DEFAULT_BATCH_SIZE", "FeatureCache"]
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -143,45 +143,85 @@ class FeatureCache:
         Returns:
             ``(n, ...)`` float32 outputs on the CPU, in the order of ``rows``.
         """
-        rows = torch.arange(len(images)) if rows is None else torch.as_tensor(rows).long()
-        if not len(images):  # no rows at all (a federated site without this cohort): (0, ...)
-            was_training, device = model.training, next(model.parameters()).device
-            model.eval()  # BatchNorm statistics must not see the blank input
-            with torch.no_grad():
-                blank = torch.zeros((1, *images.shape[1:]), device=device)
-                out = fn(to_model_input(blank)).float().cpu()[:0]
-            model.train(was_training)
-            return out
+        parts = [(images, rows)]
+        return self.outputs_many(
+            name, model, fn, parts, bf16=bf16, batch_size=batch_size, desc=desc
+        )[0]
+
+    def outputs_many(
+        self,
+        name: str,
+        model: nn.Module,
+        fn: Callable[[Tensor], Tensor],
+        parts: Sequence[tuple[Tensor, Tensor | None]],
+        *,
+        bf16: bool = False,
+        batch_size: int | None = None,
+        desc: str | None = None,
+    ) -> list[Tensor]:
+        """:meth:`outputs` of several ``(images, rows)`` sets in one pass: the rows not yet
+        cached, of every set, share full batches (many small test sets, e.g. one per site,
+        cost one batch each otherwise); sets whose images differ in shape, dtype or device
+        are batched apart.
+
+        Returns:
+            one ``(n_i, ...)`` float32 CPU tensor per part, in the order of its ``rows``.
+        """
         tree = _tensors(model, recurse=True)
-        key = (name, bf16, id(images))
-        entry = self._entries.get(key)
-        if entry is None or not entry.valid(images, tree):
-            entry = _Entry(images, tree)
-        todo = rows if entry.done is None else rows[~entry.done[rows]]
-        todo = torch.unique(todo)  # sorted, once each
-        self.reused += len(rows) - len(todo)
-        if len(todo):
+        entries, todo = [], []
+        for images, rows in parts:
+            rows = torch.arange(len(images)) if rows is None else torch.as_tensor(rows).long()
+            key = (name, bf16, id(images))
+            entry = self._entries.get(key)
+            if entry is None or not entry.valid(images, tree):
+                entry = _Entry(images, tree)
+            need = torch.unique(rows if entry.done is None else rows[~entry.done[rows]])
+            self.reused += len(rows) - len(need)
+            entries.append((key, entry, rows))
+            todo.append(need)
+        groups: dict[tuple, list[tuple[_Entry, Tensor]]] = {}  # sets that can share batches
+        for (_, entry, _), need in zip(entries, todo, strict=True):
+            if len(need):
+                kind = (tuple(entry.images.shape[1:]), entry.images.dtype, entry.images.device)
+                groups.setdefault(kind, []).append((entry, need))
+        for work in groups.values():
             size = batch_size or self.batch_size
-            self._compute(entry, model, fn, todo, bf16=bf16, batch_size=size, desc=desc)
-        if self.enabled:
-            self._entries[key] = entry
-        else:
-            self._entries.pop(key, None)
-        assert entry.values is not None
-        return entry.values[rows]
+            self._compute(work, model, fn, bf16=bf16, batch_size=size, desc=desc)
+        out = []
+        for (key, entry, rows), (images, _) in zip(entries, parts, strict=True):
+            if self.enabled:
+                self._entries[key] = entry
+            else:
+                self._entries.pop(key, None)
+            out.append(
+                self._blank(model, fn, images) if entry.values is None else entry.values[rows]
+            )
+        return out
+
+    @staticmethod
+    def _blank(model: nn.Module, fn: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
+        """``(0, ...)`` outputs of a set without rows (a federated site without this cohort),
+        shaped by one blank input in eval mode (BatchNorm statistics must not see it)."""
+        was_training, device = model.training, next(model.parameters()).device
+        model.eval()
+        with torch.no_grad():
+            blank = torch.zeros((1, *images.shape[1:]), device=device)
+            out = fn(to_model_input(blank)).float().cpu()[:0]
+        model.train(was_training)
+        return out
 
     def _compute(
         self,
-        entry: _Entry,
+        work: Sequence[tuple[_Entry, Tensor]],
         model: nn.Module,
         fn: Callable[[Tensor], Tensor],
-        rows: Tensor,
         *,
         bf16: bool,
         batch_size: int,
         desc: str | None,
     ) -> None:
-        """Run ``fn`` on ``rows`` in eval mode, recording which modules ran."""
+        """Run ``fn`` on the ``(entry, rows)`` of ``work`` in eval mode, in shared batches,
+        recording which modules ran."""
         start = time.perf_counter()
         device = next(model.parameters()).device
         modes = [(m, m.training) for m in model.modules()]
@@ -190,31 +230,40 @@ class FeatureCache:
         def seen(module: nn.Module, args: object) -> None:
             ran[id(module)] = module
 
+        # (entry number, row) of every row to compute, in order, then cut into batches
+        which = torch.cat([torch.full((len(r),), i) for i, (_, r) in enumerate(work)])
+        flat = torch.cat([r for _, r in work])
         hook = nn.modules.module.register_module_forward_pre_hook(seen)
-        chunks = rows.split(batch_size)
-        bar = progress_bar(total=len(rows), desc=desc, unit="img", hide=desc is None)
+        bar = progress_bar(total=len(flat), desc=desc, unit="img", hide=desc is None)
         model.eval()
         try:
             with (
                 torch.no_grad(),
                 torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
             ):
-                for idx in chunks:
-                    x = to_model_input(entry.images[idx].to(device))  # (B, C, H, W[, D])
-                    out = fn(x).float().cpu()  # (B, ...)
-                    if entry.values is None:
-                        n = len(entry.images)
-                        entry.values = out.new_zeros((n, *out.shape[1:]))
-                        entry.done = torch.zeros(n, dtype=torch.bool)
-                    entry.values[idx] = out
-                    bar.update(len(idx))
+                for sel in torch.arange(len(flat)).split(batch_size):
+                    ids = which[sel].unique_consecutive()
+                    pieces = [(work[i][0], flat[sel][which[sel] == i]) for i in ids.tolist()]
+                    raw = torch.cat([e.images[idx] for e, idx in pieces])
+                    out = fn(to_model_input(raw.to(device))).float().cpu()  # (B, ...)
+                    for (entry, idx), chunk in zip(
+                        pieces, out.split([len(idx) for _, idx in pieces]), strict=True
+                    ):
+                        if entry.values is None:
+                            n = len(entry.images)
+                            entry.values = out.new_zeros((n, *out.shape[1:]))
+                            entry.done = torch.zeros(n, dtype=torch.bool)
+                        entry.values[idx] = chunk
+                    bar.update(len(sel))
         finally:
             hook.remove()
             bar.close()
             for m, training in modes:
                 m.training = training
-        assert entry.done is not None
-        entry.done[rows] = True
-        self.computed += len(rows)
+        tensors = [t for m in ran.values() for t in _tensors(m, recurse=False)]
+        for entry, rows in work:
+            assert entry.done is not None
+            entry.done[rows] = True
+            entry.watch(tensors)
+        self.computed += len(flat)
         self.seconds += time.perf_counter() - start
-        entry.watch([t for m in ran.values() for t in _tensors(m, recurse=False)])
