@@ -263,8 +263,18 @@ class FederationConfig(_Strict):
     rounds: int = Field(
         2, ge=1, description="rounds per experience; train.epochs local epochs each"
     )
-    aggregation: Literal["fedavg", "fedprox"] = "fedavg"
+    aggregation: Literal["fedavg", "fedprox", "fedavgm"] = Field(
+        "fedavg",
+        description="'fedavg': weighted mean; 'fedprox': + a proximal term at the sites; "
+        "'fedavgm': + a server step (server_lr, server_momentum) on the mean's update",
+    )
     proximal_mu: float = Field(0.01, ge=0, description="FedProx's mu (aggregation: fedprox)")
+    server_lr: float = Field(
+        1.0, gt=0, description="FedAvgM's server learning rate (aggregation: fedavgm)"
+    )
+    server_momentum: float = Field(
+        0.0, ge=0, lt=1, description="FedAvgM's server momentum (aggregation: fedavgm)"
+    )
     min_sites: int = Field(1, ge=1, description="replies a round needs to be aggregated")
     retries: int = Field(1, ge=0, description="times a round with too few replies is repeated")
     round_timeout: float = Field(600.0, gt=0, description="seconds a round waits for replies")
@@ -296,6 +306,17 @@ class FederationConfig(_Strict):
         if self.min_sites > len(names):
             raise ValueError(
                 f"min_sites ({self.min_sites}) is larger than the number of sites ({len(names)})"
+            )
+        server = {
+            "server_lr": (self.server_lr, 1.0),
+            "server_momentum": (self.server_momentum, 0.0),
+        }
+        changed = {k: v for k, (v, default) in server.items() if v != default}
+        if changed and self.aggregation != "fedavgm":
+            raise ValueError(
+                f"{', '.join(f'{k}={v}' for k, v in changed.items())}: FedAvgM's server step, "
+                f"used by aggregation 'fedavgm' only; got aggregation {self.aggregation!r}. Set "
+                f"aggregation: fedavgm, or remove {' and '.join(changed)}"
             )
         if self.engine == "simulation" and (self.superlink or self.tls):
             raise ValueError("engine 'simulation' runs in one process: remove superlink and tls")

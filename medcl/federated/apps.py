@@ -61,7 +61,12 @@ def _unpack(content: RecordDict) -> tuple[dict[str, np.ndarray], dict[str, Any],
 
 
 class GridLink:
-    """:class:`~medcl.federated.server.Link` over a Flower ``Grid``."""
+    """:class:`~medcl.federated.server.Link` over a Flower ``Grid``.
+
+    ``fedavgm`` aggregates with ``FedAvg``'s weighted mean; the server applies FedAvgM's step to
+    the parameters itself (:mod:`medcl.federated.server_opt`: Flower's ``FedAvgM`` would step the
+    BatchNorm statistics too).
+    """
 
     def __init__(self, grid: Grid, cfg: RunConfig) -> None:
         self.grid = grid

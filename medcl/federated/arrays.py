@@ -15,6 +15,7 @@ from __future__ import annotations
 
 __all__ = [
     "METRIC_KEYS",
+    "PER_EXPERIENCE",
     "LeakError",
     "audit",
     "changed_keys",
@@ -46,10 +47,15 @@ METRIC_KEYS = frozenset(
         "loss-last",
         "accuracy",
         "test-examples",
+        "val-accuracy",
+        "val-examples",
         "synced-version",
         "completed",
     }
 )
+
+#: the metrics that are one number per experience (lists of ``num_experiences``)
+PER_EXPERIENCE = frozenset({"accuracy", "test-examples", "val-accuracy", "val-examples"})
 
 
 class LeakError(DataError):
@@ -124,7 +130,7 @@ def audit(
     Raises:
         LeakError: an array whose name is not a state key of the strategy, or whose shape is
             not that key's; a metric not in :data:`METRIC_KEYS`, or not a number (a list of
-            ``num_experiences`` numbers only for ``accuracy``/``test-examples``).
+            ``num_experiences`` numbers only for the keys of :data:`PER_EXPERIENCE`).
     """
     state = strategy.state_dict()
     for k, a in arrays.items():
@@ -139,9 +145,7 @@ def audit(
         if k not in METRIC_KEYS:
             raise LeakError(f"{where}: metric {k!r} is not one medcl sends; refused.")
         values = v if isinstance(v, list) else [v]
-        if isinstance(v, list) and (
-            k not in ("accuracy", "test-examples") or len(v) != num_experiences
-        ):
+        if isinstance(v, list) and (k not in PER_EXPERIENCE or len(v) != num_experiences):
             raise LeakError(f"{where}: metric {k!r} is a list of {len(v)}; refused.")
         if not all(isinstance(x, int | float) for x in values):
             raise LeakError(f"{where}: metric {k!r} is not a number; refused.")

@@ -3,15 +3,17 @@
 :func:`serve` drives the protocol of :mod:`medcl.federated.site` through a :class:`Link` (Flower's
 ``Grid`` in :mod:`medcl.federated.apps`; a fake in unit tests). For each experience ``t``:
 ``federation.rounds`` training rounds aggregated by Flower's ``FedAvg`` or ``FedProx``
-(weighted by each site's training images), one consolidation round (each deployable tensor
+(weighted by each site's training images; ``fedavgm`` adds a server step on the parameters,
+:class:`~medcl.federated.server_opt.ServerSGD`), one consolidation round (each deployable tensor
 averaged over the sites that changed it, weighted by their images and memory), one evaluation
 round. Each message carries only the tensors the server changed since that site's version, so
 a site that rejoins receives what it missed and a DynaMMo round moves one adapter set and head.
 
 ``RUN_DIR`` is a medcl run directory of the global model (config, model facts, a checkpoint per
 experience: ``medcl export RUN_DIR`` works) plus ``federation.json``: per round the sites that
-replied or failed, bytes each way and seconds; per site and pooled, the accuracy matrices. The
-server's state is saved after every round (``federated/server``), so ``--resume`` continues
+replied or failed, bytes each way and seconds; per site and pooled, the accuracy matrices (and,
+pooled, the validation accuracy matrix ``pooled_val``). The server's state (with FedAvgM's
+momentum) is saved after every round (``federated/server``), so ``--resume`` continues
 after the last completed one. Every message is audited (:func:`~medcl.federated.arrays.audit`).
 """
 
@@ -37,6 +39,7 @@ from medcl.engine.state import RunState
 from medcl.engine.trainer import seed_everything
 from medcl.errors import MedclError
 from medcl.federated.arrays import audit, load_arrays, nbytes, to_numpy
+from medcl.federated.server_opt import ServerSGD
 from medcl.progress import progress_bar
 from medcl.strategies.base import ExperienceInfo, Strategy
 
@@ -92,7 +95,9 @@ class _Server:
         self.site_version: dict[str, int] = {}
         self.key_version: dict[str, int] = {}
         self.version = 0
-        self.record: dict[str, Any] = {"rounds": [], "sites": {}, "pooled": []}
+        self.record: dict[str, Any] = {"rounds": [], "sites": {}, "pooled": [], "pooled_val": []}
+        # fedavgm's step (the config refuses server_lr / server_momentum with other aggregations)
+        self.sgd = ServerSGD(lr=self.fed.server_lr, momentum=self.fed.server_momentum)
         self.describe: dict[str, Any] | None = None
         self.strategy: Strategy | None = None
         self.step = (0, 0)  # (experience, phase) to do next; phase: rounds..., then 2 more
@@ -172,17 +177,22 @@ class _Server:
             "record": self.record,
             "seen": [i.to_dict() for i in self.strategy.seen],
         }
-        save_checkpoint(self.state_dir, strategy=self.strategy.state_dict(), memory={}, state=state)
+        # the server holds no replay memory: that slot keeps FedAvgM's momentum
+        save_checkpoint(
+            self.state_dir, strategy=self.strategy.state_dict(), memory=self.sgd.state_dict(),
+            state=state,
+        )  # fmt: skip
 
     def _load(self) -> None:
         assert self.strategy is not None
-        tensors, _, state = load_checkpoint(self.state_dir)
+        tensors, momentum, state = load_checkpoint(self.state_dir)
         self.strategy.rebuild([ExperienceInfo.from_dict(d) for d in state["seen"]])
         self.strategy.load_state_dict(tensors)
         self.step = tuple(state["step"])
         self.version, self.key_version = state["version"], state["key_version"]
         self.site_version.update(state["site_version"])
-        self.record = state["record"]
+        self.record = {"pooled_val": []} | state["record"]  # a state saved before pooled_val
+        self.sgd.load_state_dict(momentum)
 
     # -- rounds ------------------------------------------------------------------------------------
     def _since(self, site: str) -> dict[str, np.ndarray]:
@@ -246,6 +256,8 @@ class _Server:
         if len(self.strategy.seen) <= t:  # the sites' structural step, seeded as theirs
             seed_everything(self.cfg.seed * 1000 + t)
             self.strategy.grow(info)
+        if self.step[1] == 0:
+            self.sgd.reset()  # a new experience: new heads, and a new momentum
         rounds = self.fed.rounds
         mu = self.fed.proximal_mu if self.fed.aggregation == "fedprox" else 0.0
         bar = progress_bar(total=rounds + 2, desc=f"exp {t} {info.name}: rounds", unit="round")
@@ -254,7 +266,7 @@ class _Server:
             if r < rounds:
                 ok = self._round(t, "train", r, {"round": r, "proximal-mu": mu})
                 ok = [x for x in ok if x.metrics.get("num-examples", 0) > 0]
-                self._apply(self.link.aggregate(ok, r) if ok else {})
+                self._apply(self._aggregate_train(ok, r))
             elif r == rounds:
                 ok = self._round(t, "train.consolidate", r, {})
                 self._apply(_weighted_mean([x for x in ok if x.metrics.get("num-examples", 0)]))
@@ -265,6 +277,18 @@ class _Server:
             self._save()
             bar.update(1)
         bar.close()
+
+    def _aggregate_train(self, replies: Sequence[Reply], r: int) -> dict[str, np.ndarray]:
+        """Flower's weighted mean of training round ``r``; with ``fedavgm``, FedAvgM's server
+        step on the floating-point parameters among its tensors (buffers keep the mean)."""
+        if not replies:
+            return {}
+        mean = self.link.aggregate(replies, r)
+        if not self.sgd.active:
+            return mean
+        named = self.strategy.named_parameters(remove_duplicate=False)
+        params = {n for n, p in named if p.is_floating_point()} & set(mean)
+        return self.sgd.step(to_numpy(self.strategy, sorted(params)), mean, params)
 
     def _last(self) -> int:
         return len(self.describe["infos"]) - 1
@@ -281,22 +305,17 @@ class _Server:
         atomic_write_text(self.files.latest, json.dumps(pointer))
 
     def _results(self, t: int, replies: list[Reply]) -> None:
-        n_exp = len(self.describe["infos"])
-        num = np.zeros(n_exp)
-        den = np.zeros(n_exp)
         for r in replies:
-            name = self.sites[r.node]
-            acc = np.array(r.metrics["accuracy"], dtype=float)
-            n = np.array(r.metrics["test-examples"], dtype=float)
-            rows = self.record["sites"].setdefault(name, {})
-            rows[str(t)] = [None if a < 0 else a for a in acc.tolist()]
-            ok = acc >= 0
-            num[ok] += acc[ok] * n[ok]
-            den[ok] += n[ok]
-        pooled = [
-            float(a) if d else None for a, d in zip(num / np.maximum(den, 1), den, strict=False)
-        ]
-        self.record["pooled"] = [*self.record["pooled"][:t], pooled]
+            acc = r.metrics["accuracy"]
+            rows = self.record["sites"].setdefault(self.sites[r.node], {})
+            rows[str(t)] = [None if a < 0 else float(a) for a in acc]
+        n_exp = len(self.describe["infos"])
+        for key, accuracy, examples in (
+            ("pooled", "accuracy", "test-examples"),
+            ("pooled_val", "val-accuracy", "val-examples"),
+        ):
+            row = _pool([r.metrics for r in replies], accuracy, examples, n_exp)
+            self.record[key] = [*self.record[key][:t], row]
         self._write_record()
 
     def _write_record(self) -> None:
@@ -305,6 +324,7 @@ class _Server:
             "sites": self.fed.site_names,
             "experiences": [i["name"] for i in self.describe["infos"]],
             "accuracy_matrix": self.record["pooled"],  # test-size-weighted over the sites
+            "pooled_val": self.record["pooled_val"],  # the same on the validation splits
             "site_accuracy": self.record["sites"],
             "bytes_per_train_round": (
                 float(np.mean([r["bytes_down"] + r["bytes_up"] for r in rounds])) if rounds else 0.0
@@ -312,6 +332,22 @@ class _Server:
             "rounds": self.record["rounds"],
         }
         atomic_write_text(self.files.root / "federation.json", json_dumps(summary))
+
+
+def _pool(
+    metrics: Sequence[dict[str, Any]], accuracy: str, examples: str, n_exp: int
+) -> list[float | None]:
+    """One pooled accuracy row: each site's accuracy on experience ``j`` weighted by its rows
+    (``examples``); a site's ``-1`` (no rows) is left out; ``None`` where no site has rows."""
+    num, den = np.zeros(n_exp), np.zeros(n_exp)
+    for m in metrics:
+        if accuracy not in m:  # a site that does not report it (validation: an older medcl)
+            continue
+        acc, n = np.array(m[accuracy], dtype=float), np.array(m[examples], dtype=float)
+        ok = acc >= 0
+        num[ok] += acc[ok] * n[ok]
+        den[ok] += n[ok]
+    return [float(a) if d else None for a, d in zip(num / np.maximum(den, 1), den, strict=True)]
 
 
 def _weighted_mean(replies: Sequence[Reply]) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ the clinical report), so every medcl command works on it (``medcl report SITE_DI
    memory update) on its own data and sends back the deployable tensors that changed;
 3. ``evaluate``: the consolidated aggregate; the site evaluates, calibrates, checkpoints and
    writes metrics in its run directory (:func:`~medcl.engine.run.finish_experience`) and sends back
-   its accuracy per experience (and, after the last, writes its report).
+   its test and validation accuracy per experience (and, after the last, writes its report).
 
 Between messages nothing stays in memory (Flower's deployment engine starts a ClientApp process
 per message): the state is the last checkpoint plus a working checkpoint, and a restore repeats
@@ -44,6 +44,7 @@ from medcl.engine.artifacts import record_start, untrained_baseline
 from medcl.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from medcl.engine.components import build_components
 from medcl.engine.distributed import SINGLE
+from medcl.engine.evaluate import evaluate as evaluate_split
 from medcl.engine.layout import RunLayout
 from medcl.engine.resume import restore_checkpoint
 from medcl.engine.run import curve_monitor, finish_experience
@@ -304,7 +305,14 @@ class Site:
         return to_numpy(self.strategy, keys), metrics
 
     def evaluate(self, t: int, arrays: dict[str, np.ndarray], version: int) -> dict[str, Any]:
-        """Experience ``t``'s evaluation, calibration, checkpoint and metrics; its accuracy row."""
+        """Experience ``t``'s evaluation, calibration, checkpoint and metrics.
+
+        Returns:
+            The metrics: ``accuracy`` / ``test-examples`` and ``val-accuracy`` /
+            ``val-examples``, one number per experience of the scenario (the accuracy of the
+            consolidated global model on the site's test / validation rows; ``-1`` where the
+            site has none), ``completed`` and ``synced-version``.
+        """
         if self.state.completed < t:
             self._enter(t, arrays, version)
             if self.work.consolidated < t:  # restarted after consolidating: memory only
@@ -322,9 +330,14 @@ class Site:
             self.work = _Work(begun=t, consolidated=t, synced_version=self.work.synced_version)
             self._save_work(tensors=False)
         row = self.state.accuracy[-1] if self.state.accuracy else []
+        # validation scores of the seen experiences come from the strategy's feature cache
+        # (calibration computed them under these weights); the rest cost one pass
+        val = evaluate_split(self.strategy, self.scenario.experiences, split="val", quiet=True)
         return {
             "accuracy": [(-1.0 if np.isnan(a) else float(a)) for a in row],
             "test-examples": [len(e.test) for e in self.scenario],
+            "val-accuracy": [(-1.0 if np.isnan(e.accuracy) else e.accuracy) for e in val],
+            "val-examples": [len(e.val) for e in self.scenario],
             "completed": self.state.completed,
             "synced-version": version,
         }
