@@ -99,9 +99,7 @@ def _merge(raw: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def _raw(extra: dict[str, Any], seed: int, root: Path, out: Path) -> dict[str, Any]:
     raw = _merge(yaml.safe_load(CONFIG.read_text()), extra)
-    raw |= {"seed": seed, "output_dir": str(out)}
-    raw["data"] = {"root": str(root)}
-    return raw
+    return raw | {"seed": seed, "output_dir": str(out), "data": {"root": str(root)}}
 
 
 def _central(extra, seed, root, work, quiet) -> dict[str, Any]:
@@ -125,8 +123,7 @@ def _central(extra, seed, root, work, quiet) -> dict[str, Any]:
 
 
 def _learned(matrix: list[list[float | None]]) -> list[float | None]:
-    """Accuracy on each experience right after it was learned (the matrix's diagonal): with
-    the final row, what was learned and what was kept."""
+    """Accuracy on each experience right after it was learned (the matrix's diagonal)."""
     return [row[j] for j, row in enumerate(matrix)]
 
 
@@ -157,7 +154,7 @@ def _federated(extra, seed, root, work, quiet, engine="simulation") -> dict[str,
     return {
         "final": record["accuracy_matrix"][-1],
         "learned": _learned(record["accuracy_matrix"]),
-        "final_val": record.get("pooled_val", [[]])[-1],
+        "final_val": (record.get("pooled_val") or [[]])[-1],
         "site_accuracy": record["site_accuracy"],
         "updates": updates,
         "seconds": sum(r["seconds"] for r in record["rounds"]),  # rounds, without start-up
@@ -185,7 +182,10 @@ def _select_server_lr(extra, root, work, quiet) -> dict[str, Any]:
             print(f"  selection: server_lr {lr:g}, seed {SELECTION_SEED}", flush=True)
         run = _fedavgm(extra, lr, SELECTION_SEED, root, work / "selection", quiet)
         seconds.append(run["seconds"])
-        return float(np.nanmean(np.array(run["final_val"], dtype=float)))
+        val = np.array(run["final_val"], dtype=float)
+        if not np.isfinite(val).any():  # a choice among NaNs would be arbitrary
+            raise SystemExit(f"server_lr {lr:g}: the run recorded no validation accuracy")
+        return float(np.nanmean(val))
 
     return choose_from_grid(score, SERVER_LR_GRID, key="val_accuracy") | {"seconds": seconds}
 

@@ -243,3 +243,21 @@ def test_outputs_many_batches_shapes_apart_and_answers_empty_sets() -> None:
     )
     assert batches.sizes[:3] == [8, 2, 3] and [len(x) for x in out] == [10, 3, 0]
     assert out[2].shape == (0, 4)
+
+
+def test_outputs_many_keeps_sets_apart_under_batch_statistics_and_computes_a_set_once() -> None:
+    root, body, images = _toy()
+    body[1].track_running_stats = False  # MC-SGD's BatchNorm: each batch's own statistics
+    body[1].running_mean = body[1].running_var = body[1].num_batches_tracked = None
+    sets = [images[:3].clone(), images[3:].clone()]
+    alone = [FeatureCache(batch_size=8).outputs("f", root, body, x) for x in sets]
+    batches = Batches(body)
+    many = FeatureCache(batch_size=8).outputs_many("f", root, body, [(x, None) for x in sets])
+    assert batches.sizes == [3, 7]  # not one batch of 8 + 2 mixing the two sets
+    for a, b in zip(alone, many, strict=True):
+        torch.testing.assert_close(a, b)
+    root2, body2, images2 = _toy()
+    batches2, cache = Batches(body2), FeatureCache(batch_size=8)
+    twice = cache.outputs_many("f", root2, body2, [(images2, None), (images2, torch.tensor([1]))])
+    assert batches2.sizes == [8, 2] and cache.computed == 10  # the tensor given twice: once
+    assert torch.equal(twice[1], twice[0][[1]])

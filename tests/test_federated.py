@@ -242,3 +242,11 @@ def test_a_site_directory_restores_with_the_site_rows_only(tmp_path):
         for a, b in zip(scenario, own, strict=True):
             assert torch.equal(a.train.labels, b.train.labels) and len(a.test) == len(b.test)
         assert len(memory) > 0
+
+
+def test_a_site_of_another_federation_gets_its_own_part(tmp_path):
+    """A process that hosts site-0 of a 2-site run, then site-0 of a 1-site run: the second
+    holds the whole cohort, not the first one's half (the in-process scenario cache)."""
+    half = Site(_cfg(tmp_path / "a", {"name": "finetune"}, sites=2), "site-0", tmp_path / "a")
+    whole = Site(_cfg(tmp_path / "b", {"name": "finetune"}, sites=1), "site-0", tmp_path / "b")
+    assert len(whole.scenario[0].train) > len(half.scenario[0].train)

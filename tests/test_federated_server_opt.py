@@ -173,8 +173,9 @@ def test_resume_keeps_the_server_momentum(tmp_path):
     cfg = _cfg(tmp_path / "b", **fed)
     with pytest.raises(KeyboardInterrupt):  # the 7th exchange is experience 1's round 1
         _serve(cfg, tmp_path / "b", LocalLink(cfg, tmp_path / "b" / "sites", fail_after=6))
-    saved = load_file(str(tmp_path / "b" / "fed" / cfg.run_name / "federated" / "server" /
-                          "memory.safetensors"))  # fmt: skip
+    server = tmp_path / "b" / "fed" / cfg.run_name / "federated" / "server"
+    assert json.loads((server / "state.json").read_text())["step"] == [1, 1]  # mid-experience
+    saved = load_file(str(server / "memory.safetensors"))
     assert saved and all(k.startswith("momentum.") for k in saved)
     resumed, _ = _serve(cfg, tmp_path / "b")
     a, b = _tensors(whole, 1), _tensors(resumed, 1)

@@ -315,7 +315,8 @@ class _Server:
             ("pooled_val", "val-accuracy", "val-examples"),
         ):
             row = _pool([r.metrics for r in replies], accuracy, examples, n_exp)
-            self.record[key] = [*self.record[key][:t], row]
+            done = self.record[key][:t]  # a state saved before pooled_val existed: None rows
+            self.record[key] = [*done, *[[None] * n_exp] * (t - len(done)), row]
         self._write_record()
 
     def _write_record(self) -> None:
@@ -341,7 +342,7 @@ def _pool(
     (``examples``); a site's ``-1`` (no rows) is left out; ``None`` where no site has rows."""
     num, den = np.zeros(n_exp), np.zeros(n_exp)
     for m in metrics:
-        if accuracy not in m:  # a site that does not report it (validation: an older medcl)
+        if accuracy not in m or examples not in m:  # not reported (validation: an older medcl)
             continue
         acc, n = np.array(m[accuracy], dtype=float), np.array(m[examples], dtype=float)
         ok = acc >= 0

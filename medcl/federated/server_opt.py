@@ -64,6 +64,10 @@ class ServerSGD:
     ) -> dict[str, np.ndarray]:
         """The round's new global tensors: ``mean`` with the server step on ``params``.
 
+        A parameter that no site sent this round (absent from ``mean``: nothing trained it)
+        keeps its value and its momentum; Flower's FedAvgM, which always sends every array,
+        would still move it by ``momentum * m``.
+
         Args:
             current: the global tensors before the round, at least those of ``mean`` that are
                 in ``params``, each of its own shape.

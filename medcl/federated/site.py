@@ -120,7 +120,9 @@ class Site:
         self.cfg, self.name, self.quiet = cfg, name, quiet
         self.dir = Path(folder) if folder is not None else site_dir(cfg, name)
         self.files = RunLayout(self.dir)
-        key = (cfg.scenario.model_dump_json(), str(cfg.data.root), cfg.seed, name, fed.partition)
+        # the site's part depends on every site (how many share a cohort), not on its name only
+        key = (cfg.scenario.model_dump_json(), str(cfg.data.root), cfg.seed, name, tuple(names),
+               fed.partition)  # fmt: skip
         scenario = _SCENARIOS.get(key)
         scenario, self.strategy, self.memory = build_components(cfg, scenario)
         index = names.index(name)
@@ -330,13 +332,13 @@ class Site:
             self.work = _Work(begun=t, consolidated=t, synced_version=self.work.synced_version)
             self._save_work(tensors=False)
         row = self.state.accuracy[-1] if self.state.accuracy else []
-        # validation scores of the seen experiences come from the strategy's feature cache
-        # (calibration computed them under these weights); the rest cost one pass
+        # validation scores of the seen experiences come from the strategy's feature cache when
+        # calibration computed them in this process under these weights; else one pass
         val = evaluate_split(self.strategy, self.scenario.experiences, split="val", quiet=True)
         return {
             "accuracy": [(-1.0 if np.isnan(a) else float(a)) for a in row],
             "test-examples": [len(e.test) for e in self.scenario],
-            "val-accuracy": [(-1.0 if np.isnan(e.accuracy) else e.accuracy) for e in val],
+            "val-accuracy": [(-1.0 if np.isnan(e.accuracy) else float(e.accuracy)) for e in val],
             "val-examples": [len(e.val) for e in self.scenario],
             "completed": self.state.completed,
             "synced-version": version,

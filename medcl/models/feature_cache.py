@@ -50,6 +50,13 @@ def _tensors(module: nn.Module, *, recurse: bool) -> list[Tensor]:
     return [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]
 
 
+def _batch_statistics(model: nn.Module) -> bool:
+    """Whether a BatchNorm of ``model`` normalises with each batch's statistics in eval mode
+    (``track_running_stats=False``, e.g. MC-SGD's networks)."""
+    norms = (nn.modules.batchnorm._NormBase,)
+    return any(isinstance(m, norms) and not m.track_running_stats for m in model.modules())
+
+
 @dataclass
 class _Entry:
     images: Tensor  # (N, C, ...) the inputs; held, so the identity check is sound
@@ -161,41 +168,51 @@ class FeatureCache:
     ) -> list[Tensor]:
         """:meth:`outputs` of several ``(images, rows)`` sets in one pass: the rows not yet
         cached, of every set, share full batches (many small test sets, e.g. one per site,
-        cost one batch each otherwise); sets whose images differ in shape, dtype or device
-        are batched apart.
+        cost one batch each otherwise). Sets whose images differ in shape, dtype or device are
+        batched apart, and so is every set when a BatchNorm of ``model`` normalises with the
+        batch's own statistics (no running statistics: a batch mixing two sets would change
+        each set's outputs). A tensor given twice is computed once.
 
         Returns:
             one ``(n_i, ...)`` float32 CPU tensor per part, in the order of its ``rows``.
         """
         tree = _tensors(model, recurse=True)
-        entries, todo = [], []
+        entries: dict[tuple, _Entry] = {}
+        needs: dict[tuple, Tensor] = {}
+        asked: list[tuple[tuple, Tensor]] = []
         for images, rows in parts:
             rows = torch.arange(len(images)) if rows is None else torch.as_tensor(rows).long()
             key = (name, bf16, id(images))
-            entry = self._entries.get(key)
-            if entry is None or not entry.valid(images, tree):
-                entry = _Entry(images, tree)
-            need = torch.unique(rows if entry.done is None else rows[~entry.done[rows]])
-            self.reused += len(rows) - len(need)
-            entries.append((key, entry, rows))
-            todo.append(need)
+            if key not in entries:
+                entry = self._entries.get(key)
+                entries[key] = (
+                    entry if entry and entry.valid(images, tree) else _Entry(images, tree)
+                )
+                needs[key] = rows[:0]
+            done = entries[key].done
+            needs[key] = torch.unique(torch.cat([needs[key], rows if done is None else rows[~done[rows]]]))  # fmt: skip
+            asked.append((key, rows))
+        self.reused += sum(len(r) for _, r in asked) - sum(len(n) for n in needs.values())
+        apart = _batch_statistics(model)
         groups: dict[tuple, list[tuple[_Entry, Tensor]]] = {}  # sets that can share batches
-        for (_, entry, _), need in zip(entries, todo, strict=True):
+        for key, need in needs.items():
             if len(need):
-                kind = (tuple(entry.images.shape[1:]), entry.images.dtype, entry.images.device)
-                groups.setdefault(kind, []).append((entry, need))
+                images = entries[key].images
+                kind = key if apart else (tuple(images.shape[1:]), images.dtype, images.device)
+                groups.setdefault(kind, []).append((entries[key], need))
         for work in groups.values():
             size = batch_size or self.batch_size
             self._compute(work, model, fn, bf16=bf16, batch_size=size, desc=desc)
-        out = []
-        for (key, entry, rows), (images, _) in zip(entries, parts, strict=True):
+        for key, entry in entries.items():
             if self.enabled:
                 self._entries[key] = entry
             else:
                 self._entries.pop(key, None)
-            out.append(
-                self._blank(model, fn, images) if entry.values is None else entry.values[rows]
-            )
+        out = []
+        for key, rows in asked:
+            entry = entries[key]
+            blank = entry.values is None
+            out.append(self._blank(model, fn, entry.images) if blank else entry.values[rows])
         return out
 
     @staticmethod
