@@ -190,7 +190,8 @@ class FeatureCache:
                 )
                 needs[key] = rows[:0]
             done = entries[key].done
-            needs[key] = torch.unique(torch.cat([needs[key], rows if done is None else rows[~done[rows]]]))  # fmt: skip
+            need = rows if done is None else rows[~done[rows]]
+            needs[key] = torch.unique(torch.cat([needs[key], need]))
             asked.append((key, rows))
         self.reused += sum(len(r) for _, r in asked) - sum(len(n) for n in needs.values())
         apart = _batch_statistics(model)
