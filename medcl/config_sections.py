@@ -159,11 +159,12 @@ class CalibrationConfig(_Strict):
     (seeded parts: a third fits the temperature, the rest calibrates the sets)."""
 
     temperature: bool = Field(True, description="fit a temperature (off: T = 1)")
-    per_experience: bool = Field(
-        False,
+    per_experience: bool | Literal["auto"] = Field(
+        "auto",
         description="also one temperature per experience's classes, applied by the predicted "
         "class (class-incremental streams; one for all when every experience has the same "
-        "classes). Off by default: on the main job it did not lower the ECE (fewer rows each)",
+        "classes); auto: whichever of one or per-experience temperatures has the lower "
+        "5-fold cross-validated NLL on the temperature's rows",
     )
     conformal: bool = Field(True, description="calibrate APS prediction sets")
     alpha: float = Field(

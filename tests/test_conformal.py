@@ -256,18 +256,49 @@ def test_switches_and_unreadable_record(tmp_path):
 
 def test_per_experience_switch_writes_one_temperature_per_class(tmp_path):
     """``per_experience``: the record has one temperature per class (here every group falls
-    back to the common one: a tiny validation split has fewer than 20 rows per group); off by
-    default: no per-class list."""
+    back to the common one: a tiny validation split has fewer than 20 rows per group); off: no
+    per-class list."""
     (tmp_path / "on").mkdir()
     (tmp_path / "off").mkdir()
     on = run(_tiny_cfg(tmp_path / "on", per_experience=True), quiet=True)
-    off = run(_tiny_cfg(tmp_path / "off"), quiet=True)
+    off = run(_tiny_cfg(tmp_path / "off", per_experience=False), quiet=True)
     record = read_posthoc(on, 1)
     assert len(record.record["temperatures"]) == 4
     assert record.temperatures == [record.temperature] * 4
     assert read_posthoc(off, 1).record["temperatures"] is None
     assert read_posthoc(off, 1).temperatures == [read_posthoc(off, 1).temperature]
     assert CalibrationConfig().alpha == 0.1
+
+
+def _two_heads(rng: np.random.Generator, sharpen: tuple[float, float]):
+    """Rows predicted in classes 0-1 (head 0) and 2-3 (head 1), each head over-confident by its
+    own factor."""
+    y0, p0 = _draw(rng, 300, sharpen=sharpen[0])
+    y1, p1 = _draw(rng, 300, sharpen=sharpen[1])
+    top0, top1 = p0.argmax(1) < 2, p1.argmax(1) >= 2
+    return np.r_[y0[top0], y1[top1]], np.r_[p0[top0], p1[top1]]
+
+
+def test_auto_keeps_per_experience_temperatures_only_where_cross_validation_prefers_them():
+    """``per_experience: auto`` (the default): heads miscalibrated differently -> one
+    temperature each, every draw; heads miscalibrated alike -> the extra temperatures only add
+    variance, and one temperature wins on most draws."""
+    from types import SimpleNamespace
+
+    from medcl.engine.posthoc import _choose_per_experience
+
+    assert CalibrationConfig().per_experience == "auto"
+    seen = [SimpleNamespace(classes=(0, 1)), SimpleNamespace(classes=(2, 3))]
+    differ, alike = [], []
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        y, p = _two_heads(rng, (2.0, 0.5))
+        differ.append(_choose_per_experience(y, p, seen, seed))
+        y, p = _two_heads(rng, (2.0, 2.0))
+        alike.append(_choose_per_experience(y, p, seen, seed))
+    assert all(c["chosen"] == "per_experience" for c in differ)
+    assert all(c["cv_nll"]["per_experience"] < c["cv_nll"]["one"] - 0.02 for c in differ)
+    assert sum(c["chosen"] == "one" for c in alike) >= 8
 
 
 def test_per_experience_temperatures_follow_the_top_class():

@@ -5,10 +5,12 @@ seen (``calibration`` in the config; the math is :mod:`medcl.metrics.conformal`)
 
 1. each seen experience's validation split is cut into two seeded parts (seed, experience): a
    third and the rest;
-2. the **temperature** is fitted on the thirds (with ``per_experience``, also one per
-   experience's classes, on the rows predicted as one of them: sites differ in how
-   over-confident the model is) (plus the replay memory with
-   ``calibration.memory``), by negative log-likelihood;
+2. the **temperature** is fitted on the thirds (plus the replay memory with
+   ``calibration.memory``), by negative log-likelihood; with ``per_experience``, also one per
+   experience's classes, on the rows predicted as one of them (a routed model's heads differ in
+   how over-confident they are); ``per_experience: auto`` (the default) keeps those only where
+   their 5-fold cross-validated NLL on the same rows is lower than one temperature's (Guo et al.,
+   ICML 2017, choose calibration maps by held-out NLL; the folds keep the conformal rows out);
 3. the **conformal thresholds** are calibrated on the rest, on probabilities after that
    temperature, one per (site, class) with the default ``mondrian: site_class``. Those rows never
    touched the temperature, so split-conformal coverage holds, and they also give the
@@ -157,6 +159,11 @@ def fit_posthoc(
     cp, cy = torch.cat(cal_p).double().numpy(), torch.cat(cal_y).numpy()
     t = fit_temperature(fy, fp) if cfg.temperature else 1.0
     per_class = _per_experience(fy, fp, seen, t) if cfg.temperature and cfg.per_experience else None
+    if per_class is not None and cfg.per_experience == "auto":
+        record["temperature_choice"] = choice = _choose_per_experience(
+            fy, fp, seen, seed * 1000 + after
+        )
+        per_class = per_class if choice["chosen"] == "per_experience" else None
     calibrated = apply_temperature(cp, per_class if per_class is not None else t)
     record["temperature"], record["temperatures"] = t, per_class
     if not 1.01 * _T_MIN < t < 0.99 * _T_MAX:
@@ -201,6 +208,32 @@ def _per_experience(
         if j >= 0 and rows.sum() >= _MIN_ROWS:
             per[j] = fit_temperature(y[rows], probs[rows])
     return [float(per[o]) for o in owner]
+
+
+def _choose_per_experience(
+    y: NDArray[np.int64],
+    probs: NDArray[np.float64],
+    seen: Sequence[Experience],
+    seed: int,
+    folds: int = 5,
+) -> dict[str, Any]:
+    """One temperature or one per experience: the lower mean NLL over seeded ``folds``-fold
+    cross-validation on the temperature's rows (``y``, ``probs``); one wins ties."""
+    order = np.random.default_rng(seed).permutation(len(y))
+    nll = {"one": 0.0, "per_experience": 0.0}
+    for held in np.array_split(order, folds):
+        fit = np.setdiff1d(order, held)
+        if len(held) == 0 or len(fit) == 0:
+            continue
+        t = fit_temperature(y[fit], probs[fit])
+        per = _per_experience(y[fit], probs[fit], seen, t)
+        nll["one"] += log_loss(y[held], apply_temperature(probs[held], t)) * len(held)
+        nll["per_experience"] += log_loss(
+            y[held], apply_temperature(probs[held], per if per is not None else t)
+        ) * len(held)
+    cv = {k: v / len(y) for k, v in nll.items()}
+    chosen = "per_experience" if cv["per_experience"] < cv["one"] else "one"
+    return {"cv_nll": cv, "folds": folds, "chosen": chosen}
 
 
 def write_posthoc(run_dir: Path, record: dict[str, Any]) -> None:
