@@ -318,10 +318,11 @@ def findings(parts: dict[str, Any]) -> list[str]:
         rows = parts["stream"]["experiences"]
         first, last = rows[0], rows[-1]
         out.append(
-            f"- Stream: evaluation of all {len(rows)} test sets costs {first['eval_s']:.2f} s "
-            f"at T = 1 and {last['eval_s']:.2f} s at T = {last['T']} (constant); the curves grow "
-            f"with the experiences seen ({first['curves_s']:.2f} -> {last['curves_s']:.2f} s: "
-            f"each point scores every seen test subset)."
+            f"- Stream: evaluation after experience T scores the test sets of experiences "
+            f"1..T+1 (`eval.future: next`, the default; `all` scores all {len(rows)} every time): "
+            f"{first['eval_s']:.2f} s at T = 1 and {last['eval_s']:.2f} s at T = {last['T']}, "
+            f"growing with the experiences seen as the curves do ({first['curves_s']:.2f} -> "
+            f"{last['curves_s']:.2f} s: each point scores every seen test subset)."
         )
     return ["## Findings", "", *out] if out else []
 

@@ -22,6 +22,7 @@ from medcl.config_sections import (  # noqa: F401  (listed in __all__ through co
     CalibrationConfig,
     DataConfig,
     EvalConfig,
+    EvalFuture,
     FederationConfig,
     LoggingConfig,
     MemoryConfig,

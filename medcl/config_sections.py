@@ -12,6 +12,7 @@ __all__ = [
     "CalibrationConfig",
     "DataConfig",
     "EvalConfig",
+    "EvalFuture",
     "FederationConfig",
     "LoggingConfig",
     "MemoryConfig",
@@ -31,6 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 #: How file cohorts are held (``data.cache``, a file source's ``cache``; see medcl.data.cache).
 CacheMode = Literal["auto", "memory", "persistent"]
+#: Which later experiences' test splits are scored after each experience (``eval.future``).
+EvalFuture = Literal["next", "all"]
 
 
 class _Strict(BaseModel):
@@ -144,6 +147,14 @@ class EvalConfig(_Strict):
         "class-stratified subset (null = whole test sets). 200 bounds a point's 95% CI "
         "half-width by 7 accuracy points (5 with two experiences pooled); the test sets are "
         "evaluated in full after each experience",
+    )
+    future: EvalFuture = Field(
+        "next",
+        description="after experience i the test splits of experiences 0..i+1 are scored "
+        "('next': the one FWT needs), or of every experience ('all': the full upper triangle, "
+        "e.g. zero-shot accuracy on every later site; costs a pass over every future test set "
+        "after each experience). Entries not scored are NaN (null in metrics.json) in the "
+        "accuracy matrices",
     )
     batch_size: int = Field(
         128,

@@ -250,3 +250,26 @@ def test_a_site_of_another_federation_gets_its_own_part(tmp_path):
     half = Site(_cfg(tmp_path / "a", {"name": "finetune"}, sites=2), "site-0", tmp_path / "a")
     whole = Site(_cfg(tmp_path / "b", {"name": "finetune"}, sites=1), "site-0", tmp_path / "b")
     assert len(whole.scenario[0].train) > len(half.scenario[0].train)
+
+
+def test_experiences_not_scored_are_null_in_the_pooled_matrices(tmp_path):
+    """`eval.future: next` (the default): after experience 0 of 3 the sites score experiences 0
+    and 1 only. A site answers -1 for experience 2 (also when it answers again from its
+    checkpoint, where NaN is stored as null) and the pooled rows hold null there."""
+    raw = tiny_raw(scenario={"num_classes": 6}, federation={"sites": 2, "rounds": 1})
+    raw |= {"output_dir": str(tmp_path / "fed"), "logging": {"tensorboard": False}}
+    cfg = validate_config(raw)
+    stop = LocalLink(cfg, tmp_path / "sites", fail_after=4)  # describe, then experience 0
+    with pytest.raises(KeyboardInterrupt):
+        _serve(cfg, tmp_path, stop)
+    site = Site(cfg, "site-0", tmp_path / "sites" / "site-0")  # restored from its checkpoint
+    assert site.state.completed == 0
+    again = site.evaluate(0, {}, site.work.synced_version)  # a repeated evaluate message
+    assert again["accuracy"][2] == -1.0 and again["val-accuracy"][2] == -1.0
+    assert min(again["accuracy"][:2]) >= 0 and min(again["val-accuracy"][:2]) >= 0
+    fed, _ = _serve(cfg, tmp_path)  # resumed to the end
+    record = json.loads((fed / "federation.json").read_text())
+    for key in ("accuracy_matrix", "pooled_val"):
+        assert [row[2] is None for row in record[key]] == [True, False, False], key
+        assert all(v is not None for row in record[key] for v in row[:2]), key
+    assert record["site_accuracy"]["site-0"]["0"][2] is None

@@ -163,6 +163,15 @@ _IDENTIFYING = re.compile(r"patient|name|birth|mrn|accession|path|file", re.IGNO
 
 
 def save_predictions(run_dir: Path, after: int, scenario_exps: list[Experience], evals) -> None:
+    """``predictions/after-NNN.npz`` + ``.csv``: the test rows of the scored experiences.
+
+    Args:
+        run_dir: the run directory.
+        after: the experience just learned (``NNN``).
+        scenario_exps: the scored experiences, a prefix of the stream (``eval.future``: the
+            experiences up to ``after + 1``, or all); later ones have no rows in the files.
+        evals: one :class:`~medcl.engine.evaluate.ExperienceEval` per scored experience.
+    """
     files = RunLayout(run_dir)
     files.predictions.mkdir(parents=True, exist_ok=True)
     probs = torch.cat([e.probs for e in evals]).numpy().astype(np.float32)
@@ -218,7 +227,7 @@ def write_metrics(
         What ``metrics.json`` holds (NaN where the file has ``null``).
     """
     T = len(state.accuracy)
-    R = np.array(state.accuracy, dtype=float)[:, :T]  # evaluated on every experience: keep T×T
+    R = np.array(state.accuracy, dtype=float)[:, :T]  # NaN where not scored (eval.future)
     Rt = np.array(state.task_accuracy, dtype=float)[:, :T]
     b = np.array(state.baseline[:T], dtype=float)
     with warnings.catch_warnings():  # T=1 leaves forgetting/BWT/FWT undefined: NaN, no warning

@@ -6,6 +6,7 @@ __all__ = [
     "CurveMonitor",
     "ExperienceEval",
     "evaluate",
+    "num_scored",
     "predict_proba",
     "predict_proba_sets",
     "stratified_rows",
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from medcl.config_sections import EvalFuture
 from medcl.data.samples import SampleSet
 from medcl.data.transforms import to_model_input
 from medcl.engine.device import autocast, bf16_available
@@ -146,8 +148,9 @@ def evaluate(
     amp: bool = False,
     quiet: bool = False,
 ) -> list[ExperienceEval]:
-    """Evaluate on ``split`` of every experience (also future ones: FWT needs them), all
-    experiences' images in shared batches (:func:`predict_proba_sets`).
+    """Evaluate on ``split`` of each of ``experiences``, all their images in shared batches
+    (:func:`predict_proba_sets`). After an experience the engine passes the first
+    :func:`num_scored` of the stream.
 
     ``batch_size`` and ``amp`` as in :func:`predict_proba`; ``quiet`` hides the progress bars.
     """
@@ -160,6 +163,23 @@ def evaluate(
         acc, tacc = _accuracies(p, d.labels, exp.classes)
         out.append(ExperienceEval(p, d.labels, acc, tacc))
     return out
+
+
+def num_scored(after: int, total: int, future: EvalFuture) -> int:
+    """How many experiences' test splits are scored after experience ``after`` (``eval.future``):
+    ``0..after+1`` for ``"next"`` (``R[after, after+1]`` is the term of FWT that needs it), all
+    ``total`` for ``"all"``. Always a prefix of the stream, so predictions stay in experience
+    order.
+
+    Args:
+        after: index of the experience just learned.
+        total: experiences in the stream.
+        future: ``eval.future``.
+
+    Returns:
+        ``n``: experiences ``0..n-1`` are scored, ``n..total-1`` are not (NaN in the matrix).
+    """
+    return total if future == "all" else min(after + 2, total)
 
 
 def stratified_rows(labels: Tensor, size: int | None, seed: int) -> Tensor:

@@ -66,7 +66,7 @@ def restore_checkpoint(
             "--set name=NEW_NAME`."
         )
         raise DataError(f"{e} {hint}") from None
-    state = RunState(**raw)
+    state = RunState.from_json(raw)
     strategy.rebuild([ExperienceInfo.from_dict(d) for d in state.seen])
     strategy.load_state_dict(tensors)
     memory.load_state_dict(mem)

@@ -5,9 +5,10 @@ from (seed, experience index), so ``--resume`` after a crash repeats exactly wha
 uninterrupted run would have done. Under ``torchrun`` every process trains (DDP,
 :mod:`medcl.engine.distributed`) and rank 0 alone evaluates and writes.
 
-One experience is :func:`learn_experience`: train, evaluate, recalibrate
-(:mod:`medcl.engine.posthoc`), write predictions, checkpoint, write metrics, log. Resuming is :mod:`medcl.engine.resume`; adding a
-cohort to a finished run is :mod:`medcl.engine.update`.
+One experience is :func:`learn_experience`: train, evaluate (the test splits ``eval.future``
+asks for: up to the next experience by default), recalibrate (:mod:`medcl.engine.posthoc`),
+write predictions, checkpoint, write metrics, log. Resuming is :mod:`medcl.engine.resume`;
+adding a cohort to a finished run is :mod:`medcl.engine.update`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from medcl.config import RunConfig, resolved_yaml
+from medcl.config import EvalFuture, RunConfig, resolved_yaml
 from medcl.data.experience import Experience, Scenario
 from medcl.data.memory import ReplayMemory
 from medcl.engine.artifacts import (
@@ -42,7 +43,7 @@ from medcl.engine.distributed import (
     env_local_world_size,
     session,
 )
-from medcl.engine.evaluate import CurveMonitor, ExperienceEval, evaluate
+from medcl.engine.evaluate import CurveMonitor, ExperienceEval, evaluate, num_scored
 from medcl.engine.layout import RunLayout, checkpoint_name
 from medcl.engine.loggers import ExperimentLogger, create_logger
 from medcl.engine.posthoc import fit_posthoc, write_posthoc
@@ -217,7 +218,7 @@ def learn_experience(
     job: DistContext = SINGLE,
     logger: ExperimentLogger | None = None,
 ) -> None:
-    """Train one experience, evaluate every experience, then checkpoint and write metrics.
+    """Train one experience, evaluate (``eval.future``), then checkpoint and write metrics.
 
     In a DDP job every rank trains; rank 0 alone evaluates, logs and writes.
     """
@@ -266,17 +267,17 @@ def finish_experience(
     logger: ExperimentLogger | None = None,
 ) -> None:
     """Steps 2-7 of :func:`learn_experience` once ``exp`` is learned (a federated site's too)."""
-    # 2. evaluate every experience
+    # 2. evaluate the experiences learned and the next one (all with eval.future: all)
     with timer("eval"), _scoring_layout(cfg, scenario, strategy):
-        evals = _evaluate(strategy, scenario, state, monitor, exp, stats)
+        evals = _evaluate(strategy, scenario, state, monitor, exp, stats, future=cfg.eval.future)
     # 3. recalibrate: temperature + conformal thresholds on the seen validation splits
     with timer("calibration"):
         seen = scenario.experiences[: exp.index + 1]
         posthoc = fit_posthoc(strategy, seen, cfg.calibration, seed=cfg.seed, memory=memory)
-    # 4. write its predictions
+    # 4. write its predictions (the scored experiences' rows)
     bar = progress_bar(total=3, desc=f"exp {exp.index} {exp.name}: writing results", unit="file")
     with timer("predictions"):
-        save_predictions(run_dir, exp.index, list(scenario.experiences), evals)
+        save_predictions(run_dir, exp.index, list(scenario.experiences[: len(evals)]), evals)
     bar.update(1)
     timing = {"experience": exp.index} | timer.record()
     state.timing["experiences"].append(timing)  # checkpointed; completed once written
@@ -312,12 +313,17 @@ def _evaluate(
     monitor: CurveMonitor,
     exp: Experience,
     stats: FitStats,
+    *,
+    future: EvalFuture,
 ) -> list[ExperienceEval]:
-    """Evaluate every experience; add the accuracy rows, the fit record, seen tasks, curves."""
+    """Evaluate the first :func:`~medcl.engine.evaluate.num_scored` experiences; add the
+    accuracy rows (NaN for the experiences not scored), the fit record, seen tasks, curves."""
+    n = num_scored(exp.index, len(scenario), future)
     # fp32 always: the accuracy matrix, predictions and report must not depend on the device
-    evals = evaluate(strategy, scenario.experiences)  # the cache's batch size: eval.batch_size
-    state.accuracy.append([e.accuracy for e in evals])
-    state.task_accuracy.append([e.task_accuracy for e in evals])
+    evals = evaluate(strategy, scenario.experiences[:n])  # the cache's batch: eval.batch_size
+    unscored = [float("nan")] * (len(scenario) - n)
+    state.accuracy.append([e.accuracy for e in evals] + unscored)
+    state.task_accuracy.append([e.task_accuracy for e in evals] + unscored)
     state.fit.append(
         {
             "experience": exp.index,

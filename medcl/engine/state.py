@@ -26,3 +26,18 @@ class RunState:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> RunState:
+        """The state :meth:`to_json` gave, read back from ``state.json``: the ``null`` that
+        strict JSON writes for NaN (an experience not scored, a set without rows) is NaN again,
+        so the accuracy rows and the baseline hold floats only."""
+
+        def floats(row: list[float | None]) -> list[float]:
+            return [float("nan") if v is None else float(v) for v in row]
+
+        out = cls(**raw)
+        out.accuracy = [floats(r) for r in out.accuracy]
+        out.task_accuracy = [floats(r) for r in out.task_accuracy]
+        out.baseline = floats(out.baseline)
+        return out

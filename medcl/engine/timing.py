@@ -5,10 +5,10 @@ without the curve evaluations inside it), ``curves``, ``consolidation`` (the str
 ``after_experience``: merges, Fisher, stage-2 re-tuning), ``features`` (the forward passes
 consolidation and exemplar selection make, e.g. herding features, each once per model state:
 :class:`~medcl.models.feature_cache.FeatureCache`), ``memory`` (exemplar selection), ``eval``
-(every test set), ``predictions``, ``checkpoint`` and ``metrics`` (files written); ``setup``
-(data, model, the untrained baseline) once per start, ``report`` when the command line writes
-the report. ``validation`` (early stopping's scoring after each epoch) appears only in runs
-that set ``train.early_stopping_patience``.
+(the test sets ``eval.future`` scores), ``predictions``, ``checkpoint`` and ``metrics`` (files
+written); ``setup`` (data, model, the untrained baseline) once per start, ``report`` when the
+command line writes the report. ``validation`` (early stopping's scoring after each epoch)
+appears only in runs that set ``train.early_stopping_patience``.
 """
 
 from __future__ import annotations

@@ -339,7 +339,8 @@ def _pool(
     metrics: Sequence[dict[str, Any]], accuracy: str, examples: str, n_exp: int
 ) -> list[float | None]:
     """One pooled accuracy row: each site's accuracy on experience ``j`` weighted by its rows
-    (``examples``); a site's ``-1`` (no rows) is left out; ``None`` where no site has rows."""
+    (``examples``); a site's ``-1`` (no rows, or not scored: ``eval.future``) is left out;
+    ``None`` where no site has a score."""
     num, den = np.zeros(n_exp), np.zeros(n_exp)
     for m in metrics:
         if accuracy not in m or examples not in m:  # not reported (validation: an older medcl)

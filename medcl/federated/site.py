@@ -45,6 +45,7 @@ from medcl.engine.checkpoint import atomic_write_text, load_checkpoint, save_che
 from medcl.engine.components import build_components
 from medcl.engine.distributed import SINGLE
 from medcl.engine.evaluate import evaluate as evaluate_split
+from medcl.engine.evaluate import num_scored
 from medcl.engine.layout import RunLayout
 from medcl.engine.resume import restore_checkpoint
 from medcl.engine.run import curve_monitor, finish_experience
@@ -313,7 +314,8 @@ class Site:
             The metrics: ``accuracy`` / ``test-examples`` and ``val-accuracy`` /
             ``val-examples``, one number per experience of the scenario (the accuracy of the
             consolidated global model on the site's test / validation rows; ``-1`` where the
-            site has none), ``completed`` and ``synced-version``.
+            site has none or did not score it: ``eval.future``), ``completed`` and
+            ``synced-version``.
         """
         if self.state.completed < t:
             self._enter(t, arrays, version)
@@ -332,13 +334,16 @@ class Site:
             self.work = _Work(begun=t, consolidated=t, synced_version=self.work.synced_version)
             self._save_work(tensors=False)
         row = self.state.accuracy[-1] if self.state.accuracy else []
-        # validation scores of the seen experiences come from the strategy's feature cache when
-        # calibration computed them in this process under these weights; else one pass
-        val = evaluate_split(self.strategy, self.scenario.experiences, split="val", quiet=True)
+        # the validation splits of the experiences the test splits were scored on; those of the
+        # seen ones come from the strategy's feature cache when calibration computed them in
+        # this process under these weights; else one pass
+        n = num_scored(self.state.completed, len(self.scenario), self.cfg.eval.future)
+        val = evaluate_split(self.strategy, self.scenario.experiences[:n], split="val", quiet=True)
+        val_acc = [e.accuracy for e in val] + [float("nan")] * (len(self.scenario) - n)
         return {
             "accuracy": [(-1.0 if np.isnan(a) else float(a)) for a in row],
             "test-examples": [len(e.test) for e in self.scenario],
-            "val-accuracy": [(-1.0 if np.isnan(e.accuracy) else float(e.accuracy)) for e in val],
+            "val-accuracy": [(-1.0 if np.isnan(a) else float(a)) for a in val_acc],
             "val-examples": [len(e.val) for e in self.scenario],
             "completed": self.state.completed,
             "synced-version": version,

@@ -102,7 +102,9 @@ class RunDirectory:
         self._check_final()
 
     def _check_final(self) -> None:
-        """The final model's predictions exist, are readable and cover every test row."""
+        """The final model's predictions exist, are readable and cover every test row of the
+        experiences they hold: those up to the final one at least (``eval.future`` may leave
+        later ones out)."""
         k = self._final
         path = self.files.predictions_after(k)
         earlier = [s for s in self.snapshots if s < k]

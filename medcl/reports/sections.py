@@ -171,6 +171,7 @@ def continual_section(res: RunResults) -> dict[str, Any]:
     return {
         "experiences": res.experience_names[: R.shape[0]],
         "accuracy_matrix": R,
+        "not_scored": bool(np.isnan(R).any()),  # shown as "—" (eval.future, no test rows)
         "task_accuracy_matrix": quiet(res.accuracy_matrix, task_aware=True) if has_task else None,
         "summary": res.metrics.get("summary", {}),
         "task_aware_summary": res.metrics.get("task_aware_summary", {}),
