@@ -174,10 +174,10 @@ class CalibrationConfig(_Strict):
         "auto",
         description="also one temperature per experience's classes, applied by the predicted "
         "class (class-incremental streams; one for all when every experience has the same "
-        "classes); auto: whichever of one or per-experience temperatures has the lower "
-        "5-fold cross-validated NLL on the temperature's rows",
+        "classes); auto: only where their 5-fold cross-validated NLL on the temperature's "
+        "rows is lower than one temperature's",
     )
-    conformal: bool = Field(True, description="calibrate APS prediction sets")
+    conformal: bool = Field(True, description="calibrate conformal prediction sets")
     alpha: float = Field(
         0.1,
         gt=0,
@@ -199,6 +199,19 @@ class CalibrationConfig(_Strict):
         description="also fit the temperature on the replay memory; off by default: the model "
         "was trained on those images, so they are over-confident and pull T down",
     )
+
+    @field_validator("per_experience", mode="before")
+    @classmethod
+    def _per_experience(cls, value: Any) -> bool | str:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("auto", "true", "false"):
+            return {"auto": "auto", "true": True, "false": False}[value.lower()]
+        raise ValueError(
+            "must be true, false or 'auto' (one temperature per experience's classes only where "
+            "cross-validation prefers it); write e.g. `per_experience: auto` under "
+            "`calibration:` (--set calibration.per_experience=auto)"
+        )
 
 
 class MemoryConfig(_Strict):

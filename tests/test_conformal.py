@@ -11,7 +11,7 @@ import pytest
 import torch
 from _tiny import tiny_raw
 
-from medcl.config import CalibrationConfig, RunConfig
+from medcl.config import CalibrationConfig, RunConfig, validate_config
 from medcl.engine.components import build_components
 from medcl.engine.posthoc import fit_posthoc, read_posthoc
 from medcl.engine.run import run
@@ -299,6 +299,34 @@ def test_auto_keeps_per_experience_temperatures_only_where_cross_validation_pref
     assert all(c["chosen"] == "per_experience" for c in differ)
     assert all(c["cv_nll"]["per_experience"] < c["cv_nll"]["one"] - 0.02 for c in differ)
     assert sum(c["chosen"] == "one" for c in alike) >= 8
+
+
+def test_per_experience_accepts_true_false_auto_and_refuses_anything_else(tmp_path):
+    cfg = _tiny_cfg(tmp_path, per_experience="Auto")
+    assert cfg.calibration.per_experience == "auto"
+    assert _tiny_cfg(tmp_path, per_experience="false").calibration.per_experience is False
+    with pytest.raises(ConfigError, match=r"must be true, false or 'auto'.*\(got 'always'\)"):
+        validate_config(
+            tiny_raw(output_dir=str(tmp_path), calibration={"per_experience": "always"})
+        )
+
+
+@pytest.mark.parametrize("chosen", ["one", "per_experience"])
+def test_auto_choice_is_recorded_and_applied(tmp_path, monkeypatch, chosen):
+    """The run records the cross-validated choice and keeps per-class temperatures only when
+    it chose them (the choice itself is stubbed: the tiny split is too small to decide)."""
+    import medcl.engine.posthoc as posthoc
+
+    def stub(y, probs, seen, seed, folds=5):
+        return {"cv_nll": {"one": 1.0, "per_experience": 0.9}, "chosen": chosen, "seed": seed}
+
+    monkeypatch.setattr(posthoc, "_choose_per_experience", stub)
+    run_dir = run(_tiny_cfg(tmp_path), quiet=True)  # per_experience: auto, the default
+    record = read_posthoc(run_dir, 1).record
+    assert record["temperature_choice"] == stub(None, None, None, 1)  # seed 0 * 1000 + after 1
+    kept = record["temperatures"]
+    assert (kept is not None) == (chosen == "per_experience")
+    assert kept is None or len(kept) == 4
 
 
 def test_per_experience_temperatures_follow_the_top_class():

@@ -9,8 +9,9 @@ seen (``calibration`` in the config; the math is :mod:`medcl.metrics.conformal`)
    ``calibration.memory``), by negative log-likelihood; with ``per_experience``, also one per
    experience's classes, on the rows predicted as one of them (a routed model's heads differ in
    how over-confident they are); ``per_experience: auto`` (the default) keeps those only where
-   their 5-fold cross-validated NLL on the same rows is lower than one temperature's (Guo et al.,
-   ICML 2017, choose calibration maps by held-out NLL; the folds keep the conformal rows out);
+   their 5-fold cross-validated NLL on the same rows (folds seeded by ``seed * 1000 + after``)
+   is lower than one temperature's (NLL, a proper scoring rule, is what the temperature
+   minimises, Guo et al., ICML 2017; the folds keep the conformal rows out);
 3. the **conformal thresholds** are calibrated on the rest, on probabilities after that
    temperature, one per (site, class) with the default ``mondrian: site_class``. Those rows never
    touched the temperature, so split-conformal coverage holds, and they also give the
@@ -186,28 +187,53 @@ def fit_posthoc(
     return record
 
 
-def _per_experience(
-    y: NDArray[np.int64], probs: NDArray[np.float64], seen: Sequence[Experience], t: float
-) -> list[float] | None:
-    """One temperature per experience's classes, fitted on the rows whose top class is one of
-    them (the experience the prediction goes to: a routed model's head); ``t`` for an
-    experience with fewer than ``_MIN_ROWS`` such rows. ``None`` when one experience holds
-    every class (domain-incremental streams: one temperature)."""
-    k = probs.shape[1]
+def _owners(k: int, seen: Sequence[Experience]) -> NDArray[np.int64]:
+    """``(k,)``: per class, the index of the first seen experience that holds it (``-1``: none)."""
     owner = np.full(k, -1)
     for j, exp in enumerate(seen):
         for c in exp.classes:
             if c < k and owner[c] < 0:
                 owner[c] = j
+    return owner
+
+
+def _per_experience(
+    y: NDArray[np.int64],
+    probs: NDArray[np.float64],
+    seen: Sequence[Experience],
+    t: float,
+    own: set[int] | None = None,
+) -> list[float] | None:
+    """One temperature per experience's classes, fitted on the rows whose top class is one of
+    them (the experience the prediction goes to: a routed model's head); ``t`` for the others:
+    experiences not in ``own`` (default: those with fewer than ``_MIN_ROWS`` such rows), or with
+    fewer than 2. ``None`` when one experience holds every class (domain-incremental streams:
+    one temperature)."""
+    owner = _owners(probs.shape[1], seen)
     if len(set(owner[owner >= 0].tolist())) < 2:
         return None
     top = owner[probs.argmax(1)]
+    own = _own(top) if own is None else own
     per = {j: t for j in set(owner.tolist())}
-    for j in per:
+    for j in own:
         rows = top == j
-        if j >= 0 and rows.sum() >= _MIN_ROWS:
+        if rows.sum() >= 2:
             per[j] = fit_temperature(y[rows], probs[rows])
     return [float(per[o]) for o in owner]
+
+
+def _own(top: NDArray[np.int64]) -> set[int]:
+    """The experiences with at least ``_MIN_ROWS`` rows predicted in their classes."""
+    j, n = np.unique(top[top >= 0], return_counts=True)
+    return {int(a) for a, b in zip(j, n, strict=True) if b >= _MIN_ROWS}
+
+
+def _row_nll(
+    y: NDArray[np.int64], probs: NDArray[np.float64], t: float | list[float]
+) -> NDArray[np.float64]:
+    """``(N,)`` negative log-likelihood of each row after the temperature(s) ``t``."""
+    calibrated = np.clip(apply_temperature(probs, t), np.exp(-700), None)
+    return -np.log(calibrated[np.arange(len(y)), y])
 
 
 def _choose_per_experience(
@@ -217,23 +243,32 @@ def _choose_per_experience(
     seed: int,
     folds: int = 5,
 ) -> dict[str, Any]:
-    """One temperature or one per experience: the lower mean NLL over seeded ``folds``-fold
-    cross-validation on the temperature's rows (``y``, ``probs``); one wins ties."""
+    """One temperature or one per experience, by seeded ``folds``-fold cross-validation on the
+    temperature's rows (``y``, ``probs``): the lower mean held-out NLL, one on ties (the rule of
+    scikit-learn's ``GridSearchCV``; the mean gain per row and its standard error are recorded
+    beside it). The experiences that get their own are decided once, on all rows, as the final
+    fit decides them."""
+    own = _own(_owners(probs.shape[1], seen)[probs.argmax(1)])
     order = np.random.default_rng(seed).permutation(len(y))
-    nll = {"one": 0.0, "per_experience": 0.0}
+    one, per = np.zeros(len(y)), np.zeros(len(y))
     for held in np.array_split(order, folds):
         fit = np.setdiff1d(order, held)
-        if len(held) == 0 or len(fit) == 0:
+        if len(held) == 0 or len(fit) < 2:
             continue
         t = fit_temperature(y[fit], probs[fit])
-        per = _per_experience(y[fit], probs[fit], seen, t)
-        nll["one"] += log_loss(y[held], apply_temperature(probs[held], t)) * len(held)
-        nll["per_experience"] += log_loss(
-            y[held], apply_temperature(probs[held], per if per is not None else t)
-        ) * len(held)
-    cv = {k: v / len(y) for k, v in nll.items()}
-    chosen = "per_experience" if cv["per_experience"] < cv["one"] else "one"
-    return {"cv_nll": cv, "folds": folds, "chosen": chosen}
+        ts = _per_experience(y[fit], probs[fit], seen, t, own)
+        one[held] = _row_nll(y[held], probs[held], t)
+        per[held] = _row_nll(y[held], probs[held], ts if ts is not None else t)
+    gain = one - per
+    se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else float("inf")
+    chosen = "per_experience" if gain.mean() > 0 else "one"
+    return {
+        "cv_nll": {"one": float(one.mean()), "per_experience": float(per.mean())},
+        "gain": float(gain.mean()),
+        "gain_se": se,
+        "folds": folds,
+        "chosen": chosen,
+    }
 
 
 def write_posthoc(run_dir: Path, record: dict[str, Any]) -> None:

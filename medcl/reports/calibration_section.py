@@ -253,13 +253,21 @@ def prediction_set_section(
     }
 
 
+def temperature_text(temperatures: list[float]) -> str:
+    """``"T = 3.10"``, or ``"T = 3.10-5.35 by predicted class"`` when the classes differ."""
+    lo, hi = min(temperatures), max(temperatures)
+    return f"T = {lo:.2f}" if lo == hi else f"T = {lo:.2f}-{hi:.2f} by predicted class"
+
+
 def _before_after(
-    labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, t: float, n_bins: int
+    labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, t: list[float], n_bins: int
 ) -> Figure:
     fig = Figure(figsize=(8.0, 4.0), layout="constrained")
     left, right = fig.subplots(1, 2)
     plot_reliability(labels, raw, n_bins=n_bins, ax=left, title="before (raw)")
-    plot_reliability(labels, calibrated, n_bins=n_bins, ax=right, title=f"after T = {t:.2f}")
+    plot_reliability(
+        labels, calibrated, n_bins=n_bins, ax=right, title=f"after {temperature_text(t)}"
+    )
     return fig
 
 
@@ -271,6 +279,6 @@ def calibration_figures(res: RunResults, *, n_bins: int) -> dict[str, str]:
         return {}
     p = _scored(res)
     fig = quiet(
-        _before_after, p.labels, p.probs, posthoc.calibrate(p.probs), posthoc.temperature, n_bins
+        _before_after, p.labels, p.probs, posthoc.calibrate(p.probs), posthoc.temperatures, n_bins
     )
     return {"reliability_before_after": plots.figure_data_uri(fig)}

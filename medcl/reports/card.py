@@ -21,6 +21,7 @@ from typing import Any
 from medcl.engine.checkpoint import atomic_write_text
 from medcl.engine.layout import RunLayout
 from medcl.errors import DataError
+from medcl.reports.calibration_section import temperature_text
 
 _SITE_METRICS = (("auroc", "macro"), ("sensitivity", "macro"), ("specificity", "macro"))
 
@@ -49,9 +50,10 @@ def _posthoc_line(cal: dict[str, Any], sets: dict[str, Any]) -> str:
     t = cal.get("temperature")
     if t is None:
         return "Post-hoc calibration: none recorded for this model (temperature 1, no sets)."
+    per_class = [d["temperature"] for d in cal.get("temperatures") or []]
     line = (
-        f"Post-hoc calibration: temperature T = {_num(t, 2)} (test ECE {_num(cal.get('ece'))} "
-        f"before, {_num(cal.get('ece_after'))} after)"
+        f"Post-hoc calibration: temperature {temperature_text(per_class or [t])} (test ECE "
+        f"{_num(cal.get('ece'))} before, {_num(cal.get('ece_after'))} after)"
     )
     cov = [
         r["coverage"]
