@@ -2,16 +2,22 @@
 
 Issue 23's benchmark, on ``medmnist-cross3`` at 28 px (PneumoniaMNIST → BreastMNIST →
 RetinaMNIST, class-incremental, 9 classes) with timm's ``test_resnet`` (small input, 0.37 M
-parameters), SGD at a constant lr, batch 32, no momentum or weight decay (SparCL's optimiser),
-``--epochs`` per experience (default 3: the whole plan takes about an hour alone on 2 cores),
-memory 200 (random) where used. Protocol:
+parameters), SGD with no momentum or weight decay (SparCL's optimiser), batch 32, ``--epochs``
+per experience (default 3: the whole plan takes about 90 minutes alone on 2 cores), memory 200
+(random) where used. The lr follows a cosine schedule restarted each experience
+(``--scheduler cosine``, every method alike). Deviation: SparCL's official code keeps the lr
+constant; at 3 epochs a constant lr left every arm seed-chaotic (the table this replaced:
+sd up to 14 points, paired CIs 50 points wide), so no gap could be read. Protocol:
 
 - **lr** per method family (EsaCL and its controls, SparCL, magnitude, replay), chosen at
   sparsity 0.9 by the selection seed 100 (never reported) on the validation splits (mean over
   experiences of the final model's accuracy) from ``--lr-grid``, widened ×3 on the side where
   the best value sits at an edge (at most twice); then, at that lr, the share of each experience
   IDS removes (``removal_fraction``, the paper's 30 % is the default) from ``--removal-grid``,
-  widened ×3 once at an edge, the same way; every run that removes examples uses it;
+  widened ×3 once at an edge, the same way; every run that removes examples uses it; then, at
+  both, the share of each batch that support selection back-propagates (``select_fraction``,
+  ESAM's γ = 0.5 is the default) from ``--select-grid``, whose top value 1 (no support selection)
+  is the bound, so only the lower edge widens; every EsaCL run uses it;
 - **reported** seeds 0-2 at sparsity 0.9: EsaCL, SparCL, magnitude pruning, dense replay, and
   EsaCL's controls — support selection only, example removal only, a random subset of the same
   sizes instead of IDS, no replay, and EsaCL trained dense (sparsity 0, SAM + IDS); seed 0:
@@ -50,15 +56,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     REPO,
-    REPORTED_SEEDS,
     RESULTS,
     SELECTION_SEED,
     SMOKE_SCENARIO,
     choose_from_grid,
     data_root,
-    markdown_table,
     paired_difference,
     write_results,
+)
+from _esacl_results import (
+    CONTROLS,
+    FAMILIES,
+    MAIN,
+    MEMORY,
+    METHODS,
+    ONE_SHOT,
+    REMOVES,
+    SCENARIO,
+    SEEDS,
+    drops,
+    pick,
+    report,
+    targets,
 )
 
 from medcl.config import validate_config
@@ -71,27 +90,8 @@ from medcl.models.pruning import one_shot_prune
 from medcl.strategies import Classifier
 from medcl.strategies.esacl import EsaCLOptions
 
-SCENARIO = "medmnist-cross3"
-MEMORY, SEEDS, MAIN = 200, REPORTED_SEEDS, 0.9
-#: method -> (strategy, extra options, uses the memory, lr family)
-METHODS: dict[str, tuple[str, dict[str, Any], bool, str]] = {
-    "esacl": ("esacl", {}, True, "esacl"),
-    "sparcl": ("sparcl", {}, True, "sparcl"),
-    "magnitude": ("magnitude-pruning", {}, True, "magnitude"),
-    "replay": ("replay", {}, True, "replay"),
-    "esacl-support-only": ("esacl", {"ids_removal": False}, True, "esacl"),
-    "esacl-removal-only": ("esacl", {"ids_support": False}, True, "esacl"),
-    "esacl-random": ("esacl", {"ids_random": True}, True, "esacl"),
-    "esacl-nomem": ("esacl", {}, False, "esacl"),
-    "esacl-noids": ("esacl", {"ids": False}, True, "esacl"),
-    "esacl-dense": ("esacl", {"sparsity": 0.0, "init_sparsity": 0.0}, True, "esacl"),
-}
-FAMILIES = ("esacl", "sparcl", "magnitude", "replay")
-CONTROLS = ("esacl-support-only", "esacl-removal-only", "esacl-random", "esacl-nomem")
-ONE_SHOT = ("esacl-dense", "replay")  # dense models pruned once: SAM-trained vs plain SGD
-#: the runs that remove examples (the chosen ``removal_fraction`` applies to these)
-REMOVES = ("esacl", "esacl-removal-only", "esacl-random", "esacl-nomem", "esacl-dense")
 PAPER_REMOVAL = EsaCLOptions.removal_fraction  # 0.3: a run at it keeps the lr selection's key
+PAPER_SELECT = EsaCLOptions.select_fraction  # 0.5 (ESAM's gamma), likewise
 
 
 def plan(quick: bool) -> list[tuple[str, float, int]]:
@@ -104,7 +104,7 @@ def plan(quick: bool) -> list[tuple[str, float, int]]:
 
 
 def config(args, method: str, sparsity: float, seed: int, lr: float, out: Path,
-           removal: float = PAPER_REMOVAL) -> Any:  # fmt: skip
+           removal: float = PAPER_REMOVAL, select: float = PAPER_SELECT) -> Any:  # fmt: skip
     name, opts, mem, _ = METHODS[method]
     strategy: dict[str, Any] = {"name": name}
     if name != "replay":
@@ -119,9 +119,11 @@ def config(args, method: str, sparsity: float, seed: int, lr: float, out: Path,
         strategy["freeze_from"] = max(1, round(0.9 * args.epochs))
     if method in REMOVES and removal != PAPER_REMOVAL:
         strategy["removal_fraction"] = removal
+    if name == "esacl" and select != PAPER_SELECT:
+        strategy["select_fraction"] = select
     strategy.update(opts)
     train = {"epochs": args.epochs, "batch_size": 32, "lr": lr, "momentum": 0.0,
-             "weight_decay": 0.0, "scheduler": "none", "num_threads": args.threads}  # fmt: skip
+             "weight_decay": 0.0, "scheduler": args.scheduler, "num_threads": args.threads}  # fmt: skip
     if args.max_updates:
         train["max_updates"] = args.max_updates
     scenario = SMOKE_SCENARIO if args.quick else {"name": SCENARIO}
@@ -163,9 +165,9 @@ def one_shot(run_dir: Path, sparsities: tuple[float, ...]) -> list[dict[str, flo
 
 
 def one_run(args, method: str, sparsity: float, seed: int, lr: float,
-            removal: float = PAPER_REMOVAL) -> dict[str, Any]:  # fmt: skip
+            removal: float = PAPER_REMOVAL, select: float = PAPER_SELECT) -> dict[str, Any]:  # fmt: skip
     """Train (or read back the cached row of) one run: accuracy, validation, cost, one-shot."""
-    cfg = config(args, method, sparsity, seed, lr, args.work / "runs", removal)
+    cfg = config(args, method, sparsity, seed, lr, args.work / "runs", removal, select)
     # the key names the experiment; the threads a row ran with are in the row (they change the
     # float sums, so a run is bit-identical only at the same count: rows before `--threads`
     # existed ran at `auto`, which follows the machine's load)
@@ -188,6 +190,7 @@ def one_run(args, method: str, sparsity: float, seed: int, lr: float,
     row: dict[str, Any] = {
         "method": method, "sparsity": sparsity if method != "replay" else 0.0, "seed": seed,
         "lr": lr, "removal": removal if method in REMOVES else 0.0,
+        "select_fraction": select if METHODS[method][0] == "esacl" else None,
         "average_accuracy": 100 * m["summary"]["average_accuracy"],
         "final_accuracy": 100 * m["summary"]["final_accuracy"],
         "forgetting": 100 * m["summary"]["forgetting"],
@@ -235,58 +238,20 @@ def choose_removal(args, lr: float) -> dict[str, Any]:
     return choose_from_grid(val, args.removal_grid, key="val_accuracy", widenings=1)
 
 
-def pick(rows, method: str, sparsity: float, key: str, seeds=SEEDS) -> list[float]:
-    sp = 0.0 if method == "replay" else sparsity
-    by = {r["seed"]: r[key] for r in rows if r["method"] == method and r["sparsity"] == sp}
-    return [by[s] for s in seeds if s in by]
+def choose_select(args, lr: float, removal: float) -> dict[str, Any]:
+    """EsaCL's support share at its lr and removal share: best validation accuracy at 0.9,
+    selection seed. 1 (back-propagate every example: no support selection) is the upper bound, so
+    only the lower edge widens (once)."""
 
+    def val(fraction: float) -> float:
+        return one_run(args, "esacl", MAIN, SELECTION_SEED, lr, removal, fraction)["val_accuracy"]
 
-def pm(vals: list[float]) -> str:
-    if not vals:
-        return ""
-    sd = f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
-    return f"{statistics.fmean(vals):.1f}{sd}"
-
-
-def drops(rows, method: str, sparsity: float, k: int = -1) -> list[float]:
-    return [r["one_shot"][k][f"drop_{sparsity:g}"] for s in SEEDS for r in rows
-            if r["method"] == method and r["seed"] == s and -len(r.get("one_shot", [])) <= k < len(r.get("one_shot", []))]  # fmt: skip
-
-
-def _t(name: str, value: float, goal: str, met: bool) -> dict[str, Any]:
-    return {"name": name, "value": float(value), "goal": goal, "met": bool(met)}
-
-
-def targets(rows, diffs: dict[str, dict]) -> list[dict[str, Any]]:
-    mean = {m: statistics.fmean(pick(rows, m, MAIN, "average_accuracy") or [float("nan")])
-            for m in METHODS}  # fmt: skip
-    gap = mean["replay"] - mean["esacl"]
-    out = [_t("dense replay - EsaCL ACC at 0.9 (points)", gap, "<= 1.5", gap <= 1.5)]
-    for other in ("sparcl", "magnitude"):
-        d = diffs[f"esacl - {other}"]["mean"]
-        out.append(_t(f"EsaCL - {other} ACC at 0.9 (points, paired)", d, ">= 0", d >= 0))
-    ci = diffs["esacl - magnitude"]["ci95"] or [0.0, 0.0]
-    sep = ci[0] > 0 or ci[1] < 0
-    out.append(_t("budget separates EsaCL from magnitude: 95 % CI of the paired difference "
-                  "excludes 0 (CI width, points)", ci[1] - ci[0], "excludes 0", sep))  # fmt: skip
-    d = diffs["esacl - esacl-random"]["mean"]
-    out.append(_t("IDS - random subset of the same size, ACC (points, paired)", d, ">= 0", d >= 0))
-    a, b = drops(rows, "esacl-dense", MAIN), drops(rows, "replay", MAIN)
-    if a and b:
-        da, db = statistics.fmean(a), statistics.fmean(b)
-        out.append(_t("no retraining: one-shot drop of EsaCL's dense SAM model at 0.9, end of "
-                      "stream (points)", da, "<= 1", da <= 1))  # fmt: skip
-        out.append(_t("one-shot drop of plain SGD (replay) - of EsaCL's SAM model at 0.9 "
-                      "(points)", db - da, ">= 3", db - da >= 3))  # fmt: skip
-    fl = {m: pick(rows, m, MAIN, "train_gflops", (0,)) for m in ("esacl", "esacl-noids", "sparcl")}
-    ts = {m: pick(rows, m, MAIN, "train_s", (0,)) for m in ("esacl", "esacl-noids")}
-    if all(fl.values()) and all(ts.values()):
-        ratio, wall = fl["esacl-noids"][0] / fl["esacl"][0], ts["esacl-noids"][0] / ts["esacl"][0]
-        out.append(_t(f"IDS saving shows in wall time: train-seconds ratio without/with IDS vs "
-                      f"the FLOPs ratio {ratio:.3f}", wall / ratio, ">= 0.9", wall / ratio >= 0.9))  # fmt: skip
-        r = fl["esacl"][0] / fl["sparcl"][0]
-        out.append(_t("EsaCL training FLOPs / SparCL's at 0.9", r, "<= 1", r <= 1))
-    return out
+    grid = sorted(args.select_grid)
+    got = choose_from_grid(val, grid, key="val_accuracy", widenings=0)
+    if got["chosen"] == grid[0]:  # widen downwards only (x3 upwards would pass the bound)
+        got = choose_from_grid(val, [grid[0] / 3, *grid], key="val_accuracy", widenings=0)
+    got["at_bound"] = got["chosen"] == 1.0
+    return got
 
 
 def main() -> None:
@@ -306,11 +271,17 @@ def main() -> None:
                     help="epochs (0-based) at whose start IDS/DDR remove an equal share")  # fmt: skip
     ap.add_argument("--removal-grid", type=float, nargs="+", default=[0.1, 0.2, 0.3],
                     help="IDS removal shares to choose from (each < 1/3 if it may widen)")  # fmt: skip
+    ap.add_argument("--select-grid", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0],
+                    help="IDS support shares (select_fraction) to choose from, in (0, 1]")  # fmt: skip
+    ap.add_argument("--scheduler", choices=("cosine", "none"), default="cosine",
+                    help="lr schedule of every run, restarted each experience")  # fmt: skip
     ap.add_argument("--max-updates", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of every run")
     args = ap.parse_args()
     if not all(0 < f < 1 for f in args.removal_grid):
         ap.error(f"--removal-grid: shares must be in (0, 1); got {args.removal_grid}")
+    if not all(0 < f <= 1 for f in args.select_grid):
+        ap.error(f"--select-grid: shares must be in (0, 1]; got {args.select_grid}")
     if args.quick:
         args.epochs, args.max_updates, args.prune_every, args.ramp_updates = 2, 6, 2, 8
         args.removal_epochs = [1]
@@ -322,10 +293,14 @@ def main() -> None:
     removal = (
         {"chosen": PAPER_REMOVAL} if args.quick else choose_removal(args, lrs["esacl"]["chosen"])
     )
+    rem = removal["chosen"]
+    select = (
+        {"chosen": PAPER_SELECT} if args.quick else choose_select(args, lrs["esacl"]["chosen"], rem)
+    )
     rows = []
     for i, (method, sp, seed) in enumerate(plan(args.quick)):
         lr = lrs[METHODS[method][3]]["chosen"]
-        rows.append(one_run(args, method, sp, seed, lr, removal["chosen"]))
+        rows.append(one_run(args, method, sp, seed, lr, rem, select["chosen"]))
         print(f"[{i + 1}/{len(plan(args.quick))}] {method} {sp} s{seed}: ACC "
               f"{rows[-1]['average_accuracy']:.1f}", flush=True)  # fmt: skip
     seeds = (0,) if args.quick else SEEDS
@@ -335,64 +310,20 @@ def main() -> None:
     a, b = drops(rows, "esacl-dense", MAIN), drops(rows, "replay", MAIN)
     diffs["one-shot drop: replay - esacl-dense (0.9, end)"] = paired_difference(b, a)
     tg = targets(rows, diffs)
-    write_results("esacl", {"args": {k: str(v) for k, v in vars(args).items()}, "lr": lrs,
-                            "removal": removal, "rows": rows, "paired_differences": diffs,
-                            "targets": tg},
-                  report(args, rows, lrs, removal, diffs, tg), out=args.out)  # fmt: skip
-
-
-def report(args, rows, lrs, removal, diffs, tg) -> str:
-    cols = ("average_accuracy", "final_accuracy", "forgetting", "val_accuracy", "density",
-            "train_gflops", "images", "train_s")  # fmt: skip
-    table = []
-    for sp, methods in ((MAIN, METHODS), (0.75, FAMILIES[:3]), (0.95, FAMILIES[:3])):
-        for m in methods:
-            if vals := pick(rows, m, sp, "average_accuracy", (*SEEDS,)):
-                table.append({"method": m, "sparsity": 0.0 if m in ("replay", "esacl-dense") else sp,
-                              "seeds": len(vals), "lr": lrs[METHODS[m][3]]["chosen"],
-                              **{c: pm(pick(rows, m, sp, c)) for c in cols}})  # fmt: skip
-    shots = []
-    for m in ONE_SHOT:
-        for k in range(3):
-            for sp in (0.75, 0.9, 0.95):
-                if d := drops(rows, m, sp, k):
-                    shots.append({"model": m, "after experience": k, "sparsity": sp,
-                                  "drop (points)": pm(d)})  # fmt: skip
-    dif = [{"comparison": k, "mean": v["mean"], "sd": v["sd"], "ci95": v["ci95"]} for k, v in diffs.items()]  # fmt: skip
-    total = sum(r["wall_s"] for r in rows) + sum(
-        one_run(args, f, MAIN, SELECTION_SEED, lr)["wall_s"] for f in FAMILIES for lr in lrs[f].get("grid", [])) + sum(
-        one_run(args, "esacl", MAIN, SELECTION_SEED, lrs["esacl"]["chosen"], r)["wall_s"]
-        for r in removal.get("grid", []) if r != PAPER_REMOVAL)  # fmt: skip
-    chosen = {f: {k: v.get(k) for k in ("chosen", "grid", "at_edge")} for f, v in lrs.items()}
-    head = (
-        f"`{SCENARIO}` at 28 px, backbone `{args.backbone}` (small input), {args.epochs} epochs "
-        f"per experience for every run, batch 32, SGD constant lr, memory {MEMORY} (random) where "
-        f"used. Reported seeds {list(SEEDS)} (mean ± sd; 0.75 and 0.95: seed 0); lr per family "
-        f"chosen at 0.9 by seed {SELECTION_SEED} on the validation splits: {json.dumps(chosen)}; "
-        f"then EsaCL's removal share at that lr: {removal['chosen']:g} of "
-        f"{removal.get('grid', [removal['chosen']])} (at an edge: {removal.get('at_edge')}). "
-        f"Sum of the runs' wall times, selection included (2-core CPU): {total / 60:.0f} min. "
-        "Generated by `benchmarks/esacl.py`."
-    )
-    notes = (
-        "ACC (`average_accuracy`), final, forgetting and val in points; `train_gflops`: training "
-        "FLOPs counted update by update (both SAM passes); `images`: examples passed; `train_s`: "
-        "training seconds. `esacl-dense`: EsaCL at sparsity 0 (SAM + IDS), the model of the "
-        "no-retraining test."
-    )
-    parts = [
-        "# EsaCL (reconstruction) vs SparCL, magnitude pruning and dense replay",
-        head,
-        markdown_table(table, ["method", "sparsity", "seeds", "lr", *cols]),
-        notes,
-        "## Paired differences of ACC over the reported seeds (points)",
-        markdown_table(dif, ["comparison", "mean", "sd", "ci95"]),
-        "## No retraining: one-shot |w| pruning of a dense model, no training (ACC drop, points)",
-        markdown_table(shots, ["model", "after experience", "sparsity", "drop (points)"]),
-        "## Targets",
-        markdown_table(tg, ["name", "value", "goal", "met"]),
+    sel = [
+        one_run(args, f, MAIN, SELECTION_SEED, lr)
+        for f in FAMILIES
+        for lr in lrs[f].get("grid", [])
     ]
-    return "\n\n".join(parts)
+    sel += [one_run(args, "esacl", MAIN, SELECTION_SEED, lrs["esacl"]["chosen"], r)
+            for r in removal.get("grid", []) if r != PAPER_REMOVAL]  # fmt: skip
+    sel += [one_run(args, "esacl", MAIN, SELECTION_SEED, lrs["esacl"]["chosen"], rem, g)
+            for g in select.get("grid", []) if g != PAPER_SELECT]  # fmt: skip
+    total = sum(r["wall_s"] for r in rows + sel)
+    write_results("esacl", {"args": {k: str(v) for k, v in vars(args).items()}, "lr": lrs,
+                            "removal": removal, "select_fraction": select, "rows": rows,
+                            "paired_differences": diffs, "targets": tg},
+                  report(args, rows, lrs, removal, select, diffs, tg, total), out=args.out)  # fmt: skip
 
 
 if __name__ == "__main__":
