@@ -189,6 +189,15 @@ class CalibrationConfig(_Strict):
         description="non-conformity score: lac (1 - p, smallest sets; adapts on two-class "
         "tasks) or aps (ranked mass; three or more classes)",
     )
+    confidence: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="null: marginal coverage (>= 1 - alpha on average over calibration draws); "
+        "e.g. 0.9: training-conditional thresholds, so that these sets cover >= 1 - alpha with "
+        "probability 0.9 over the calibration rows (larger sets; a group needs >= 22 rows at "
+        "0.9 and alpha 0.1)",
+    )
     mondrian: Literal["none", "site", "class", "site_class"] = Field(
         "site_class",
         description="set thresholds for all rows, per site (experience), per class (keeps "

@@ -22,10 +22,10 @@ from medcl.metrics.conformal import (
     apply_temperature,
     aps_scores,
     conformal_quantile,
-    coverage_table,
     fit_conformal,
     fit_temperature,
 )
+from medcl.metrics.coverage import coverage_table
 
 
 def _draw(

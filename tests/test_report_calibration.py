@@ -242,3 +242,26 @@ def test_report_shows_per_experience_temperatures(cal_run, cal_report, tmp_path)
         labels[scored], apply_temperature(probs[scored], per_class), n_bins=15
     )
     assert cal["ece_after"] == pytest.approx(ece, abs=1e-9)
+
+
+def test_report_states_a_training_conditional_guarantee(cal_run, cal_report, tmp_path):
+    """A record fitted with ``calibration.confidence``: the page states the per-calibration
+    guarantee instead of the marginal one, and names the rows a finite threshold needs."""
+    _, data = cal_report
+    after = data["report"]["model_after_experience"]
+    _, probs, labels, _ = _final(cal_run, data)
+    run = _copy(cal_run, tmp_path)
+
+    def conditional(record):  # 21 rows: one short of a finite threshold at 0.9 and alpha 0.1
+        record["conformal"] = fit_conformal(
+            labels[:21], probs[:21], alpha=0.1, mondrian="none", confidence=0.9
+        ).to_dict()
+
+    _rewrite_record(run, after, conditional)
+    report = build_report(run, n_resamples=50, thumbnails=False)
+    html = report.html()
+    assert report.data["prediction_sets"]["training_conditional_percent"] == 90
+    assert "training-conditional (Vovk, 2012): with probability 90%" in html
+    assert "marginal over the calibration distribution" not in html
+    assert any("confidence 0.9" in n and "needs n >= 22" in n for n in report.data["notes"])
+    assert "marginal over the calibration distribution" in cal_report[0]

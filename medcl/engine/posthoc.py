@@ -181,7 +181,13 @@ def fit_posthoc(
     }
     if cfg.conformal:
         sets = fit_conformal(
-            cy, calibrated, alpha=cfg.alpha, mondrian=cfg.mondrian, score=cfg.score, sites=cal_site
+            cy,
+            calibrated,
+            alpha=cfg.alpha,
+            mondrian=cfg.mondrian,
+            score=cfg.score,
+            sites=cal_site,
+            confidence=cfg.confidence,
         )
         record["conformal"] = sets.to_dict()
     return record

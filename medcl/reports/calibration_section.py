@@ -7,7 +7,7 @@ Both read the model's post-hoc calibration record (``calibration/after-NNN.json`
   ICML 2017), overall and per site (experience), each with a stratified bootstrap CI, and the
   reliability diagrams before and after;
 - **prediction sets**: empirical coverage (Wilson CI) and mean set size (normal CI) of the APS
-  sets per site and overall (:func:`medcl.metrics.conformal.coverage_table`), against the target
+  sets per site and overall (:func:`medcl.metrics.coverage.coverage_table`), against the target
   ``1 - alpha``, with the thresholds used.
 
 A run written before medcl calibrated has no record: both sections say so and show the raw
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 __all__ = ["calibration_figures", "calibration_section", "prediction_set_section"]
 
+import math
 from typing import Any
 
 import numpy as np
@@ -188,7 +189,7 @@ def prediction_set_section(
         otherwise ``alpha, target_coverage, mondrian, grouping, method, n_calibration,
         thresholds`` (one row per site and class threshold, ``qhat`` ``None`` where too few
         calibration images gave no finite threshold), ``table`` (one row per site and
-        ``overall``: :func:`medcl.metrics.conformal.coverage_table` plus ``below_target``: the
+        ``overall``: :func:`medcl.metrics.coverage.coverage_table` plus ``below_target``: the
         whole coverage interval lies under ``1 - alpha``), ``n_empty`` and ``under_covered``.
     """
     posthoc = res.posthoc()
@@ -225,8 +226,8 @@ def prediction_set_section(
     if infinite:
         notes.append(
             f"Prediction sets: too few calibration images for a finite threshold at alpha "
-            f"{sets.alpha:g} for {infinite} (needs n >= 1/alpha - 1): that class enters every "
-            "set there."
+            f"{sets.alpha:g}{_at_confidence(sets.confidence)} for {infinite} (needs n >= "
+            f"{_rows_needed(sets.alpha, sets.confidence)}): that class enters every set there."
         )
     if under:
         notes.append(
@@ -244,6 +245,9 @@ def prediction_set_section(
         "mondrian": sets.mondrian,
         "grouping": _GROUPING[sets.mondrian],
         "method": record["method"],
+        "training_conditional_percent": None
+        if sets.confidence is None
+        else round(100 * sets.confidence, 6),
         "references": list(CONFORMAL_REFERENCES),
         "n_calibration": sets.n,
         "thresholds": thresholds,
@@ -251,6 +255,17 @@ def prediction_set_section(
         "n_empty": int(overall["empty"]),
         "under_covered": under,
     }
+
+
+def _at_confidence(confidence: float | None) -> str:
+    return "" if confidence is None else f" and confidence {confidence:g}"
+
+
+def _rows_needed(alpha: float, confidence: float | None) -> int:
+    """Fewest calibration rows of a group with a finite threshold."""
+    if confidence is None:
+        return math.ceil(round(1 / alpha - 1, 9))
+    return math.ceil(round(math.log(1 - confidence) / math.log(1 - alpha), 9))  # (1-a)^n <= 1-c
 
 
 def temperature_text(temperatures: list[float]) -> str:

@@ -33,12 +33,12 @@ from medcl.engine.posthoc import PostHoc, read_posthoc
 from medcl.errors import DataError
 from medcl.metrics.calibration import expected_calibration_error, reliability_table
 from medcl.metrics.clinical import DEFAULT_METRICS, confusion, per_group_metrics, site_heterogeneity
-from medcl.metrics.conformal import coverage_table
 from medcl.metrics.continual import (
     check_accuracy_matrix,
     forgetting_per_experience,
     matrix_to_frame,
 )
+from medcl.metrics.coverage import coverage_table
 from medcl.metrics.stability import stability_metrics, summarize_stability
 from medcl.reports.predictions import SAFE_COLUMNS, Predictions
 from medcl.reports.run_directory import RunDirectory
@@ -209,7 +209,7 @@ class RunResults(RunDirectory):
             confidence: level of the Wilson (coverage) and normal (mean size) intervals.
 
         Returns:
-            :func:`medcl.metrics.conformal.coverage_table` per experience name and
+            :func:`medcl.metrics.coverage.coverage_table` per experience name and
             ``overall``, plus ``after`` and ``target`` (``1 - alpha``); ``None`` when the model
             has no conformal calibration (a run written before it, or ``calibration.conformal``
             off).
