@@ -1,365 +1,326 @@
-"""DynaMMo on a pretrained backbone, as its paper ran it: vs ACL, DER, replay, fine-tune, joint.
+"""DynaMMo on a pretrained backbone against ACL, replay, no-adapters, TIES, DER, fine-tune, joint:
+issue 22's fair table.
 
-Every method runs through :func:`medcl.engine.run.run` on ImageNet-pretrained EfficientNet-Lite0
-(offline weights, ``model.pretrained: efficientnet_lite0``) at 64 px, with the same epochs,
-batch size, memory (200, herding) and augmentation. Adapter methods (DynaMMo, ACL, "no adapters")
-freeze the backbone from experience 0 on (``backbone_init: pretrained``); replay, fine-tune, DER
-and joint train the whole pretrained network.
+**What it measures.** On ``medmnist-cross3`` (PneumoniaMNIST → BreastMNIST → RetinaMNIST) and
+``pneumonia-sites`` (PneumoniaMNIST over 4 simulated sites), every arm runs through
+:func:`medcl.engine.run.run` with ``configs/medmnist-cross3-dynammo.yaml``'s recipe: ImageNet
+EfficientNet-Lite0 (offline weights), batch 64, SGD (momentum 0.9, wd 5e-4), cosine lr, light
+augmentation, memory 200 (herding), DynaMMo's stage-1 head_lr 0.004 and stage 2 as configured.
+Adapter methods (DynaMMo mean / TIES, ACL, no-adapters = DynaMMo with ``use_adapters: false``)
+freeze the backbone from experience 0 on; replay, DER, fine-tune and joint train all of it.
+Per (stream, method): ACC, final accuracy, forgetting, validation accuracy, the epochs each
+experience ran and kept, the deployable model's parameters and MACs **measured on the trained
+run** (restored from its final checkpoint), the worst stage-1 loss ratio, train and wall seconds;
+paired differences over seeds (DynaMMo − ACL, − replay, − no-adapters, 95 % CI) and targets that
+can fail (``benchmarks/_dynammo_table.py``).
 
-Hyper-parameters are chosen on the **validation** splits, never on test: for each stream, the
-learning rate of the adapter family (DynaMMo-mean) and of the full-network family (replay) is
-picked from ``--lr-grid`` by the final model's mean validation accuracy over experiences (seed
-0), and shared by every method of that family. ``--seeds`` (3 by default) run DynaMMo-mean, ACL
-and replay; the other rows run the first seed only.
+**Budget rule** (every method): ``train.epochs = --cap`` (8) with
+``train.early_stopping_patience = --patience`` (2): an experience stops after that many epochs
+without a better mean validation accuracy on the seen experiences and keeps its best epoch; the
+cosine schedule spans the cap. Caveat (``medcl/engine/early_stopping.py``): the score is the
+prediction before consolidation, so from DynaMMo's second experience on a new adapter set is
+judged through its head until it is merged.
 
-Columns: average accuracy (ACC: mean over experiences of the final model's test accuracy),
-final accuracy (all test images), forgetting, deployable parameters and MACs (FlopCounterMode),
-batch-1 CPU latency, training-loop time and wall time. Runs are resumable: finished run
-directories are read back, so ``--scenarios`` can be split over processes and a last call
-without training (same arguments) writes the combined results.
+**Resolution path**: every dataset is upsampled from its 28-px file to 64 px
+(``scenario.native_size: false``). The earlier set-up (BreastMNIST from its native 64-px file,
+the others upsampled: the resolution tells the router the dataset) is one labelled extra row,
+``dynammo-mean-native64`` (cross3, the reported seeds, the adapters' chosen lr).
 
-Targets (issue 10), computed from the rows:
-- DynaMMo ACC within 1.0 point of ACL's, at <= ACL's MACs / T plus one adapter set's MACs;
-- DynaMMo ACC >= replay's on both streams;
-- DynaMMo ACC - "no adapters" ACC > the sd of DynaMMo's seeds (the adapters matter);
-- deployable MACs growth T = 1 -> 10 <= 5 % (EfficientNet-Lite0, 64 px).
+**Selection**: on the validation splits only (mean over experiences of the final model's
+accuracy), by the selection seed 100, never reported: the adapters' lr by DynaMMo-mean from
+``--adapter-grid`` (0.01 0.03 0.1: brackets the paper's 0.01 and the recipe's 0.05,
+``benchmarks/results/dynammo_recipe.md``), the full network's by replay from ``--full-grid``
+(0.003 0.01 0.03); each grid widens ×3 where the best value sits at an edge (``choose_from_grid``,
+at most twice). A run whose loss becomes non-finite is recorded as diverged (scored -inf).
 
-    nice python benchmarks/dynammo_pretrained.py [--scenarios medmnist-cross3 pneumonia-sites]
-        [--seeds 0 1 2] [--epochs 1] [--threads 2] [--quiet]
+**Cost** (an estimate at the cap, i.e. an upper bound on training; throughputs measured on this
+2-core CPU at 2 threads: 64-px EfficientNet-Lite0 trains ~220 img/s with a frozen backbone
+(adapters), ~140 img/s in full). cross3 trains on 4708 + 546 + 1080 images, pneumonia-sites on
+PneumoniaMNIST's 4708 split over 4 sites (1177 each); adapter arms join the 200 memory images to
+each experience after the first, replay and DER add a replay batch to every batch, joint trains
+on every earlier experience again. Minutes per seed at the cap, cross3: DynaMMo / TIES / ACL ~4
+each, no-adapters ~1.5 (no backward through the backbone), fine-tune ~6, replay ~8, DER ~10, joint
+~16: ~53 min; pneumonia-sites: adapters ~3 each, no-adapters ~1, fine-tune ~4.5, replay ~8, DER
+~12, joint ~11: ~47 min. Selection (3 DynaMMo + 3 replay runs; ~4-8 min more per widening) ~35
+min per stream; the extra row ~12 min. Whole plan ~6.3 h of training at the cap (cross3 ~3.4 h,
+pneumonia-sites ~2.9 h), ~10-20 % more for evaluation, stage 2, herding and read-back; early
+stopping ends most experiences before the cap. Each row records its wall seconds.
+
+**Splitting it** (resumable: a finished run is read back from ``--work``, default
+``runs/dynammo_pretrained``; its directory name carries a hash of its settings, so a changed
+setting is a new run, and an interrupted run resumes after its last finished experience). On
+this 2-core machine run one process (two share the cores and gain nothing); split over sessions
+instead: a stopped call loses at most the experience in progress. Over several machines or GPUs:
+processes must not share a run, so run ``--select-only`` per stream first, then split by
+``--scenarios`` / ``--methods`` / ``--seeds`` with ``--no-write`` (the same ``--work``, e.g. a
+shared folder), and write the table with a last ``--report-only`` call (nothing trained; arms with
+fewer seeds than asked are marked). ``--device cuda`` trains on a GPU (``train.device``; bf16
+autocast there, so GPU and CPU numbers are not bit-equal: each row records its device); a run
+finished on one device is read back on the other (an unfinished one resumes only on its own:
+``train.device`` is part of its saved config). ``--threads`` sets every run's torch CPU threads.
+
+    nice python benchmarks/dynammo_pretrained.py [--scenarios ...] [--methods ...] [--seeds 0 1 2]
+        [--cap 8] [--patience 2] [--device cpu|cuda] [--threads 2] [--select-only | --report-only]
+    python benchmarks/dynammo_pretrained.py --quick [--out DIR]  # smoke: synthetic, test_resnet
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import json
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_results
+from _common import (
+    REPO,
+    REPORTED_SEEDS,
+    RESULTS,
+    SELECTION_SEED,
+    SMOKE_SCENARIO,
+    choose_from_grid,
+    data_root,
+    write_results,
+)
+from _dynammo_table import (
+    KEY,
+    METHODS,
+    NATIVE,
+    SELECT_WITH,
+    differences,
+    report,
+    row,
+    summarise,
+    targets,
+)
 
-from medcl.config import RunConfig
+from medcl.config import RunConfig, read_yaml, validate_config
 from medcl.engine.evaluate import evaluate
 from medcl.engine.resume import restore_run
 from medcl.engine.run import run
-from medcl.metrics.compute import count_macs
-from medcl.models.backbones import create_backbone
-from medcl.strategies import ExperienceInfo, create_strategy
+from medcl.engine.threads import first_environment
+from medcl.metrics.compute import count_macs, count_parameters
 
-BACKBONE, WEIGHTS, SIZE = "tf_efficientnet_lite0", "efficientnet_lite0", 64
-FROZEN = {"backbone_init": "pretrained"}
-#: label -> (strategy, options, family, all seeds?), in run order (key comparisons first)
-METHODS: dict[str, tuple[str, dict[str, Any], str, bool]] = {
-    "dynammo-mean": ("dynammo", {"merge": "mean", **FROZEN}, "adapters", True),
-    "acl": ("acl", FROZEN, "adapters", True),
-    "replay": ("replay", {}, "full", True),
-    "no-adapters": ("dynammo", {"use_adapters": False, **FROZEN}, "adapters", False),
-    "dynammo-weighted": ("dynammo", {"merge": "weighted", **FROZEN}, "adapters", False),
-    "dynammo-ties": ("dynammo", {"merge": "ties", **FROZEN}, "adapters", False),
-    "finetune": ("finetune", {}, "full", False),
-    "der": ("der", {}, "full", False),
-    "joint": ("joint", {}, "full", False),
-}
-SELECT_WITH = {"adapters": "dynammo-mean", "full": "replay"}
+RECIPE = REPO / "configs" / "medmnist-cross3-dynammo.yaml"
+BACKBONE, SIZE = "tf_efficientnet_lite0", 64
+STREAMS = ["medmnist-cross3", "pneumonia-sites"]
+SMOKE = "synthetic-ci"
+COMMAND = "benchmarks/dynammo_pretrained.py"
 
 
-def make_config(scenario: str, label: str, lr: float, seed: int, args) -> RunConfig:
-    name, options, _, _ = METHODS[label]
-    return RunConfig.model_validate(
-        {
-            "name": f"{scenario}-{label}-lr{lr:g}-s{seed}",
-            "seed": seed,
-            "output_dir": str(args.work_dir),
-            "scenario": {"name": scenario, "image_size": SIZE},
-            "strategy": {"name": name, **options},
-            "model": {"backbone": BACKBONE, "pretrained": WEIGHTS, "small_input": False},
-            "train": {
-                "epochs": args.epochs,
-                "batch_size": args.batch_size,
-                "lr": lr,
-                "optimizer": "sgd",
-                "augment": "light",
-                "num_threads": args.threads,
-                "max_updates": args.max_updates,
-            },
-            "memory": {"size": args.memory, "selection": "herding"},
-            "data": {"root": args.data_root},
-        }
-    )
+class NotRun(Exception):
+    """A run the plan needs has not been trained (``--report-only``)."""
 
 
-def train(scenario: str, label: str, lr: float, seed: int, args) -> Path:
-    """Run (or resume, or read back) one configuration; cache its validation accuracy."""
-    start = time.perf_counter()
-    run_dir = run(make_config(scenario, label, lr, seed, args), resume=True, quiet=args.quiet)
-    val_file = run_dir / "bench_val.json"
-    if not val_file.is_file():
-        _, sc, strategy, _, _ = restore_run(run_dir)
-        val = [e.accuracy for e in evaluate(strategy, sc.experiences, split="val")]
-        wall = time.perf_counter() - start
-        val_file.write_text(json.dumps({"val_accuracy": val, "wall_seconds": wall}))
-    return run_dir
-
-
-def row(run_dir: Path) -> dict[str, Any]:
-    m = json.loads((run_dir / "metrics.json").read_text())
-    bench = json.loads((run_dir / "bench_val.json").read_text())
-    sizes = np.array(
-        [e["test"] for e in json.loads((run_dir / "scenario.json").read_text())["experiences"]]
-    )
-    R = np.array(m["accuracy_matrix"], dtype=float)
-    return {
-        "average_accuracy": 100 * m["summary"]["average_accuracy"],
-        "final_accuracy": 100 * float((R[-1] * sizes).sum() / sizes.sum()),
-        "forgetting": 100 * m["summary"]["forgetting"],
-        "val_accuracy": 100 * float(np.mean(bench["val_accuracy"])),
-        "parameters": m["compute"]["parameters"],
-        "macs": m["compute"]["macs"],
-        "latency_ms_b1": m["compute"].get("latency_ms_b1", float("nan")),
-        "train_seconds": sum(f["seconds"] for f in m["fit"]),
-        "wall_seconds": bench["wall_seconds"],
-        "experiences": len(R),
-    }
-
-
-def select_lr(scenario: str, family: str, args) -> tuple[float, dict[str, float]]:
-    """The grid's learning rate with the best mean validation accuracy (seed ``seeds[0]``)."""
-    label, seed = SELECT_WITH[family], args.seeds[0]
-    scores = {
-        lr: row(train(scenario, label, lr, seed, args))["val_accuracy"] for lr in args.lr_grid
-    }
-    return max(scores, key=scores.get), {f"{k:g}": v for k, v in scores.items()}
-
-
-def macs_growth() -> dict[str, float]:
-    """Deployable MACs of DynaMMo at T = 1 and 10 (one class per experience) on the backbone."""
-    backbone = create_backbone(BACKBONE, in_chans=3, pretrained=WEIGHTS)
-    s = create_strategy("dynammo", backbone, **FROZEN)
-    macs = {}
-    for t in range(10):
-        s.grow(ExperienceInfo(t, f"e{t}", t, (t,), t + 1))
-        if t in (0, 9):
-            macs[t + 1] = count_macs(s.deployable_model(), (3, SIZE, SIZE))
-    return {"macs_T1": macs[1], "macs_T10": macs[10], "growth": macs[10] / macs[1] - 1}
-
-
-def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean ± sd over seeds per (scenario, method)."""
-    out = []
-    keys = sorted({(r["scenario"], r["method"]) for r in rows}, key=lambda k: (k[0], 0))
-    order = list(METHODS)
-    keys.sort(key=lambda k: (k[0], order.index(k[1])))
-    for sc, method in keys:
-        rs = [r for r in rows if r["scenario"] == sc and r["method"] == method]
-        agg: dict[str, Any] = {
-            "scenario": sc,
-            "method": method,
-            "seeds": len(rs),
-            "lr": rs[0]["lr"],
-        }
-        for k in ("average_accuracy", "final_accuracy", "forgetting", "val_accuracy"):
-            v = np.array([r[k] for r in rs])
-            agg[k] = float(v.mean())
-            agg[f"{k}_sd"] = float(v.std(ddof=1)) if len(v) > 1 else None
-        for k in ("parameters", "macs", "latency_ms_b1", "train_seconds", "wall_seconds"):
-            agg[k] = float(np.median([r[k] for r in rs]))
-        agg["experiences"] = rs[0]["experiences"]
-        out.append(agg)
-    return out
-
-
-def targets(summary: list[dict[str, Any]], growth: dict[str, float]) -> list[dict[str, Any]]:
-    out = []
-    for sc in sorted({s["scenario"] for s in summary}):
-        by = {s["method"]: s for s in summary if s["scenario"] == sc}
-        if "dynammo-mean" not in by:
-            continue
-        d = by["dynammo-mean"]
-        if "acl" in by:
-            gap = d["average_accuracy"] - by["acl"]["average_accuracy"]
-            out.append(_t(f"{sc}: DynaMMo ACC - ACL ACC (points)", gap, ">= -1.0", gap >= -1.0))
-            if "no-adapters" in by:
-                one_set = d["macs"] - by["no-adapters"]["macs"]  # the merged adapter set's MACs
-                bound = by["acl"]["macs"] / d["experiences"] + one_set
-                out.append(
-                    _t(
-                        f"{sc}: DynaMMo MACs / (ACL MACs / T + one adapter set)",
-                        d["macs"] / bound,
-                        "<= 1",
-                        d["macs"] <= bound,
-                    )
-                )
-        if "replay" in by:
-            gap = d["average_accuracy"] - by["replay"]["average_accuracy"]
-            out.append(_t(f"{sc}: DynaMMo ACC - replay ACC (points)", gap, ">= 0", gap >= 0))
-        if "no-adapters" in by:
-            gain = d["average_accuracy"] - by["no-adapters"]["average_accuracy"]
-            sd = d["average_accuracy_sd"] or 0.0
-            out.append(
-                _t(
-                    f"{sc}: DynaMMo ACC - no-adapters ACC (points), vs DynaMMo sd {sd:.2f}",
-                    gain,
-                    f"> {sd:.2f}",
-                    bool(gain > sd),
-                )
-            )
-    out.append(
-        _t(
-            "deployable MACs growth T=1 -> 10",
-            growth["growth"],
-            "<= 0.05",
-            growth["growth"] <= 0.05,
-        )
-    )
-    return out
-
-
-def _t(name: str, value: float, goal: str, met: bool) -> dict[str, Any]:
-    return {"name": name, "value": float(value), "goal": goal, "met": bool(met)}
-
-
-def to_markdown(summary, tg, growth, lrs, args) -> str:
-    def pm(s, k):
-        sd = s[f"{k}_sd"]
-        return f"{s[k]:.1f}" + ("" if sd is None else f" ± {sd:.1f}")
-
-    table = [
-        {
-            "scenario": s["scenario"],
-            "method": s["method"],
-            "seeds": s["seeds"],
-            "lr": f"{s['lr']:g}",
-            "ACC %": pm(s, "average_accuracy"),
-            "final %": pm(s, "final_accuracy"),
-            "forgetting": pm(s, "forgetting"),
-            "val %": pm(s, "val_accuracy"),
-            "params (M)": f"{s['parameters'] / 1e6:.2f}",
-            "MMACs": f"{s['macs'] / 1e6:.1f}",
-            "latency ms": f"{s['latency_ms_b1']:.1f}",
-            "train s": f"{s['train_seconds']:.0f}",
-            "wall s": f"{s['wall_seconds']:.0f}",
-        }
-        for s in summary
-    ]
-    lines = [
-        f"# DynaMMo on a pretrained backbone ({BACKBONE}, ImageNet weights `{WEIGHTS}`, {SIZE} px)",
-        "",
-        f"{args.epochs} epoch(s)/experience, batch {args.batch_size}, SGD + cosine, memory "
-        f"{args.memory} (herding), light augmentation, {args.threads} thread(s). Mean ± sd over "
-        f"seeds {args.seeds} where seeds = {len(args.seeds)}. Learning rate per family chosen on "
-        f"the validation splits from {args.lr_grid}: {json.dumps(lrs)}.",
-        "",
-        markdown_table(table, list(table[0])),
-        "",
-        "ACC: mean over experiences of the final model's test accuracy; final: accuracy on all "
-        "test images; val: the same as ACC on the validation splits (used for selection). MACs: "
-        "FlopCounterMode on the deployable model. Latency, train s and wall s: medians, measured "
-        "on a shared 2-core machine while other jobs ran (noisy).",
-        "",
-        f"DynaMMo deployable MACs at T=1: {growth['macs_T1'] / 1e6:.2f} M, at T=10: "
-        f"{growth['macs_T10'] / 1e6:.2f} M (growth {100 * growth['growth']:.3f} %).",
-        "",
-        "## Targets",
-        "",
-        markdown_table(tg, ["name", "value", "goal", "met"]),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def adapters_markdown(diagnostics: dict[str, list[dict[str, Any]]]) -> str:
-    """DynaMMo's adapter sets after each experience: alpha per stage, drift from their init."""
-    lines = ["", "## DynaMMo adapter sets (first seed)", ""]
-    for sc, per_exp in diagnostics.items():
-        rows = [
-            {
-                "after experience": t,
-                "set": a["set"],
-                **{f"alpha {k}": f"{v:.4f}" for k, v in a["alpha"].items()},
-                "distance from init": f"{a['distance_from_init']:.4f}",
-            }
-            for t, d in enumerate(per_exp)
-            for a in d.get("adapter_sets", [])
-        ]
-        if rows:
-            lines += [f"### {sc}", "", markdown_table(rows, list(rows[0])), ""]
-    lines.append(
-        "distance from init: relative L2 distance of the set's weights from the set it was "
-        "initialised from (set t-1, or the initial set for set 0)."
-    )
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scenarios", nargs="+", default=["medmnist-cross3", "pneumonia-sites"])
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--scenarios", nargs="+", default=STREAMS, choices=STREAMS)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr-grid", nargs="+", type=float, default=[0.01, 0.05])
-    p.add_argument("--memory", type=int, default=200)
-    p.add_argument("--max-updates", type=int, default=None, help="smoke runs only")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--data-root", type=Path, default=None, help="default: $MEDCL_DATA_ROOT")
-    p.add_argument("--work-dir", type=Path, default=Path("runs/bench-dynammo-pretrained"))
-    p.add_argument("--no-write", action="store_true", help="train only (parallel parts)")
+    p.add_argument("--seeds", nargs="+", type=int, default=list(REPORTED_SEEDS))
+    p.add_argument("--cap", type=int, default=8, help="train.epochs: most epochs per experience")
+    p.add_argument("--patience", type=int, default=2, help="train.early_stopping_patience")
+    p.add_argument("--adapter-grid", nargs="+", type=float, default=[0.01, 0.03, 0.1])
+    p.add_argument("--full-grid", nargs="+", type=float, default=[0.003, 0.01, 0.03])
+    p.add_argument("--widenings", type=int, default=2, help="x3 widenings of a grid at an edge")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="train.device")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads of every run")
+    p.add_argument("--root", help="MedMNIST folder (default: $MEDCL_DATA_ROOT)")
+    p.add_argument("--work", type=Path, default=None, help="run directories (read back)")
+    p.add_argument("--out", type=Path, default=None, help="folder for dynammo_pretrained.*")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--select-only", action="store_true", help="only the lr selection runs")
+    what.add_argument("--report-only", action="store_true", help="train nothing; write the table")
+    what.add_argument("--no-write", action="store_true", help="train only (parallel parts)")
+    p.add_argument("--quick", action="store_true", help="smoke run: synthetic stream, tiny net")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if SELECTION_SEED in args.seeds:
+        p.error(f"--seeds must not include the selection seed {SELECTION_SEED} (never reported)")
+    if args.cap < 1 or args.patience < 1 or args.threads < 1 or args.widenings < 0:
+        p.error("--cap, --patience and --threads must be >= 1 and --widenings >= 0")
+    if min(args.adapter_grid + args.full_grid) <= 0:
+        p.error("learning rates must be > 0")
+    if args.quick:  # two epochs at most, a two-value grid, no widening, one seed, a temp --out
+        args.cap, args.patience, args.widenings = 2, 1, 0
+        args.adapter_grid = args.full_grid = [0.01, 0.05]
+        args.seeds, args.scenarios = args.seeds[:1], [SMOKE]
+        args.methods = [m for m in args.methods if m not in NATIVE]
+        if args.out is None:
+            args.out = Path(tempfile.mkdtemp(prefix="dynammo_pretrained-quick-"))
+    args.out = args.out or RESULTS
+    args.work = args.work or (
+        args.out / "runs" if args.quick else REPO / "runs" / "dynammo_pretrained"
+    )
+    args.root = str(data_root(args.root))
+    return args
+
+
+def make_config(args, sc: str, label: str, lr: float, seed: int) -> RunConfig:
+    """The recipe's config with this arm's strategy, stream, lr, seed and the budget rule."""
+    raw = copy.deepcopy(read_yaml(RECIPE))
+    name, options, family = METHODS[label]
+    if family == "adapters":
+        strategy = {**raw["strategy"], "name": name, **options}
+        if name == "acl":  # ACL is DynaMMo without the merge
+            strategy = {k: v for k, v in strategy.items() if k not in ("merge", "ties_density")}
+        if args.quick:  # no pretrained weights: freeze the random backbone as built (smoke only)
+            strategy["backbone_init"] = "checkpoint"
+    else:
+        strategy = {"name": name, **options}
+    raw["scenario"] = (
+        dict(SMOKE_SCENARIO)
+        if args.quick
+        else {"name": sc, "image_size": SIZE, "native_size": label in NATIVE}
+    )
+    if args.quick:
+        raw["model"] = {"backbone": "test_resnet", "pretrained": False, "small_input": True}
+        raw["memory"] = {"size": 40, "selection": "herding"}
+    raw["train"] |= {
+        "epochs": args.cap,
+        "early_stopping_patience": args.patience,
+        "lr": lr,
+        "eval_every": 0,  # no curves: they cost evaluations and the table does not use them
+        "num_threads": args.threads,
+        "device": args.device,
+    }
+    raw |= {"strategy": strategy, "seed": seed, "output_dir": str(args.work)}
+    raw["data"] = {"root": args.root}
+    cfg = validate_config(raw, source=f"{COMMAND} ({label})")
+    # the directory names the settings: a changed one is a new run; device, threads and paths
+    # decide where and how fast it runs, not what it is (rows record the device)
+    skip = {"name": True, "output_dir": True, "data": {"root"}, "train": {"num_threads", "device"}}
+    digest = hashlib.sha1(cfg.model_dump_json(exclude=skip).encode()).hexdigest()[:8]
+    return cfg.model_copy(update={"name": f"{sc}-{label}-lr{lr:g}-s{seed}-{digest}"})
+
+
+def measure(run_dir: Path, wall: float) -> dict[str, Any]:
+    """Read a finished run back: validation accuracy of the final model and its deployable
+    model's parameters and MACs (restored from the final checkpoint: the trained model)."""
+    start = time.perf_counter()
+    _, scenario, strategy, _, _ = restore_run(run_dir, command=COMMAND)
+    strategy.eval()
+    val = [e.accuracy for e in evaluate(strategy, scenario.experiences, split="val", quiet=True)]
+    model = strategy.deployable_model()
+    shape = tuple(scenario.input_shape)
+    return {
+        "val_accuracy": val,
+        "deployable": {"parameters": count_parameters(model), "macs": count_macs(model, shape)},
+        "device": str(next(strategy.parameters()).device.type),
+        "threads": (first_environment(run_dir) or {}).get("threads"),
+        "seconds": time.perf_counter() - start,
+        "run_seconds": wall,
+    }
+
+
+def obtain(args, sc: str, label: str, lr: float, seed: int) -> dict[str, Any]:
+    """The row of one run: read back when finished, else trained (``NotRun`` with
+    ``--report-only``). A run whose loss became non-finite is kept as diverged."""
+    cfg = make_config(args, sc, label, lr, seed)
+    run_dir = args.work / cfg.run_name
+    bench = run_dir / "bench.json"
+    meta = {"scenario": sc, "method": label, "seed": seed, "lr": lr}
+    if not bench.is_file():
+        if args.report_only:
+            raise NotRun(cfg.run_name)
+        start = time.perf_counter()
+        try:
+            run(cfg, resume=True, quiet=args.quiet)
+            record = measure(run_dir, time.perf_counter() - start)
+        except FloatingPointError as e:  # deterministic: retrying would diverge again
+            record = {"diverged": str(e), "device": args.device, "seconds": 0.0}
+        bench.write_text(json.dumps(record))
+    out = row(run_dir, **meta)
+    if not args.quiet:
+        print(f"== {cfg.run_name}: ACC {out['average_accuracy']:.1f}, val "
+              f"{out['val_accuracy']:.1f}, epochs {out['epochs']}", flush=True)  # fmt: skip
+    return out
+
+
+def select(args, sc: str, family: str) -> dict[str, Any]:
+    """The family's lr on ``sc``: best mean validation accuracy of its picking arm, selection
+    seed, grid widened at an edge. ``chosen`` is None when a run is missing (``--report-only``)."""
+    grid = args.adapter_grid if family == "adapters" else args.full_grid
+
+    def val(lr: float) -> float:
+        r = obtain(args, sc, SELECT_WITH[family], lr, SELECTION_SEED)
+        return float("-inf") if r["diverged"] else r["val_accuracy"]
+
+    try:
+        return choose_from_grid(val, grid, key="val_accuracy", widenings=args.widenings)
+    except NotRun as e:
+        print(f"   not run yet: {e} (lr of {sc}/{family} unknown)", flush=True)
+        return {"chosen": None, "grid": sorted(grid), "missing": str(e)}
+
+
+def plan(args) -> list[tuple[str, str, int]]:
+    """``(stream, method, seed)`` in run order: the key comparisons on every stream first, then
+    the other arms, then the extra row."""
+    tiers = [
+        [m for m in args.methods if m in KEY],
+        [m for m in args.methods if m not in KEY and m not in NATIVE],
+        [m for m in args.methods if m in NATIVE],
+    ]
+    return [
+        (sc, m, seed)
+        for tier in tiers
+        for sc in args.scenarios
+        for m in tier
+        if NATIVE.get(m, sc) == sc
+        for seed in args.seeds
+    ]
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    args = parse(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
-    rows, lrs = [], {}
-    for sc in args.scenarios:
-        chosen = {}
-        for family in SELECT_WITH:
-            chosen[family], scores = select_lr(sc, family, args)
-            lrs[f"{sc}/{family}"] = {"chosen": chosen[family], "val_accuracy": scores}
-        for label in args.methods:
-            _, _, family, all_seeds = METHODS[label]
-            for seed in args.seeds if all_seeds else args.seeds[:1]:
-                run_dir = train(sc, label, chosen[family], seed, args)
-                rows.append(
-                    {"scenario": sc, "method": label, "seed": seed, "lr": chosen[family]}
-                    | row(run_dir)
-                )
-                if not args.quiet:
-                    r = rows[-1]
-                    print(
-                        f"== {sc} {label} s{seed}: ACC {r['average_accuracy']:.1f} final "
-                        f"{r['final_accuracy']:.1f} val {r['val_accuracy']:.1f}",
-                        flush=True,
-                    )
+    args.work.mkdir(parents=True, exist_ok=True)
+    lrs: dict[str, dict[str, Any]] = {}
+
+    def lr_of(sc: str, family: str) -> float | None:
+        if f"{sc}/{family}" not in lrs:  # selected the first time a stream's family is needed
+            lrs[f"{sc}/{family}"] = select(args, sc, family)
+        return lrs[f"{sc}/{family}"]["chosen"]
+
+    if args.select_only:
+        for sc in args.scenarios:
+            for family in SELECT_WITH:
+                lr_of(sc, family)
+        return None
+    rows = []
+    for sc, label, seed in plan(args):
+        lr = lr_of(sc, METHODS[label][2])
+        if lr is None:
+            continue
+        try:
+            rows.append(obtain(args, sc, label, lr, seed))
+        except NotRun as e:
+            print(f"   not run yet: {e}", flush=True)
     if args.no_write:
-        return
-    diagnostics = {
-        sc: [f["diagnostics"] for f in json.loads((d / "metrics.json").read_text())["fit"]]
-        for sc in args.scenarios
-        if (
-            d := args.work_dir
-            / f"{sc}-dynammo-mean-lr{lrs[f'{sc}/adapters']['chosen']:g}-s{args.seeds[0]}"
-        ).is_dir()
-    }
-    growth = macs_growth()
-    summary = summarise(rows)
-    tg = targets(summary, growth)
-    payload = {
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "learning_rates": lrs,
-        "macs_growth": growth,
-        "adapter_diagnostics": diagnostics,
-        "rows": rows,
-        "summary": summary,
-        "targets": tg,
-    }
-    md = to_markdown(summary, tg, growth, lrs, args) + adapters_markdown(diagnostics)
-    write_results("dynammo_pretrained", payload, md)
+        return None
+    for sc in args.scenarios:  # the selection of every family, even without an arm of it
+        for family in SELECT_WITH:
+            lr_of(sc, family)
+    summary = summarise(rows, args.scenarios, args.seeds)
+    diffs = differences(rows, args.scenarios)
+    tg = targets(rows, diffs, lrs, args.scenarios)
+    backbone = "test_resnet" if args.quick else BACKBONE
+    md = report(args, summary, diffs, tg, lrs, rows, backbone, 16 if args.quick else SIZE)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    payload = {"config": config, "learning_rates": lrs, "rows": rows, "summary": summary,
+               "paired_differences": diffs, "targets": tg}  # fmt: skip
+    path = write_results("dynammo_pretrained", payload, md, out=args.out)
     if not args.quiet:
-        print(md)
+        print(md, f"\nwritten: {path}", sep="\n")
+    return path
 
 
 if __name__ == "__main__":

@@ -256,6 +256,32 @@ def test_cross_dataset_errors(root: Path):
     assert s.input_shape == (1, 28, 28) and s.num_classes == 4
 
 
+def test_native_size_false_puts_every_dataset_on_the_28px_path(root: Path):
+    if not (root / "breastmnist_64.npz").is_file():
+        pytest.skip("breastmnist_64.npz not present: nothing native to turn off")
+    two = ["breastmnist", "retinamnist"]
+    mixed = build_scenario("cross-dataset", root=root, datasets=two, image_size=64)
+    same = build_scenario(
+        "cross-dataset", root=root, datasets=two, image_size=64, native_size=False
+    )
+    assert [e.name for e in mixed] == ["breastmnist@64", "retinamnist"]
+    assert [e.name for e in same] == ["breastmnist", "retinamnist"]  # both upsampled from 28 px
+    assert same.input_shape == mixed.input_shape == (3, 64, 64)
+    up = load_source("breastmnist", root=root, image_size=64, channels=3, native_size=False)
+    assert torch.equal(same[0].test.images, up.splits["test"].images)
+    # a size written in the spec is loaded as given; the presets take the option too
+    pinned = build_scenario(
+        "cross-dataset", root=root, datasets=["breastmnist@64"], image_size=64, native_size=False
+    )
+    assert pinned[0].name == "breastmnist@64"
+    assert "native_size" in scenario_params("medmnist-cross3")
+    assert "native_size" in scenario_params("pneumonia-sites")
+    with pytest.raises(ConfigError, match=r"`scenario.native_size` must be bool; got 'maybe'"):
+        build_scenario("medmnist-cross3", root=root, image_size=64, native_size="maybe")
+    with pytest.raises(ConfigError, match="native_size must be true or false; got 'no'"):
+        load_source("breastmnist", root=root, image_size=64, native_size="no")
+
+
 # --- domain-incremental -----------------------------------------------------------------------
 
 

@@ -57,12 +57,19 @@ def resolve_source(
     seed: int,
     image_size: int | None = None,
     channels: int | None = None,
+    native_size: bool = True,
 ) -> SourceData:
     """``load_source`` for a spec; an already loaded :class:`SourceData` passes through."""
     if isinstance(spec, SourceData):
         return spec
     return load_source(
-        spec, root=root, download=download, image_size=image_size, channels=channels, seed=seed
+        spec,
+        root=root,
+        download=download,
+        image_size=image_size,
+        channels=channels,
+        native_size=native_size,
+        seed=seed,
     )
 
 
@@ -80,11 +87,16 @@ class SourceOptions:
 
     Attributes:
         image_size, channels: resize / convert the sources (default: as stored).
+        native_size: with ``image_size`` set, a MedMNIST source named without a size loads the
+            published file of that size when the data root has it (``breastmnist_64.npz``);
+            False upsamples its 28-px file instead, so that every dataset of a stream takes the
+            same resolution path.
         root, download, seed: see :func:`~medcl.data.scenarios.build_scenario`.
     """
 
     image_size: int | None = None
     channels: int | None = None
+    native_size: bool = True
     root: str | Path | None = None
     download: bool = False
     seed: int = 0
@@ -98,6 +110,7 @@ class SourceOptions:
             seed=self.seed,
             image_size=self.image_size,
             channels=self.channels,
+            native_size=self.native_size,
         )
 
 
@@ -234,6 +247,9 @@ def class_incremental(
         order: class order (local ids); default a permutation seeded by ``seed``.
         splits: explicit class groups instead of ``order`` + ``classes_per_experience``.
         image_size, channels: resize / convert the source (default: as stored).
+        native_size: False upsamples a MedMNIST source named without a size from 28 px even
+            where a published file of ``image_size`` exists (see
+            :class:`~medcl.data.scenario_builders.SourceOptions`).
         root, download, seed: see :func:`~medcl.data.scenarios.build_scenario`.
 
     Returns:
@@ -300,6 +316,9 @@ def cross_dataset(*, datasets: list[SourceSpec], source: SourceOptions) -> Scena
             then already agree.
         channels: common channel count; default 3 if any source is RGB, else 1 (grayscale
             sources are repeated to 3 channels).
+        native_size: False upsamples every MedMNIST source named without a size from 28 px,
+            even where a published file of ``image_size`` exists (default True: that file is
+            used), so that every dataset takes the same resolution path.
         root, download, seed: see :func:`~medcl.data.scenarios.build_scenario`.
 
     Returns:

@@ -126,7 +126,13 @@ _SYNTHETIC_IMAGES = {
 }
 
 #: What the MedMNIST site presets leave to the config besides the dataset and ``n_sites``.
-_SITE_OPTIONS = {"shift_strength": 1.0, "shifts": None, "image_size": None, "channels": None}
+_SITE_OPTIONS = {
+    "shift_strength": 1.0,
+    "shifts": None,
+    "image_size": None,
+    "channels": None,
+    "native_size": True,
+}
 
 _PRESETS = [
     preset(
@@ -141,6 +147,7 @@ _PRESETS = [
         datasets=("pneumoniamnist", "breastmnist", "retinamnist"),
         image_size=28,
         channels=3,
+        native_size=True,
     ),
     preset(
         "adrenal-vessel-3d",
@@ -153,6 +160,7 @@ _PRESETS = [
         datasets=("adrenalmnist3d", "vesselmnist3d"),
         image_size=28,
         channels=1,
+        native_size=True,
     ),
     preset(
         "pneumonia-sites",

@@ -145,6 +145,9 @@ def domain_incremental(
             ``{"noise_std": 0.05}``), replacing the default shifts.
         shift_strength: scales the default simulated shifts (0 switches them off).
         image_size, channels: resize / convert the source.
+        native_size: False upsamples a MedMNIST source named without a size from 28 px even
+            where a published file of ``image_size`` exists (see
+            :class:`~medcl.data.scenario_builders.SourceOptions`).
         root, download, seed: see :func:`~medcl.data.scenarios.build_scenario`.
 
     Returns:

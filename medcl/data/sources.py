@@ -265,6 +265,7 @@ def load_source(
     download: bool = False,
     image_size: int | None = None,
     channels: int | None = None,
+    native_size: bool = True,
     seed: int = 0,
 ) -> SourceData:
     """Load a data source into memory (see the module docstring for the accepted ``spec`` forms).
@@ -275,8 +276,13 @@ def load_source(
         download: fetch missing MedMNIST files when the network allows.
         image_size: resize every split once to this side length (None keeps the stored size).
             A MedMNIST source given without a size loads the published file of that size when
-            it is in the data root (e.g. ``breastmnist_64.npz``) instead of upsampling 28 px.
+            it is in the data root (e.g. ``breastmnist_64.npz``) instead of upsampling 28 px,
+            unless ``native_size`` is False.
         channels: convert to 1 (mean) or 3 (repeat) channels (None keeps them).
+        native_size: False resizes the 28-px file of a MedMNIST source given without a size
+            even where a published file of ``image_size`` exists, so that every such source
+            takes the same resolution path (a size in the spec, ``"breastmnist@64"``, is
+            always loaded as given).
         seed: seed of automatic file splits and of synthetic data (unless the spec sets one).
 
     Returns:
@@ -294,7 +300,17 @@ def load_source(
             medmnist_info(flag)
         except ConfigError as e:
             raise ConfigError(f"{e}. Accepted source forms: {FORMS}.") from None
-        if image_size not in (None, size) and size == 28 and _has_native(flag, image_size, root):
+        if not isinstance(native_size, bool):
+            raise ConfigError(
+                f"native_size must be true or false; got {native_size!r}. Use false to upsample "
+                "every MedMNIST source from 28 px, true to prefer a published file of image_size."
+            )
+        if (
+            native_size
+            and image_size not in (None, size)
+            and size == 28
+            and _has_native(flag, image_size, root)
+        ):
             size = image_size  # a published MedMNIST+ file at that size beats upsampling 28 px
         src = _medmnist(flag, size, root, download)
     elif kind == "synthetic":
