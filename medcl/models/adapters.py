@@ -14,6 +14,10 @@ convolutions have no bias: a BatchNorm follows each. An :class:`AdapterSet` hold
 ``Backbone.stages()`` for the duration of a forward pass (:meth:`AdapterSet.attached`), so no
 timm/MONAI code is copied and several sets can share one frozen backbone (ACL runs it once per
 set, DynaMMo once with the merged set).
+
+Between the two convolutions the reference keeps the stage's channels (no bottleneck); an
+:class:`AdapterSet` built with ``width < 1`` narrows them to ``round(width * channels)``, so
+each adapter has about ``width`` times the parameters (the strategies' ``adapter_width``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ __all__ = [
     "AdapterSet",
     "ConvAdapter",
     "adapter_drift",
+    "adapter_hidden",
     "forward_with_adapters",
 ]
 
@@ -86,6 +91,20 @@ class ConvAdapter(nn.Module):
         return self.alpha * self.act(self.bn2(self.convt(h)))  # (B, C, H, W[, D])
 
 
+def adapter_hidden(channels: int, width: float) -> int:
+    """Hidden channels of an adapter on ``channels`` at ``width``: ``max(1, round(width * c))``.
+
+    Raises:
+        ConfigError: ``width`` is not > 0.
+    """
+    if not width > 0:  # also refuses NaN
+        raise ConfigError(
+            f"adapter width must be > 0 (a share of the stage's channels; 1.0 is the "
+            f"reference); got {width}."
+        )
+    return max(1, round(width * channels))
+
+
 def _key(stage_name: str) -> str:
     return stage_name.replace(".", "_")  # ModuleDict keys may not contain dots
 
@@ -96,11 +115,22 @@ class AdapterSet(nn.Module):
     Args:
         stages: the backbone's stages (``Backbone.stages()``): names and input channels.
         spatial_dims: 2 or 3.
+        width: each adapter's hidden channels as a share of its stage's input channels,
+            ``max(1, round(width * channels))`` (:func:`adapter_hidden`); 1.0 is the reference
+            (no bottleneck), and builds exactly the modules it always did.
         **adapter_kwargs: forwarded to :class:`ConvAdapter` (``alpha_init``, ``kernel_size``...).
+
+    Raises:
+        ConfigError: no stages, or ``width`` not > 0.
     """
 
     def __init__(
-        self, stages: Sequence[Stage], *, spatial_dims: int = 2, **adapter_kwargs: Any
+        self,
+        stages: Sequence[Stage],
+        *,
+        spatial_dims: int = 2,
+        width: float = 1.0,
+        **adapter_kwargs: Any,
     ) -> None:
         super().__init__()
         if not stages:
@@ -112,7 +142,10 @@ class AdapterSet(nn.Module):
         self.adapters = nn.ModuleDict(
             {
                 _key(s.name): ConvAdapter(
-                    s.in_channels, spatial_dims=spatial_dims, **adapter_kwargs
+                    s.in_channels,
+                    spatial_dims=spatial_dims,
+                    hidden=adapter_hidden(s.in_channels, width),
+                    **adapter_kwargs,
                 )
                 for s in stages
             }

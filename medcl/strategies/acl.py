@@ -17,7 +17,8 @@ are its classes for experience ``j``'s samples and "others" for the rest. Infere
 head, route to the head with the lowest "others" probability, predict within it.
 
 Ablations: ``acl`` (no merge), ``merge``, ``init_from_previous``, ``retune_epochs=0`` (no stage
-2), ``use_adapters=False`` (frozen features + heads), ``stage1_memory``, ``others_fraction``.
+2), ``use_adapters=False`` (frozen features + heads), ``stage1_memory``, ``others_fraction``,
+``adapter_width`` (narrower adapters; see :mod:`medcl.strategies.dynammo`).
 
 Stage-1 "others" samples (``stage1_memory="join"``, default): the replay memory is joined to the
 experience's training set and shuffled with it, as the reference code builds stage 1's data set
@@ -103,6 +104,8 @@ class ACL(Strategy):
             built whatever its weights; ``"first_experience"`` trains it during experience 0,
             then freezes it.
         alpha_init: initial adapter scale.
+        adapter_width: each adapter's hidden channels as a share of its stage's channels,
+            ``max(1, round(adapter_width * c))``, in (0, 1]; 1.0 is the reference (full width).
         init_from_previous: initialise set ``t`` from set ``t-1`` (False: from the initial set).
         use_adapters: False is the "no adapters" ablation: frozen features, heads only.
         stage1_memory: ``"join"`` (the reference: memory joined to the training set) or
@@ -130,7 +133,9 @@ class ACL(Strategy):
             )
         self.uses_memory = self.stage1_memory == "batch"  # "join": memory in the training set
         self._memory: ReplayMemory | None = None
-        self.init_set = AdapterSet.for_backbone(backbone, alpha_init=self.alpha_init)
+        self.init_set = AdapterSet.for_backbone(
+            backbone, alpha_init=self.alpha_init, width=self.adapter_width
+        )  # every other set is a copy of it: grow, merged_set, a rebuilt checkpoint
         self.init_set.requires_grad_(False)
         self.adapter_sets, self.heads = nn.ModuleList(), nn.ModuleList()
         self.register_buffer("train_sizes_", torch.zeros(0))  # (T,) samples per experience

@@ -20,6 +20,7 @@ class ACLOptions(StrategyOptions):
 
     backbone_init: BackboneInit = "first_experience"
     alpha_init: float = 0.02
+    adapter_width: float = 1.0
     init_from_previous: bool = True
     use_adapters: bool = True
     stage1_memory: Literal["join", "batch"] = "join"
@@ -35,6 +36,13 @@ class ACLOptions(StrategyOptions):
                 f"{component}: retune_epochs must be >= 0, retune_lr > 0 and "
                 f"retune_batch_size >= 1; got {self.retune_epochs}, {self.retune_lr}, "
                 f"{self.retune_batch_size}."
+            )
+        if not 0 < self.adapter_width <= 1:  # also refuses NaN
+            raise ConfigError(
+                f"{component}: adapter_width must be in (0, 1] (each adapter's hidden "
+                f"channels as a share of its stage's channels); got {self.adapter_width}. "
+                "Use 1.0 for the reference's full-width adapters or e.g. 0.5 for half-width "
+                "ones."
             )
         if self.head_lr is not None and not self.head_lr > 0:
             raise ConfigError(f"{component}: head_lr must be > 0 or null; got {self.head_lr}.")

@@ -15,6 +15,16 @@ size; ``"ties"`` uses the adapters' initialisation as the base and merges only t
 parameters: the BatchNorm running statistics are averaged (weighted with ``"weighted"``), as
 ``"mean"`` does and the reference does, never trimmed; ``num_batches_tracked`` is the newest
 set's (see :mod:`medcl.models.merging`).
+
+A deviation offered as an option, off by default (1.0: the paper's full-width adapters):
+``adapter_width`` narrows the channels between each adapter's two convolutions to
+``max(1, round(adapter_width * c))`` of its stage's ``c`` (the reference has no bottleneck), so
+every adapter set, the merged one and the deployed model's carry about ``adapter_width`` times
+the adapter parameters. It exists for bandwidth in federation, where the newest adapter set and
+its head are what a site sends each round (:mod:`medcl.federated.arrays`; the bytes per round
+at widths 1.0, 0.5 and 0.25 against full-model FedAvg are in ``benchmarks/federated.py``'s
+results), and for a smaller deployable model. Its accuracy cost is to be measured on the stream
+at hand, not assumed: no result in this repository compares widths' accuracy yet.
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ class DynaMMo(ACL):
     Args:
         merge: ``"mean"`` (the paper's), ``"weighted"`` (by training-set size) or ``"ties"``.
         ties_density: fraction of each adapter task-vector tensor kept by TIES trimming.
+        adapter_width: adapters' hidden channels as a share of the stage's (1.0: the paper's).
         Others: as :class:`ACL`.
     """
 
