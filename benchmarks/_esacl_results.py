@@ -22,12 +22,18 @@ METHODS: dict[str, tuple[str, dict[str, Any], bool, str]] = {
     "esacl-nomem": ("esacl", {}, False, "esacl"),
     "esacl-noids": ("esacl", {"ids": False}, True, "esacl"),
     "esacl-dense": ("esacl", {"sparsity": 0.0, "init_sparsity": 0.0}, True, "esacl"),
+    # the component ladder, every rung at EsaCL's lr: |w| pruning, + SDP, + SAM, + IDS (= esacl)
+    "esacl-plain": ("esacl", {"sdp": False, "sam_rho": 0.0, "ids": False}, True, "esacl"),
+    "esacl-sdp-only": ("esacl", {"sam_rho": 0.0, "ids": False}, True, "esacl"),
+    "esacl-nosdp": ("esacl", {"sdp": False}, True, "esacl"),  # SAM + IDS, |w| scores
 }
 FAMILIES = ("esacl", "sparcl", "magnitude", "replay")
 CONTROLS = ("esacl-support-only", "esacl-removal-only", "esacl-random", "esacl-nomem")
+LADDER = ("esacl-plain", "esacl-sdp-only", "esacl-noids", "esacl")  # one component added a rung
 ONE_SHOT = ("esacl-dense", "replay")  # dense models pruned once: SAM-trained vs plain SGD
 #: the runs that remove examples (the chosen ``removal_fraction`` applies to these)
-REMOVES = ("esacl", "esacl-removal-only", "esacl-random", "esacl-nomem", "esacl-dense")
+REMOVES = ("esacl", "esacl-removal-only", "esacl-random", "esacl-nomem", "esacl-dense",
+           "esacl-nosdp")  # fmt: skip
 
 
 def pick(rows, method: str, sparsity: float, key: str, seeds=SEEDS) -> list[float]:

@@ -20,8 +20,11 @@ sd up to 14 points, paired CIs 50 points wide), so no gap could be read. Protoco
   is the bound, so only the lower edge widens; every EsaCL run uses it;
 - **reported** seeds 0-2 at sparsity 0.9: EsaCL, SparCL, magnitude pruning, dense replay, and
   EsaCL's controls — support selection only, example removal only, a random subset of the same
-  sizes instead of IDS, no replay, and EsaCL trained dense (sparsity 0, SAM + IDS); seed 0:
-  EsaCL without IDS (the FLOPs comparison) and the three sparse methods at 0.75 and 0.95;
+  sizes instead of IDS, no replay, EsaCL trained dense (sparsity 0, SAM + IDS), and a
+  **component ladder** at EsaCL's lr, one component added per rung: ``|w|`` pruning
+  (``esacl-plain``), + SDP's score and shrinkage (``esacl-sdp-only``), + SAM (``esacl-noids``),
+  + IDS (``esacl``), with ``esacl-nosdp`` (SAM + IDS scored by ``|w|``) beside it; paired
+  differences of each rung; seed 0: the three sparse methods at 0.75 and 0.95;
 - **no retraining** (the paper's claim): after each experience, EsaCL's dense SAM-trained model
   and replay's plain-SGD model are pruned once by ``|w|`` (``one_shot_prune``) to each sparsity,
   with no training and no BatchNorm re-estimation; the accuracy drop of each (ACC over the seen
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import shutil
 import statistics
@@ -67,6 +71,7 @@ from _common import (
 from _esacl_results import (
     CONTROLS,
     FAMILIES,
+    LADDER,
     MAIN,
     MEMORY,
     METHODS,
@@ -100,6 +105,8 @@ def plan(quick: bool) -> list[tuple[str, float, int]]:
         return [(m, MAIN, 0) for m in METHODS]
     runs = [(m, MAIN, s) for m in (*FAMILIES, *CONTROLS, "esacl-dense") for s in SEEDS]
     runs.append(("esacl-noids", MAIN, 0))
+    runs += [(m, MAIN, s) for m in ("esacl-plain", "esacl-sdp-only", "esacl-nosdp") for s in SEEDS]
+    runs += [("esacl-noids", MAIN, s) for s in SEEDS[1:]]
     return runs + [(m, sp, 0) for sp in (0.75, 0.95) for m in ("esacl", "sparcl", "magnitude")]
 
 
@@ -306,7 +313,12 @@ def main() -> None:
     seeds = (0,) if args.quick else SEEDS
     diffs = {f"esacl - {m}": paired_difference(pick(rows, "esacl", MAIN, "average_accuracy", seeds),
                                                pick(rows, m, MAIN, "average_accuracy", seeds))
-             for m in ("replay", "sparcl", "magnitude", *CONTROLS)}  # fmt: skip
+             for m in ("replay", "sparcl", "magnitude", *CONTROLS, "esacl-nosdp")}  # fmt: skip
+    for lower, upper in [("magnitude", "esacl-plain"), *itertools.pairwise(LADDER)]:
+        diffs[f"{upper} - {lower}"] = paired_difference(
+            pick(rows, upper, MAIN, "average_accuracy", seeds),
+            pick(rows, lower, MAIN, "average_accuracy", seeds),
+        )
     a, b = drops(rows, "esacl-dense", MAIN), drops(rows, "replay", MAIN)
     diffs["one-shot drop: replay - esacl-dense (0.9, end)"] = paired_difference(b, a)
     tg = targets(rows, diffs)
