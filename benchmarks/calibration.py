@@ -99,8 +99,7 @@ def _conditional(run_dir: Path, after: int) -> PostHoc:
     calibration = cfg.calibration.model_copy(update={"confidence": CONFIDENCE})
     seen = scenario.experiences[: after + 1]
     record = fit_posthoc(strategy.eval(), seen, calibration, seed=cfg.seed)
-    return PostHoc(record["temperature"], ConformalSets.from_dict(record["conformal"]),
-                   list(record["sites"]), record)  # fmt: skip
+    return PostHoc.from_record(record)
 
 
 def _measure(run_dir: Path) -> dict[str, Any]:

@@ -76,6 +76,17 @@ class PostHoc:
     sites: list[str]
     record: dict[str, Any]
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> PostHoc:
+        """The calibration a JSON record describes (as :func:`fit_posthoc` returns it)."""
+        conformal = record.get("conformal")
+        return cls(
+            temperature=float(record["temperature"]),
+            conformal=ConformalSets.from_dict(conformal) if conformal else None,
+            sites=[str(s) for s in record["sites"]],
+            record=record,
+        )
+
     @property
     def temperatures(self) -> list[float]:
         """Per class, the temperature of a row whose top class it is (``[T]``: one for all)."""
@@ -295,14 +306,7 @@ def read_posthoc(run_dir: str | Path, after: int) -> PostHoc | None:
     if not path.is_file():
         return None
     try:
-        record = json.loads(path.read_text())
-        conformal = record.get("conformal")
-        return PostHoc(
-            temperature=float(record["temperature"]),
-            conformal=ConformalSets.from_dict(conformal) if conformal else None,
-            sites=[str(s) for s in record["sites"]],
-            record=record,
-        )
+        return PostHoc.from_record(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(
             f"{path} is not a readable calibration record ({type(e).__name__}: {e}); restore it "

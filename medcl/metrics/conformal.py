@@ -54,6 +54,7 @@ __all__ = [
     "fit_conformal",
     "fit_temperature",
     "log_loss",
+    "min_calibration_rows",
 ]
 
 import math
@@ -173,6 +174,16 @@ def conformal_quantile(scores: ArrayLike, alpha: float, confidence: float | None
         ok = np.flatnonzero(binom.sf(ks - 1, n, 1.0 - alpha) <= 1.0 - confidence)
         k = int(ks[ok[0]]) if len(ok) else n + 1
     return float(s[k - 1]) if 1 <= k <= n else math.inf
+
+
+def min_calibration_rows(alpha: float, confidence: float | None = None) -> int:
+    """The fewest calibration rows for which :func:`conformal_quantile` is finite: ``k <= n``,
+    i.e. ``n >= 1 / alpha - 1`` (marginal) or ``(1 - alpha)^n <= 1 - c`` (``k = n`` qualifies)."""
+    _check_alpha(alpha)
+    if confidence is None:
+        return math.ceil(round(1 / alpha - 1, 9))
+    _check_confidence(confidence)
+    return math.ceil(round(math.log(1 - confidence) / math.log(1 - alpha), 9))
 
 
 def _check_alpha(alpha: float) -> None:

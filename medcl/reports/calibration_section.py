@@ -18,7 +18,6 @@ from __future__ import annotations
 
 __all__ = ["calibration_figures", "calibration_section", "prediction_set_section"]
 
-import math
 from typing import Any
 
 import numpy as np
@@ -27,6 +26,7 @@ from matplotlib.figure import Figure
 
 from medcl.metrics.calibration import expected_calibration_error, plot_reliability
 from medcl.metrics.clinical import per_group_metrics
+from medcl.metrics.conformal import min_calibration_rows
 from medcl.reports import plots
 from medcl.reports.predictions import Predictions
 from medcl.reports.results import RunResults
@@ -227,7 +227,7 @@ def prediction_set_section(
         notes.append(
             f"Prediction sets: too few calibration images for a finite threshold at alpha "
             f"{sets.alpha:g}{_at_confidence(sets.confidence)} for {infinite} (needs n >= "
-            f"{_rows_needed(sets.alpha, sets.confidence)}): that class enters every set there."
+            f"{min_calibration_rows(sets.alpha, sets.confidence)}): that class enters every set there."
         )
     if under:
         notes.append(
@@ -259,13 +259,6 @@ def prediction_set_section(
 
 def _at_confidence(confidence: float | None) -> str:
     return "" if confidence is None else f" and confidence {confidence:g}"
-
-
-def _rows_needed(alpha: float, confidence: float | None) -> int:
-    """Fewest calibration rows of a group with a finite threshold."""
-    if confidence is None:
-        return math.ceil(round(1 / alpha - 1, 9))
-    return math.ceil(round(math.log(1 - confidence) / math.log(1 - alpha), 9))  # (1-a)^n <= 1-c
 
 
 def temperature_text(temperatures: list[float]) -> str:
