@@ -180,7 +180,7 @@ def targets(
         ci = d[sc, "no-adapters"]["ci95"]
         low = ci[0] if ci else NAN
         out.append(_t(f"{sc}: adapters matter: lower end of the 95 % CI of DynaMMo - "
-                      f"no-adapters ACC (points; CI {ci})", low, "> 0 (CI excludes 0)",
+                      f"no-adapters ACC (points; CI {_ci(ci)})", low, "> 0 (CI excludes 0)",
                       low > 0))  # fmt: skip
     ratios = [r["max_loss_ratio"] for r in rows]
     worst = _worst(ratios)
@@ -190,9 +190,17 @@ def targets(
     for key, sel in lrs.items():
         grid, lr = sel.get("grid") or [], sel.get("chosen")
         inside = lr is not None and grid[0] < lr < grid[-1]
-        out.append(_t(f"{key}: chosen lr strictly inside its final grid {grid}",
+        out.append(_t(f"{key}: chosen lr strictly inside its final grid {_grid(grid)}",
                       NAN if lr is None else lr, "inside", inside))  # fmt: skip
     return out
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "n/a" if not ci else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
+def _grid(grid: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3g}" for v in grid) + "]"
 
 
 def _cell(s: dict[str, Any], k: str, scale: float = 1.0) -> str:
@@ -206,8 +214,8 @@ def _epochs(values: list[float]) -> str:
     return "/".join(f"{v:g}" for v in values)
 
 
-def report(args, summary, diffs, tg, lrs, rows, backbone: str, size: int) -> str:
-    """The markdown page."""
+def report(args, summary, diffs, tg, lrs, rows, backbone: str, size: int, missing=()) -> str:
+    """The markdown page (``missing``: planned runs not trained yet, named at the top)."""
     table = [
         {"stream": s["scenario"], "method": s["method"],
          "seeds": f"{len(s['seeds'])}" + (f" of {len(args.seeds)}" if s["incomplete"] else ""),
@@ -221,19 +229,25 @@ def report(args, summary, diffs, tg, lrs, rows, backbone: str, size: int) -> str
         for s in summary
     ]  # fmt: skip
     sel = [
-        {"stream-family": k, "picked by": SELECT_WITH[k.rsplit("/", 1)[1]], "grid": v.get("grid"),
-         "val %": json.dumps({f"{lr:g}": round(a, 2) for lr, a in v.get("val_accuracy", {}).items()}),
-         "chosen": v.get("chosen"), "at edge": v.get("at_edge")}
+        {"stream-family": k, "picked by": SELECT_WITH[k.rsplit("/", 1)[1]],
+         "grid": _grid(v.get("grid") or []),
+         "val %": ", ".join(f"{lr:.3g}: {a:.2f}" for lr, a in v.get("val_accuracy", {}).items()),
+         "chosen": "n/a" if v.get("chosen") is None else f"{v['chosen']:.3g}",
+         "at edge": v.get("at_edge")}
         for k, v in lrs.items()
     ]  # fmt: skip
     same = all(r["macs"] == r["macs_metrics_json"] for r in rows if not r["diverged"])
     devices = sorted({str(r["device"]) for r in rows})
-    smoke = (
+    prefix = (
         "**Smoke run** (`--quick`: synthetic stream, no pretrained weights; the numbers mean nothing). "
         if args.quick
         else ""
     )
-    head = smoke + (
+    if missing:
+        prefix += (f"**Incomplete**: {len(missing)} planned runs are not trained yet (JSON "
+                  "`missing_runs`); arms without them are absent or marked, and every target "
+                  "that needs them reads NaN / not met. ")  # fmt: skip
+    head = prefix + (
         f"`{backbone}` (ImageNet weights, frozen for the adapter methods), {size} px: **every** "
         f"dataset upsampled from its 28-px file (`scenario.native_size: false`). Budget, the "
         f"same for every method: at most {args.cap} epochs per experience "
@@ -259,7 +273,9 @@ def report(args, summary, diffs, tg, lrs, rows, backbone: str, size: int) -> str
         "native 64-px file, the others upsampled), at the adapters' chosen lr; an extra row, "
         "not a compared arm."
     )
-    dif = [{k: x[k] for k in ("scenario", "comparison", "seeds", "mean", "sd", "ci95")} for x in diffs]  # fmt: skip
+    dif = [{"scenario": x["scenario"], "comparison": x["comparison"], "seeds": x["seeds"],
+            "mean": f"{x['mean']:+.2f}" if math.isfinite(x["mean"]) else "n/a", "sd": "n/a" if x["sd"] is None else f"{x['sd']:.2f}",
+            "ci95": _ci(x["ci95"])} for x in diffs]  # fmt: skip
     parts = [
         "# DynaMMo on a pretrained backbone: a fair table (issue 22)",
         head,

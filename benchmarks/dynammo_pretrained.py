@@ -31,7 +31,11 @@ accuracy), by the selection seed 100, never reported: the adapters' lr by DynaMM
 ``--adapter-grid`` (0.01 0.03 0.1: brackets the paper's 0.01 and the recipe's 0.05,
 ``benchmarks/results/dynammo_recipe.md``), the full network's by replay from ``--full-grid``
 (0.003 0.01 0.03); each grid widens ×3 where the best value sits at an edge (``choose_from_grid``,
-at most twice). A run whose loss becomes non-finite is recorded as diverged (scored -inf).
+at most ``--widenings`` times, 3: on cross3 the adapters' best moved 0.1 → 0.3 → 0.9 and 2.7
+bracketed it). A run whose loss becomes non-finite is recorded as diverged (scored -inf).
+Caveat: early stopping keeps each experience's best epoch on the same validation splits, so the
+score may favour a setting whose epochs scatter more (a larger lr), though it is the final
+model's after consolidation, not that maximum itself.
 
 **Cost** (an estimate at the cap, i.e. an upper bound on training; throughputs measured on this
 2-core CPU at 2 threads: 64-px EfficientNet-Lite0 trains ~220 img/s with a frozen backbone
@@ -129,7 +133,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patience", type=int, default=2, help="train.early_stopping_patience")
     p.add_argument("--adapter-grid", nargs="+", type=float, default=[0.01, 0.03, 0.1])
     p.add_argument("--full-grid", nargs="+", type=float, default=[0.003, 0.01, 0.03])
-    p.add_argument("--widenings", type=int, default=2, help="x3 widenings of a grid at an edge")
+    p.add_argument("--widenings", type=int, default=3, help="x3 widenings of a grid at an edge")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="train.device")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads of every run")
     p.add_argument("--root", help="MedMNIST folder (default: $MEDCL_DATA_ROOT)")
@@ -295,14 +299,16 @@ def main(argv: list[str] | None = None) -> Path | None:
             for family in SELECT_WITH:
                 lr_of(sc, family)
         return None
-    rows = []
+    rows, missing = [], []
     for sc, label, seed in plan(args):
         lr = lr_of(sc, METHODS[label][2])
         if lr is None:
+            missing.append(f"{sc}-{label}-s{seed} (its lr is not selected yet)")
             continue
         try:
             rows.append(obtain(args, sc, label, lr, seed))
         except NotRun as e:
+            missing.append(str(e))
             print(f"   not run yet: {e}", flush=True)
     if args.no_write:
         return None
@@ -313,10 +319,11 @@ def main(argv: list[str] | None = None) -> Path | None:
     diffs = differences(rows, args.scenarios)
     tg = targets(rows, diffs, lrs, args.scenarios)
     backbone = "test_resnet" if args.quick else BACKBONE
-    md = report(args, summary, diffs, tg, lrs, rows, backbone, 16 if args.quick else SIZE)
+    missing += [v["missing"] for v in lrs.values() if v.get("missing")]
+    md = report(args, summary, diffs, tg, lrs, rows, backbone, 16 if args.quick else SIZE, missing)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     payload = {"config": config, "learning_rates": lrs, "rows": rows, "summary": summary,
-               "paired_differences": diffs, "targets": tg}  # fmt: skip
+               "paired_differences": diffs, "targets": tg, "missing_runs": missing}  # fmt: skip
     path = write_results("dynammo_pretrained", payload, md, out=args.out)
     if not args.quiet:
         print(md, f"\nwritten: {path}", sep="\n")

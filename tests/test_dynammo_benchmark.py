@@ -127,3 +127,17 @@ def test_plan_runs_the_key_comparisons_first_and_never_reports_the_selection_see
     quick = bench.parse(["--quick"])
     assert quick.out != bench.RESULTS and quick.work.is_relative_to(quick.out)
     shutil.rmtree(quick.out)
+
+
+def test_report_only_names_every_run_it_lacks_and_meets_no_target(tmp_path):
+    """--report-only over an empty work folder trains nothing: the page says it is incomplete,
+    the JSON lists each missing run, and no target that needs them is met."""
+    bench = _bench("dynammo_pretrained")
+    args = ["--quick", "--report-only", "--out", str(tmp_path), "--quiet"]
+    path = bench.main(args)
+    payload = json.loads(path.read_text())
+    planned = bench.plan(bench.parse(args))
+    assert len(payload["missing_runs"]) >= len(planned) and payload["rows"] == []
+    assert not list((tmp_path / "runs").glob("*/metrics.json"))  # nothing was trained
+    assert "**Incomplete**" in (tmp_path / "dynammo_pretrained.md").read_text()
+    assert not any(t["met"] for t in payload["targets"])
