@@ -16,14 +16,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from medcl import config_sections
+from medcl import config_federation, config_sections
+from medcl.config_federation import FederationConfig, TLSConfig  # noqa: F401  (listed in __all__)
 from medcl.config_sections import (  # noqa: F401  (listed in __all__ through config_sections.__all__)
     CacheMode,
     CalibrationConfig,
     DataConfig,
     EvalConfig,
     EvalFuture,
-    FederationConfig,
     LoggingConfig,
     MemoryConfig,
     ModelConfig,
@@ -37,7 +37,7 @@ from medcl.validation import format_validation_error
 
 # Loading, overrides and comparison (here) and the section models (config_sections, imported above).
 __all__ = ["apply_overrides", "config_changes", "load_config", "read_yaml", "resolved_yaml"]
-__all__ += config_sections.__all__
+__all__ += config_sections.__all__ + config_federation.__all__
 
 
 def _suggest_key(loc: Sequence[str | int]) -> str:

@@ -32,6 +32,12 @@ def check_federation(cfg: RunConfig, *, resume: bool) -> Path:
             "with `medcl run`."
         )
     check_federated_strategy(cfg.strategy.name)
+    if cfg.federation.batchnorm != "mean" and cfg.strategy.name in ("acl", "dynammo"):
+        raise ConfigError(
+            f"federation.batchnorm {cfg.federation.batchnorm!r} re-estimates the statistics of "
+            f"every trained BatchNorm; {cfg.strategy.name!r} keeps a frozen backbone and "
+            "per-experience adapter statistics. Remove federation.batchnorm (or set it to 'mean')."
+        )
     if cfg.train.early_stopping_patience is not None:
         raise ConfigError(
             "train.early_stopping_patience is not supported by medcl federate (a site trains "

@@ -15,7 +15,9 @@ the clinical report), so every medcl command works on it (``medcl report SITE_DI
    memory update) on its own data and sends back the deployable tensors that changed;
 3. ``evaluate``: the consolidated aggregate; the site evaluates, calibrates, checkpoints and
    writes metrics in its run directory (:func:`~medcl.engine.run.finish_experience`) and sends back
-   its test and validation accuracy per experience (and, after the last, writes its report).
+   its test and validation accuracy per experience (and, after the last, writes its report);
+   with ``federation.batchnorm: local`` it first re-estimates the BatchNorm statistics on its own
+   rows, and they stay at the site.
 
 Between messages nothing stays in memory (Flower's deployment engine starts a ClientApp process
 per message): the state is the last checkpoint plus a working checkpoint, and a restore repeats
@@ -54,6 +56,7 @@ from medcl.engine.timing import PhaseTimer
 from medcl.engine.trainer import FitStats, begin_experience, end_experience, train_updates
 from medcl.errors import ConfigError
 from medcl.federated.arrays import changed_keys, load_arrays, to_numpy, trainable_keys
+from medcl.models.norm_stats import reestimate_batchnorm
 from medcl.strategies.base import ExperienceInfo
 
 #: strategies a site can train: name -> (rehearses its memory in an experience without new
@@ -322,6 +325,9 @@ class Site:
             if self.work.consolidated < t:  # restarted after consolidating: memory only
                 self.memory.update(self.scenario[t])
                 self.work.consolidated = t
+            if self.cfg.federation.batchnorm == "local":  # SiloBN: the site's own statistics
+                memory = [self.memory.as_sampleset().images] if len(self.memory) else []
+                reestimate_batchnorm(self.strategy, [self.scenario[t].train.images, *memory])
             stats = _total([FitStats(**r) for _, r in sorted(self.work.fit.items())])
             self.state.global_update += stats.updates
             self.state.completed = t
