@@ -183,6 +183,13 @@ def test_memory_is_balanced_indices_and_round_trips():
     clone.attach(scen.experiences)
     clone.load_state_dict(mem.state_dict())
     assert torch.equal(clone.gather(torch.arange(10))[0], images)
+    # exemplars: every image, or those of the other experiences
+    assert torch.equal(mem.exemplars(), images)
+    assert torch.equal(mem.exemplars(exclude=1), images[mem.exp_ != 1])
+    assert 0 < len(mem.exemplars(exclude=1)) < 10 and mem.exemplars(exclude=1).dtype == images.dtype
+    empty = ReplayMemory(10)
+    empty.attach(scen.experiences)
+    assert empty.exemplars().shape == (0, *images.shape[1:])
 
 
 # -- training -------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def test_reestimate_gives_the_statistics_of_the_rows_and_keeps_frozen_norms():
     net.frozen[1].running_mean.fill_(0.3)
     frozen = {k: v.clone() for k, v in net.frozen.state_dict().items()}
     x = torch.randint(0, 256, (65, 1, 12, 12), dtype=torch.uint8)  # 64 + 1: one batch of 65
-    assert reestimate_batchnorm(net, [x, x[:1]], batch_size=64) == 65  # a 1-row tensor: left out
+    assert reestimate_batchnorm(net, [x], batch_size=64) == 65
     assert not net.training and not net.bn.training
     with torch.no_grad():
         h = net.conv(net.frozen(to_model_input(x)))  # (N, 4, 8, 8)
@@ -53,6 +53,22 @@ def test_reestimate_gives_the_statistics_of_the_rows_and_keeps_frozen_norms():
     for k, v in net.frozen.state_dict().items():
         assert torch.equal(v, frozen[k]), k
     assert net.bn.momentum == 0.1  # restored
+
+
+def test_groups_are_mixed_and_every_row_counts_once():
+    """A small dark group and a large bright one: the statistics are those of all rows, not
+    an average over batches or over groups (which would miss the difference between them)."""
+    torch.manual_seed(0)
+    net = _Net()
+    dark = torch.randint(0, 40, (40, 1, 12, 12), dtype=torch.uint8)
+    bright = torch.randint(180, 256, (170, 1, 12, 12), dtype=torch.uint8)
+    assert reestimate_batchnorm(net, [dark, bright], batch_size=32) == 210
+    with torch.no_grad():
+        h = net.conv(net.frozen(to_model_input(torch.cat([dark, bright]))))  # (N, 4, 8, 8)
+        within = torch.stack([g.var((0, 2, 3)) for g in (h[:40], h[40:])]).max(0).values
+    torch.testing.assert_close(net.bn.running_mean, h.mean((0, 2, 3)))  # exact: by rows
+    assert (net.bn.running_var > within).all()  # above either group's: the between part is in
+    torch.testing.assert_close(net.bn.running_var, h.var((0, 2, 3)), rtol=0.1, atol=0)
 
 
 def _cfg(tmp, **federation):
@@ -89,11 +105,32 @@ def test_local_scores_each_site_with_statistics_of_its_own_rows(tmp_path, batchn
         # exactly the global model's statistics re-estimated on the site's rows
         _, scenario, strategy, memory, _ = restore_run(tmp_path / "sites" / name)
         strategy.load_state_dict(glob)
-        rows = [scenario[1].train.images, memory.as_sampleset().images]
-        assert reestimate_batchnorm(strategy, rows) == len(scenario[1].train) + len(memory)
+        # its cohort and its exemplars of experience 0 (a site's memory of experience 0 is the
+        # same before and after experience 1 here: one of the two sites holds each experience)
+        rows = [scenario[1].train.images, memory.exemplars(exclude=1)]
+        n = reestimate_batchnorm(strategy, rows, batch_size=cfg.eval.batch_size)
+        assert n == len(scenario[1].train) + len(rows[1]) > 0
         state = strategy.state_dict()
         for k in stats:
             torch.testing.assert_close(site[k], state[k])
+
+
+def test_training_starts_from_the_global_statistics_again(tmp_path):
+    """After scoring with its own statistics, a site gets the global ones back for training."""
+    for batchnorm in ("local", "mean"):
+        cfg = _cfg(tmp_path / batchnorm, batchnorm=batchnorm)
+        link = LocalLink(cfg, tmp_path / batchnorm / "sites")
+        run_dir = serve(cfg, tmp_path / batchnorm / "fed" / cfg.run_name, link)
+        first = [q for q, _, _ in link.sent if q.kind == "train" and q.config["experience"] == 1]
+        sent = {k for q in first for k in q.arrays if k.endswith("running_var")}
+        if batchnorm == "mean":  # nothing changed since the site scored: nothing to resend
+            assert sent == set()
+            continue
+        glob = _checkpoint(run_dir, 0)
+        assert sent == {k for k in glob if k.endswith("running_var")}
+        for q in first:
+            for k in sent:
+                assert torch.equal(torch.as_tensor(q.arrays[k]), glob[k])
 
 
 def test_adapter_strategies_are_refused_with_local_statistics(tmp_path):

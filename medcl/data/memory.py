@@ -205,6 +205,15 @@ class ReplayMemory:
         )
         return SampleSet.concat([own, rows.with_meta(experience=exps.numpy())])
 
+    def exemplars(self, *, exclude: int | None = None) -> Tensor:
+        """Images ``(M, C, ...)`` of every exemplar, or of those not from experience ``exclude``
+        (no row when there is none; the dtype of the experiences' training images)."""
+        which = torch.nonzero(self.exp_ != exclude if exclude is not None else self.exp_ >= 0)
+        if len(which) == 0:
+            first = next(iter(self._sources.values()), None)
+            return first.images[:0] if first is not None else torch.zeros(0, dtype=torch.uint8)
+        return self.gather(which.flatten())[0]
+
     def as_sampleset(self) -> SampleSet:
         """All exemplars as one :class:`SampleSet` (metadata of the source rows)."""
         images, labels, exps = self.gather(torch.arange(len(self)))

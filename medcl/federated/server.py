@@ -40,6 +40,7 @@ from medcl.engine.trainer import seed_everything
 from medcl.errors import MedclError
 from medcl.federated.arrays import audit, load_arrays, nbytes, to_numpy
 from medcl.federated.server_opt import ServerSGD
+from medcl.models.norm_stats import norm_buffer_keys
 from medcl.progress import progress_bar
 from medcl.strategies.base import ExperienceInfo, Strategy
 
@@ -273,6 +274,8 @@ class _Server:
                 self._checkpoint(t)
             else:
                 self._results(t, self._round(t, "evaluate", r, {"last": t == self._last()}))
+                if self.fed.batchnorm == "local":  # sites scored with their own statistics:
+                    self._apply(to_numpy(self.strategy, norm_buffer_keys(self.strategy)))  # resend
             self.step = (t, r + 1) if r + 1 < rounds + 2 else (t + 1, 0)
             self._save()
             bar.update(1)

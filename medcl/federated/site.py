@@ -15,9 +15,9 @@ the clinical report), so every medcl command works on it (``medcl report SITE_DI
    memory update) on its own data and sends back the deployable tensors that changed;
 3. ``evaluate``: the consolidated aggregate; the site evaluates, calibrates, checkpoints and
    writes metrics in its run directory (:func:`~medcl.engine.run.finish_experience`) and sends back
-   its test and validation accuracy per experience (and, after the last, writes its report);
-   with ``federation.batchnorm: local`` it first re-estimates the BatchNorm statistics on its own
-   rows, and they stay at the site.
+   its test and validation accuracy per experience (and, after the last, writes its report).
+   With ``federation.batchnorm: local`` the site's BatchNorm statistics, re-estimated on its own
+   rows before step 2's consolidation, serve steps 2 and 3 and stay at the site.
 
 Between messages nothing stays in memory (Flower's deployment engine starts a ClientApp process
 per message): the state is the last checkpoint plus a working checkpoint, and a restore repeats
@@ -56,6 +56,7 @@ from medcl.engine.timing import PhaseTimer
 from medcl.engine.trainer import FitStats, begin_experience, end_experience, train_updates
 from medcl.errors import ConfigError
 from medcl.federated.arrays import changed_keys, load_arrays, to_numpy, trainable_keys
+from medcl.federated.work import Work, total
 from medcl.models.norm_stats import reestimate_batchnorm
 from medcl.strategies.base import ExperienceInfo
 
@@ -89,17 +90,6 @@ def check_federated_strategy(name: str) -> None:
 def site_dir(cfg: RunConfig, name: str) -> Path:
     """Default folder of site ``name``: ``RUN_DIR/sites/NAME`` (on the site's machine)."""
     return Path(cfg.output_dir) / cfg.run_name / "sites" / name
-
-
-@dataclasses.dataclass
-class _Work:
-    """The site's position inside the current experience (``federated/work.json``)."""
-
-    begun: int = -1  # experience whose begin_experience ran
-    consolidated: int = -1  # experience whose end_experience ran
-    synced_version: int = -1  # the server's version the stored tensors match (-1: initial)
-    fit: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # per round
-    consolidated_keys: list[str] = dataclasses.field(default_factory=list)  # what it sent
 
 
 class Site:
@@ -137,7 +127,7 @@ class Site:
         self.scenario = scenario
         self.memory.attach(self.scenario.experiences)
         self.rehearses, self.consolidates_empty = SUPPORTED[cfg.strategy.name]
-        self.state, self.work = RunState(), _Work()
+        self.state, self.work = RunState(), Work()
         self._restore()
 
     # -- state ---------------------------------------------------------------------------------
@@ -164,7 +154,7 @@ class Site:
         work = self._work_dir / "work.json"
         if not work.is_file():
             return
-        self.work = _Work(**json.loads(work.read_text()))
+        self.work = Work(**json.loads(work.read_text()))
         if self.work.begun > self.state.completed:
             tensors, mem, _ = load_checkpoint(self._work_dir)
             self._catch_up(self.work.begun)
@@ -292,6 +282,7 @@ class Site:
         self._enter(t, arrays, version)
         exp = self.scenario[t]
         if self.work.consolidated < t:
+            self._local_statistics(t)  # before the snapshot: they are not sent
             before = {k: v.clone() for k, v in self.strategy.state_dict().items()}
             if len(exp.train) or self.consolidates_empty:
                 end_experience(
@@ -323,12 +314,10 @@ class Site:
         if self.state.completed < t:
             self._enter(t, arrays, version)
             if self.work.consolidated < t:  # restarted after consolidating: memory only
+                self._local_statistics(t)
                 self.memory.update(self.scenario[t])
                 self.work.consolidated = t
-            if self.cfg.federation.batchnorm == "local":  # SiloBN: the site's own statistics
-                memory = [self.memory.as_sampleset().images] if len(self.memory) else []
-                reestimate_batchnorm(self.strategy, [self.scenario[t].train.images, *memory])
-            stats = _total([FitStats(**r) for _, r in sorted(self.work.fit.items())])
+            stats = total([FitStats(**r) for _, r in sorted(self.work.fit.items())])
             self.state.global_update += stats.updates
             self.state.completed = t
             monitor = curve_monitor(self.cfg, self.scenario, self.state)
@@ -337,7 +326,7 @@ class Site:
                 monitor, self.scenario[t], stats, PhaseTimer(), curves_before=len(monitor.rows),
                 quiet=True,
             )  # fmt: skip
-            self.work = _Work(begun=t, consolidated=t, synced_version=self.work.synced_version)
+            self.work = Work(begun=t, consolidated=t, synced_version=self.work.synced_version)
             self._save_work(tensors=False)
         row = self.state.accuracy[-1] if self.state.accuracy else []
         # the validation splits of the experiences the test splits were scored on; those of the
@@ -370,6 +359,13 @@ class Site:
         load_arrays(self.strategy, arrays)
         self.work.synced_version = version
 
+    def _local_statistics(self, t: int) -> None:
+        """``federation.batchnorm: local`` (SiloBN): BatchNorm statistics of the site's own rows,
+        experience ``t``'s and its memory's of earlier experiences, for herding and scoring."""
+        if self.cfg.federation.batchnorm == "local":
+            rows = [self.scenario[t].train.images, self.memory.exemplars(exclude=t)]
+            reestimate_batchnorm(self.strategy, rows, batch_size=self.cfg.eval.batch_size)
+
     def _proximal(self, keys: list[str], mu: float):
         """FedProx's ``mu/2 ||w - w_global||^2`` over the trained parameters (Li et al., 2020)."""
         params = dict(self.strategy.named_parameters())
@@ -380,17 +376,3 @@ class Site:
         from medcl.reports import write_report  # heavy (matplotlib, jinja2): only at the end
 
         return write_report(self.dir)
-
-
-def _total(rounds: list[FitStats]) -> FitStats:
-    """One experience's training over its rounds: summed, first/highest/last loss."""
-    if not rounds:
-        return FitStats(0, 0, 0.0)
-    return FitStats(
-        sum(r.updates for r in rounds),
-        sum(r.images for r in rounds),
-        sum(r.seconds for r in rounds),
-        rounds[0].loss_first,
-        max(r.loss_max for r in rounds),
-        rounds[-1].loss_last,
-    )

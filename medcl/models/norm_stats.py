@@ -3,14 +3,14 @@
 A BatchNorm's running statistics are an exponential average of the batches it was trained on,
 under the weights it had then. Where that is not the data the model will be scored on, the
 statistics are computed again, as ``torch.optim.swa_utils.update_bn`` does for averaged weights:
-reset, then one forward pass in training mode with a cumulative average (``momentum=None``).
-The federated server pools what each site computes (``federation.batchnorm: pooled``,
-:func:`medcl.federated.arrays.pool_statistics`).
+reset, then forward passes in training mode. Here the rows are shuffled together (each batch
+mixes every group given, as a replay batch mixes cohort and memory) and every batch counts by
+its rows. A federated site does this with ``federation.batchnorm: local`` (SiloBN).
 """
 
 from __future__ import annotations
 
-__all__ = ["reestimate_batchnorm"]
+__all__ = ["norm_buffer_keys", "reestimate_batchnorm"]
 
 from collections.abc import Sequence
 
@@ -22,41 +22,69 @@ from medcl.data.transforms import to_model_input
 _BN = nn.modules.batchnorm._BatchNorm
 
 
+def norm_buffer_keys(model: nn.Module) -> list[str]:
+    """State keys of every BatchNorm's buffers (running statistics, batch count)."""
+    return [
+        f"{name}.{b}" if name else b
+        for name, m in model.named_modules()
+        if isinstance(m, _BN)
+        for b, _ in m.named_buffers(recurse=False)
+    ]
+
+
+def _rows(images: Sequence[Tensor]) -> Tensor:
+    """The tensors' rows in one ``(N, C, ...)`` tensor (uint8 kept when all are uint8)."""
+    if all(x.dtype == torch.uint8 for x in images):
+        return torch.cat(list(images))
+    return torch.cat(
+        [x.float().div(255.0) if x.dtype == torch.uint8 else x.float() for x in images]
+    )
+
+
 @torch.no_grad()
-def reestimate_batchnorm(model: nn.Module, images: Sequence[Tensor], batch_size: int = 64) -> int:
+def reestimate_batchnorm(
+    model: nn.Module, images: Sequence[Tensor], *, batch_size: int = 64, seed: int = 0
+) -> int:
     """Recompute the running statistics of the BatchNorms that ``model.train()`` puts in
     training mode (those training updates; a frozen backbone's stay as they are).
 
     Args:
         model: a strategy or network; left in eval mode.
-        images: ``(N, C, H, W[, D])`` uint8 or float tensors; each batch holds rows of one
-            tensor (one of a single row is left out).
-        batch_size: rows per forward pass.
+        images: ``(N, C, H, W[, D])`` uint8 in [0, 255] or float in [0, 1] tensors, one shape;
+            their rows are shuffled together (``seed``) and scored ``batch_size`` at a time.
+        batch_size: rows per forward pass (a last batch of one row joins the one before).
+        seed: the shuffle's seed.
 
     Returns:
-        The number of rows the statistics were computed on (0: nothing changed).
+        The number of rows the statistics were computed on (0 and nothing changed: fewer than
+        two rows, or no such BatchNorm).
     """
-    images = [x for x in images if len(x) > 1]  # training-mode BatchNorm needs 2 rows a batch
+    images = [x for x in images if len(x)]
     n = sum(len(x) for x in images)
     model.train()
     norms = [m for m in model.modules() if isinstance(m, _BN) and m.training]
-    if n == 0 or not norms:
-        model.eval()
-        return 0
-    momenta = [m.momentum for m in norms]
     model.eval()  # everything else (dropout, frozen norms) as when scoring
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the batches
-        m.train()
+    if n < 2 or not norms:
+        return 0
+    x = _rows(images)
+    x = x[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+    starts = list(range(0, n, batch_size))
+    if n - starts[-1] == 1:  # training-mode BatchNorm needs two rows: join the batch before
+        starts.pop()
+    momenta = [m.momentum for m in norms]
     device = next(model.parameters()).device
-    for x in images:
-        starts = list(range(0, len(x), batch_size))
-        if len(x) - starts[-1] == 1:  # no batch of one row: the last one joins the one before
-            starts.pop()
-        for i, j in zip(starts, [*starts[1:], len(x)], strict=True):
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.train()
+        seen = 0
+        for i, j in zip(starts, [*starts[1:], n], strict=True):
+            for m in norms:  # every batch counts by its rows: a running mean over rows
+                m.momentum = (j - i) / (seen + j - i)
             model(to_model_input(x[i:j].to(device)))  # (B, C, H, W[, D])
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
-        m.eval()
+            seen += j - i
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+            m.eval()
     return n
