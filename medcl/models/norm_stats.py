@@ -32,15 +32,6 @@ def norm_buffer_keys(model: nn.Module) -> list[str]:
     ]
 
 
-def _rows(images: Sequence[Tensor]) -> Tensor:
-    """The tensors' rows in one ``(N, C, ...)`` tensor (uint8 kept when all are uint8)."""
-    if all(x.dtype == torch.uint8 for x in images):
-        return torch.cat(list(images))
-    return torch.cat(
-        [x.float().div(255.0) if x.dtype == torch.uint8 else x.float() for x in images]
-    )
-
-
 @torch.no_grad()
 def reestimate_batchnorm(
     model: nn.Module, images: Sequence[Tensor], *, batch_size: int = 64, seed: int = 0
@@ -50,8 +41,9 @@ def reestimate_batchnorm(
 
     Args:
         model: a strategy or network; left in eval mode.
-        images: ``(N, C, H, W[, D])`` uint8 in [0, 255] or float in [0, 1] tensors, one shape;
-            their rows are shuffled together (``seed``) and scored ``batch_size`` at a time.
+        images: ``(N, C, H, W[, D])`` tensors of one dtype (uint8 in [0, 255] or float in
+            [0, 1]) and shape; their rows are shuffled together (``seed``) and scored
+            ``batch_size`` at a time.
         batch_size: rows per forward pass (a last batch of one row joins the one before).
         seed: the shuffle's seed.
 
@@ -66,7 +58,7 @@ def reestimate_batchnorm(
     model.eval()  # everything else (dropout, frozen norms) as when scoring
     if n < 2 or not norms:
         return 0
-    x = _rows(images)
+    x = torch.cat(list(images))  # (N, C, ...)
     x = x[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
     starts = list(range(0, n, batch_size))
     if n - starts[-1] == 1:  # training-mode BatchNorm needs two rows: join the batch before
