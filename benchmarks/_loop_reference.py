@@ -111,7 +111,8 @@ def loop_part(args, root: Path, say: Callable[[str], None]) -> dict:
 
 
 def eval_sweep(fresh, exp, n: int) -> list[dict[str, Any]]:
-    """Scoring throughput of the trained-structure model by layout and ``eval.batch_size``."""
+    """Scoring throughput of the trained-structure model by layout, ``eval.batch_size`` and
+    ``eval.fold_batchnorm``."""
     from medcl.engine.evaluate import predict_proba
     from medcl.engine.trainer import experience_info
 
@@ -122,15 +123,18 @@ def eval_sweep(fresh, exp, n: int) -> list[dict[str, Any]]:
     for layout in ("contiguous", "channels_last"):
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         model.to(memory_format=fmt)
-        for batch in (64, 128, 256, 512):
-            model.feature_cache.clear()
-            start = time.perf_counter()
-            predict_proba(model, images, batch_size=batch)
-            rows.append(
-                {
-                    "layout": layout,
-                    "batch": batch,
-                    "images_per_s": n / (time.perf_counter() - start),
-                }
-            )
+        for batch in (32, 64, 128, 256):
+            for fold in (False, True):
+                model.feature_cache.clear()
+                model.feature_cache.fold_batchnorm = fold
+                start = time.perf_counter()
+                predict_proba(model, images, batch_size=batch)
+                rows.append(
+                    {
+                        "layout": layout,
+                        "batch": batch,
+                        "fold_batchnorm": fold,
+                        "images_per_s": n / (time.perf_counter() - start),
+                    }
+                )
     return rows

@@ -34,21 +34,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
-    REPO,
-    RESULTS,
-    data_root,
-    json_text,
-    markdown_table,
-    paired_difference,
-    write_results,
-)
+from _common import REPO, RESULTS, data_root, json_text, write_results
+from _end_to_end_report import MAIN, MAIN_VARIANTS, SEEDS, accuracy_difference, markdown
 from _loop_reference import loop_part
 
-MAIN = REPO / "configs" / "medmnist-cross3-dynammo.yaml"
 STREAM = REPO / "configs" / "pneumonia-sites-dynammo.yaml"
-SEEDS = (0, 1, 2)  # the README's reported seeds
-LAYOUT_SEEDS = (0, 1, 2, 3, 4, 5)  # NHWC vs contiguous: time and the paired accuracy difference
+LAYOUT_SEEDS = (0, 1, 2, 3, 4, 5)  # variants: time and the paired accuracy difference
 
 
 # -- the medcl command as a user runs it ------------------------------------------------------
@@ -82,13 +73,15 @@ def phase_totals(timing: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def main_run(args, root: Path, work: Path, layout: str, seed: int) -> dict:
-    """One main-job run (kept in ``work`` as JSON: a rerun reuses it unless ``--fresh``)."""
+def main_run(args, root: Path, work: Path, variant: str, seed: int) -> dict:
+    """One main-job run of ``variant`` (:data:`MAIN_VARIANTS`; kept in ``work`` as JSON: a
+    rerun reuses it unless ``--fresh``)."""
+    layout, variant_over = MAIN_VARIANTS[variant]
     saved = work / f"main-{layout}-s{seed}.json"
     if saved.is_file():
         return json.loads(saved.read_text())
     over = ["train.max_updates=3", "strategy.retune_epochs=2"] if args.smoke else []
-    over += [] if layout == "nhwc" else ["train.channels_last=false"]
+    over += variant_over
     res = medcl_run(MAIN, work, f"main-{layout}-s{seed}", [*over, f"seed={seed}"], root)
     phases = phase_totals(res["metrics"]["timing"])
     training = phases.get("train", 0.0) + phases.get("consolidation", 0.0)
@@ -108,13 +101,16 @@ def main_run(args, root: Path, work: Path, layout: str, seed: int) -> dict:
     return record
 
 
-def main_part(args, root: Path, work: Path, layout: str) -> dict:
-    """The main job in one memory layout (``nhwc``: the default, ``contiguous``:
-    ``train.channels_last=false``) at every seed of :data:`LAYOUT_SEEDS`: per-run records;
-    time as the mean over all runs, accuracy at the README's seeds and over all."""
-    runs = [
-        main_run(args, root, work, layout, s) for s in (SEEDS[:1] if args.smoke else LAYOUT_SEEDS)
-    ]
+def main_seeds(args) -> tuple[int, ...]:
+    return SEEDS[:1] if args.smoke else LAYOUT_SEEDS
+
+
+def main_part(args, root: Path, work: Path, variant: str) -> dict:
+    """The main job as ``variant`` (:data:`MAIN_VARIANTS`) at every seed of
+    :data:`LAYOUT_SEEDS`: per-run records; time as the mean over all runs, accuracy at the
+    README's seeds and over all."""
+    runs = [main_run(args, root, work, variant, s) for s in main_seeds(args)]
+    layout = MAIN_VARIANTS[variant][0]
     keys = list(dict.fromkeys(p for r in runs for p in r["phases_s"]))
     reported = [r["final_accuracy"] for r in runs if r["seed"] in SEEDS]
     every = [r["final_accuracy"] for r in runs]
@@ -169,10 +165,15 @@ def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(
             target("time outside stage-1 + stage-2 training", share, "<= 0.20", share <= 0.2)
         )
-    if "main" in parts and "main_contiguous" in parts:
-        d = accuracy_difference(parts)
-        name = "final accuracy, NHWC (default) - contiguous layout, paired over seeds (points)"
-        out.append(target(name, d["mean"], "abs(value) <= 1.0", abs(d["mean"]) <= 1.0))
+    variants = {
+        "main_contiguous": "NHWC (default) - contiguous layout",
+        "main_unfolded": "BatchNorm folded (default) - unfolded scoring",
+    }
+    for other, what in variants.items():
+        if "main" in parts and other in parts:
+            d = accuracy_difference(parts, other)
+            name = f"final accuracy, {what}, paired over seeds (points)"
+            out.append(target(name, d["mean"], "abs(value) <= 1.0", abs(d["mean"]) <= 1.0))
     if "loop" in parts:
         med = parts["loop"]["median"]
         ratio = med["medcl eager"] / med["raw eager"]
@@ -188,143 +189,8 @@ def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def accuracy_difference(parts: dict[str, Any]) -> dict[str, Any]:
-    """Final accuracy of the default (NHWC) main job minus the contiguous one, in points."""
-    a, b = (
-        [100 * r["final_accuracy"] for r in parts[k]["runs"]] for k in ("main", "main_contiguous")
-    )
-    return paired_difference(a, b)
-
-
 def target(name: str, value: float, goal: str, met: bool) -> dict[str, Any]:
     return {"name": name, "value": value, "goal": goal, "met": bool(met)}
-
-
-def markdown(parts: dict[str, Any], smoke: bool) -> str:
-    lines = ["# End-to-end speed (issue 25)", ""]
-    if smoke:
-        lines += ["**Smoke run (tiny budgets): these numbers are not results.**", ""]
-    mains = [k for k in ("main", "main_contiguous") if k in parts]
-    if mains:
-        phases = list(dict.fromkeys(p for k in mains for p in parts[k]["phases_s"]))
-        rows = [{"phase": p} | {k: parts[k]["phases_s"].get(p, 0.0) for k in mains} for p in phases]
-        rows += [
-            {"phase": "untimed (imports, start-up, exit)"}
-            | {k: parts[k]["untimed_s"] for k in mains},
-            {"phase": "**wall**"} | {k: parts[k]["wall_s"] for k in mains},
-            {"phase": "stage-1 + stage-2 training"} | {k: parts[k]["training_s"] for k in mains},
-            {"phase": "share outside training"}
-            | {k: parts[k]["outside_training_share"] for k in mains},
-            {"phase": "final accuracy (mean)"} | {k: parts[k]["final_accuracy"] for k in mains},
-            {"phase": "final accuracy (sd)"} | {k: parts[k]["final_accuracy_sd"] for k in mains},
-            {"phase": "final accuracy, all seeds (mean)"}
-            | {k: parts[k].get("final_accuracy_all_seeds") for k in mains},
-            {"phase": "final accuracy, all seeds (sd)"}
-            | {k: parts[k].get("final_accuracy_all_seeds_sd") for k in mains},
-        ]
-        seeds = [
-            {
-                "run": k,
-                "seed": r["seed"],
-                "wall_s": r["wall_s"],
-                "final_accuracy": r["final_accuracy"],
-            }
-            for k in mains
-            for r in parts[k]["runs"]
-        ]
-        lines += [
-            f"## Main job: `medcl run {MAIN.relative_to(REPO)}` (seconds per phase, mean over "
-            f"seeds {', '.join(str(r['seed']) for r in parts[mains[0]]['runs'])}; accuracy at "
-            f"the README's seeds {', '.join(map(str, SEEDS))} and over all)",
-            "",
-            "`main` is the command as shipped (`train.channels_last: true`, the default: 2D models "
-            "train and score in NHWC); `main_contiguous` adds `--set train.channels_last=false`. "
-            "Each run alone, as a user runs it (a subprocess: imports and report included).",
-            "",
-            markdown_table(rows, ["phase", *mains]),
-            "",
-            markdown_table(seeds, ["run", "seed", "wall_s", "final_accuracy"]),
-            "",
-        ]
-        if len(mains) == 2:
-            d = accuracy_difference(parts)
-            ci = d["ci95"]
-            ci_text = f", 95 % CI [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
-            lines += [
-                f"Final accuracy, NHWC − contiguous (paired by seed): {d['mean']:+.2f} points"
-                f"{ci_text}.",
-                "",
-            ]
-    if "loop" in parts:
-        loop = parts["loop"]
-        rows = [
-            {
-                "loop": k,
-                "median_images_per_s": v,
-                "runs": ", ".join(f"{x:.1f}" for x in loop["runs"][k]),
-            }
-            for k, v in loop["median"].items()
-        ]
-        lines += [
-            f"## Training loop: {loop['updates']} updates, batch 64, {loop['threads']} threads",
-            "",
-            markdown_table(rows, ["loop", "median_images_per_s", "runs"]),
-            "",
-            "Scoring (evaluation, herding features) by layout and `eval.batch_size`:",
-            "",
-            markdown_table(loop.get("scoring", []), ["layout", "batch", "images_per_s"]),
-            "",
-        ]
-    if "stream" in parts:
-        s = parts["stream"]
-        cols = ["T", "total_s", "train_s", "curves_s", "consolidation_s", "features_s"]
-        cols += ["memory_s", "eval_s", "calibration_s"]
-        cols += ["predictions_s", "checkpoint_s", "metrics_s", "eval_share"]
-        lines += [
-            f"## Stream of {s['sites']} sites: wall {s['wall_s']:.1f} s",
-            "",
-            markdown_table(s["experiences"], cols),
-            "",
-        ]
-    rows = parts.get("targets", [])
-    lines += ["## Targets", "", markdown_table(rows, ["name", "value", "goal", "met"]), ""]
-    return "\n".join(lines + findings(parts))
-
-
-def findings(parts: dict[str, Any]) -> list[str]:
-    """What the measurements say about the targets (numbers from this run only)."""
-    out = []
-    if "main" in parts:
-        m, ph = parts["main"], parts["main"]["phases_s"]
-        fixed = m["untimed_s"] + ph.get("report", 0.0)
-        out.append(
-            f"- Main job: {m['wall_s']:.1f} s, of which {m['training_s']:.1f} s training. Two "
-            f"costs are paid whatever the training: {m['untimed_s']:.1f} s before and after the "
-            f"run (Python start-up and imports, MONAI's eager import of all its submodules the "
-            f"largest) and {ph.get('report', 0.0):.1f} s for the report; together "
-            f"{fixed / m['wall_s']:.0%} of the wall, so the 20 % share cannot be met by "
-            f"evaluation work alone. The herding features (every training image of each "
-            f"experience, once: {ph.get('features', 0.0):.1f} s) are the largest scoring cost."
-        )
-    if "loop" in parts and "raw compiled (steady state)" in parts["loop"]["median"]:
-        med = parts["loop"]["median"]
-        steady = med["raw compiled (steady state)"] / med["raw eager"]
-        out.append(
-            f"- `torch.compile`: even after compilation the compiled loop runs at {steady:.2f}x "
-            f"the eager loop on this CPU (inductor's CPU kernels for this network), so no "
-            f"amortisation of the compile time reaches 1.2x; it stays off by default."
-        )
-    if "stream" in parts and parts["stream"]["experiences"]:
-        rows = parts["stream"]["experiences"]
-        first, last = rows[0], rows[-1]
-        out.append(
-            f"- Stream: evaluation after experience T scores the test sets of experiences "
-            f"1..T+1 (`eval.future: next`, the default; `all` scores all {len(rows)} every time): "
-            f"{first['eval_s']:.2f} s at T = 1 and {last['eval_s']:.2f} s at T = {last['T']}, "
-            f"growing with the experiences seen as the curves do ({first['curves_s']:.2f} -> "
-            f"{last['curves_s']:.2f} s: each point scores every seen test subset)."
-        )
-    return ["## Findings", "", *out] if out else []
 
 
 def main() -> None:
@@ -335,7 +201,9 @@ def main() -> None:
         "--work", type=Path, default=None, help="run directories (default runs/end_to_end)"
     )
     ap.add_argument(
-        "--parts", default="main,main_contiguous,loop,stream", help="comma-separated subset"
+        "--parts",
+        default="main,main_contiguous,main_unfolded,loop,stream",
+        help="comma-separated subset",
     )
     ap.add_argument("--updates", type=int, default=None, help="loop updates (default 74)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -359,9 +227,12 @@ def main() -> None:
     parts: dict[str, Any] = (
         {} if args.fresh or not partial.is_file() else json.loads(partial.read_text())
     )
+    todo = [p for p in args.parts.split(",") if p not in parts]
+    for seed in main_seeds(args):  # the variants alternate: machine noise reaches each alike
+        for variant in (v for v in MAIN_VARIANTS if v in todo):
+            main_run(args, root, work, variant, seed)
     runners = {
-        "main": lambda: main_part(args, root, work, "nhwc"),
-        "main_contiguous": lambda: main_part(args, root, work, "contiguous"),
+        **{v: (lambda v=v: main_part(args, root, work, v)) for v in MAIN_VARIANTS},
         "loop": lambda: loop_part(args, root, lambda text: say(args, text)),
         "stream": lambda: stream_part(args, root, work),
     }

@@ -17,13 +17,20 @@ Arms, seeds 0, 1, 2 (every arm uses the config's local lr 0.01, not tuned, the s
   on Flower's simulation engine (Ray; a deployment run costs a process per message, measured in
   the kill check below); each hospital keeps its own memory and rehearses it when it has no new
   cohort. Updates are counted and reported for both arms (summed over hospitals).
-- **fedavgm** (the two pneumonia-sites streams): the federated arm with FedAvgM's server step
-  (Hsu et al. 2019, arXiv:1909.06335; ``federation.server_lr``): the mean of K hospitals' updates
-  moves the global model about as far as one hospital's share of the cohort would, so plain
-  FedAvg under-trains at equal total updates. The server learning rate is chosen per stream on
-  the validation splits (mean validation accuracy of the final global model) at seed 100, which
-  is never reported, from 1 (= FedAvg), 2, 4, widened x3 where the best is at an edge. The
-  targets use this arm; FedAvg's rows stay beside it.
+- **federated-local** (every stream): the federated arm with ``federation.batchnorm: local``
+  (SiloBN, Andreux et al. 2020, arXiv:2008.07424): each hospital scores, herds and calibrates
+  the global weights with BatchNorm statistics re-estimated on its own rows, which never leave
+  it; every batch a hospital trains on comes from that hospital, so averaged statistics match
+  none of them (``docs/federated.md``).
+- **fedavgm / fedavgm-local** (the two pneumonia-sites streams): FedAvgM's server step (Hsu et
+  al. 2019, arXiv:1909.06335; ``federation.server_lr``): the mean of K hospitals' updates moves
+  the global model about as far as one hospital's share of the cohort would, so plain FedAvg
+  under-trains at equal total updates. The server learning rate is chosen per stream and per
+  ``federation.batchnorm`` on the validation splits (mean validation accuracy of the final
+  global model) at seed 100, which is never reported, from 1 (= FedAvg), 2, 4, widened x3
+  where the best is at an edge; then the statistics whose chosen rate scored better. The
+  targets use that selected arm; the others stay beside it (an arm whose chosen rate is 1 is
+  the FedAvg arm itself).
 
 Reported: the final global model's accuracy on each experience's test rows (pooled over the
 hospitals that hold them) and its mean, paired federated - centralised differences over the seeds with a 95 % t interval, updates,
@@ -63,11 +70,11 @@ from _common import (
     REPO,
     choose_from_grid,
     data_root,
-    markdown_table,
     paired_difference,
     write_results,
 )
-from _federated_bytes import bytes_table, bytes_targets, dynammo_bytes, ratios
+from _federated_bytes import bytes_targets, dynammo_bytes, ratios
+from _federated_report import arm_name, render
 
 from medcl.config import resolved_yaml, validate_config
 from medcl.engine.run import run
@@ -88,6 +95,7 @@ STREAMS = {
 SEEDS = (0, 1, 2)
 SELECTION_SEED = 100  # chooses FedAvgM's server learning rate; never reported
 SERVER_LR_GRID = [1.0, 2.0, 4.0]  # widened x3 where the best sits at an edge
+BATCHNORM = ("mean", "local")  # federation.batchnorm: averaged, or each site's own (SiloBN)
 FEDAVGM = ("pneumonia-sites (4 hospitals, one site each)",
            "pneumonia-sites (3 hospitals, every site shared)")  # fmt: skip
 GAP_GOAL = 2.0
@@ -168,22 +176,28 @@ def _federated(extra, seed, root, work, quiet, engine="simulation") -> dict[str,
     }
 
 
-def _fedavgm(extra, lr: float, seed, root, work, quiet) -> dict[str, Any]:
-    """The federated arm with FedAvgM's server step (``server_lr``), in its own folder."""
-    fed = extra.get("federation", {}) | {"aggregation": "fedavgm", "server_lr": lr}
-    return _federated(extra | {"federation": fed}, seed, root, work / f"fedavgm-lr{lr:g}", quiet)
+def _arm(extra, lr: float, batchnorm: str, seed, root, work, quiet) -> dict[str, Any]:
+    """The federated run with server learning rate ``lr`` (1: plain FedAvg, else FedAvgM's
+    server step) and ``federation.batchnorm``, each combination in its own folder."""
+    fed = dict(extra.get("federation", {}))
+    if batchnorm != "mean":
+        fed, work = fed | {"batchnorm": batchnorm}, work / f"bn-{batchnorm}"
+    if lr != 1:
+        fed, work = fed | {"aggregation": "fedavgm", "server_lr": lr}, work / f"fedavgm-lr{lr:g}"
+    return _federated(extra | {"federation": fed}, seed, root, work, quiet)
 
 
-def _select_server_lr(extra, root, work, quiet) -> dict[str, Any]:
+def _select_server_lr(extra, batchnorm: str, root, work, quiet) -> dict[str, Any]:
     """FedAvgM's server learning rate with the best mean validation accuracy of the final
-    global model (pooled over hospitals), at the selection seed (1.0 is plain FedAvg)."""
+    global model (pooled over hospitals), at the selection seed (1.0 is plain FedAvg), for
+    one ``federation.batchnorm``."""
 
     seconds = []
 
     def score(lr: float) -> float:
         if not quiet:
-            print(f"  selection: server_lr {lr:g}, seed {SELECTION_SEED}", flush=True)
-        run = _fedavgm(extra, lr, SELECTION_SEED, root, work / "selection", quiet)
+            print(f"  selection: server_lr {lr:g}, batchnorm {batchnorm}", flush=True)
+        run = _arm(extra, lr, batchnorm, SELECTION_SEED, root, work / "selection", quiet)
         seconds.append(run["seconds"])
         val = np.array(run["final_val"], dtype=float)
         if not np.isfinite(val).any():  # a choice among NaNs would be arbitrary
@@ -191,6 +205,11 @@ def _select_server_lr(extra, root, work, quiet) -> dict[str, Any]:
         return float(np.nanmean(val))
 
     return choose_from_grid(score, SERVER_LR_GRID, key="val_accuracy") | {"seconds": seconds}
+
+
+def _val(selection: dict[str, Any]) -> float:
+    """The validation accuracy of a selection's chosen value."""
+    return selection["val_accuracy"][selection["chosen"]]
 
 
 def _kill_check(work: Path, quiet: bool) -> dict[str, Any]:
@@ -259,18 +278,22 @@ def main() -> None:
     begin = time.perf_counter()
     streams: dict[str, Any] = {}
     for name, extra in STREAMS.items():
-        arms: dict[str, list] = {"central": [], "federated": []}
-        chosen = _select_server_lr(extra, root, work, args.quiet) if name in FEDAVGM else None
+        chosen = (
+            {bn: _select_server_lr(extra, bn, root, work, args.quiet) for bn in BATCHNORM}
+            if name in FEDAVGM
+            else {}
+        )
+        configs = dict.fromkeys([(1.0, "mean"), (1.0, "local")])  # FedAvg, FedAvg + SiloBN
+        configs |= dict.fromkeys((c["chosen"], bn) for bn, c in chosen.items())
+        arms: dict[str, list] = {"central": []} | {arm_name(*c): [] for c in configs}
         for seed in SEEDS:
             if not args.quiet:
-                print(f"{name}, seed {seed}: centralised, then federated", flush=True)
+                print(f"{name}, seed {seed}: centralised, then {', '.join(arms)}", flush=True)
             arms["central"].append(_central(extra, seed, root, work, args.quiet))
-            arms["federated"].append(_federated(extra, seed, root, work, args.quiet))
-            if chosen is not None:
-                lr = chosen["chosen"]
-                run = _fedavgm(extra, lr, seed, root, work, args.quiet)
-                arms.setdefault("fedavgm", []).append(run)
+            for lr, bn in configs:
+                arms[arm_name(lr, bn)].append(_arm(extra, lr, bn, seed, root, work, args.quiet))
         mean = {a: [float(np.nanmean(r["final"])) for r in runs] for a, runs in arms.items()}
+        best = max(chosen, key=lambda bn: _val(chosen[bn]), default=None)
         streams[name] = {
             "runs": arms,
             "final_mean": {
@@ -284,23 +307,23 @@ def main() -> None:
                 a: np.mean([r["learned"] for r in runs], axis=0).tolist()
                 for a, runs in arms.items()
             },
-            "difference": paired_difference(mean["federated"], mean["central"]),
-            "server_lr": chosen,
+            "differences": {
+                a: paired_difference(mean[a], mean["central"]) for a in arms if a != "central"
+            },
+            "server_lr": chosen,  # batchnorm -> the selection record
+            "selected_arm": None if best is None else arm_name(chosen[best]["chosen"], best),
         }
-        if chosen is not None:
-            streams[name]["difference_fedavgm"] = paired_difference(
-                mean["fedavgm"], mean["central"]
-            )
     pneumonia, shared = list(STREAMS)[:2]
     dyn = dynammo_bytes(_federated, root, work, args.quiet)  # adapter width -> run
     full = streams[pneumonia]["runs"]["federated"][0]
     ratio = ratios(full, dyn)  # adapter width -> full-model / adapter-only bytes
     kill = _kill_check(work, args.quiet)
-    gaps = {k: streams[k]["difference_fedavgm"]["mean"] * 100 for k in (pneumonia, shared)}
+    picked = {k: streams[k]["selected_arm"] for k in (pneumonia, shared)}
+    gaps = {k: streams[k]["differences"][a]["mean"] * 100 for k, a in picked.items()}
     targets = [
         {
-            "name": f"federated (FedAvgM, server lr on validation) - centralised final "
-            f"accuracy, {k} (points, mean over 3 seeds)",
+            "name": f"federated ({picked[k]}: server lr and BatchNorm statistics chosen on "
+            f"validation) - centralised final accuracy, {k} (points, mean over 3 seeds)",
             "value": round(g, 2),
             "goal": f"abs(value) <= {GAP_GOAL}",
             "met": abs(g) <= GAP_GOAL,
@@ -332,63 +355,7 @@ def main() -> None:
         "wall_seconds": time.perf_counter() - begin,
         "targets": targets,
     }
-    lines = ["# Federated continual learning (issue 27)", ""]
-    lines.append("Accuracy of the final global model on each experience's test rows (pooled over "
-                 "the hospitals holding them), mean ± sd over seeds 0-2; difference = federated - "
-                 "centralised, paired by seed (95 % t CI). Budget per experience: central 2 epochs; "
-                 "federated 2 rounds x 1 local epoch; updates summed over hospitals. Wall s: the "
-                 "central run's total, the federated run's rounds (Ray simulation engine).")  # fmt: skip
-    rows = []
-    for name, s in streams.items():
-        for arm in s["runs"]:
-            fm = s["final_mean"][arm]
-            runs = s["runs"][arm]
-            label = f"fedavgm (server lr {s['server_lr']['chosen']:g})" if arm == "fedavgm" else arm
-            rows.append({
-                "stream": name, "arm": label,
-                "mean accuracy": f"{fm['mean']:.3f} ± {fm['sd']:.3f}",
-                "per experience": ", ".join(f"{a:.3f}" for a in s["per_site"][arm]),
-                "updates": int(np.mean([r["updates"] for r in runs])),
-                "wall s": round(float(np.mean([r["seconds"] for r in runs])), 1),
-            })  # fmt: skip
-        for key, what in (("difference", "fedavg"), ("difference_fedavgm", "fedavgm")):
-            if key in s:
-                d = s[key]
-                rows.append({"stream": name, "arm": f"{what} - central",
-                             "mean accuracy": f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"})  # fmt: skip
-    lines += ["", markdown_table(rows, ["stream", "arm", "mean accuracy", "per experience", "updates", "wall s"])]  # fmt: skip
-    lines += ["", "Learned, then kept: accuracy on each experience right after learning it -> "
-              "after the last one (mean over seeds):", ""]  # fmt: skip
-    kept = [{"stream": n, "arm": a, "learned -> final": ", ".join(
-                f"{x:.3f} -> {y:.3f}" for x, y in zip(s["per_site_learned"][a], s["per_site"][a], strict=True))}
-            for n, s in streams.items() for a in s["runs"]]  # fmt: skip
-    lines += [markdown_table(kept, ["stream", "arm", "learned -> final"])]
-    lines += ["", "FedAvgM's server learning rate (Hsu et al. 2019; `federation.server_lr`), chosen "
-              f"per stream on the validation splits at seed {SELECTION_SEED} (mean validation "
-              "accuracy of the final global model over experiences):", ""]  # fmt: skip
-    sel = [{"stream": n, "grid": ", ".join(f"{v:g}" for v in s["server_lr"]["grid"]),
-            "val accuracy": ", ".join(f"{v:g}: {a:.3f}" for v, a in s["server_lr"]["val_accuracy"].items()),
-            "chosen": s["server_lr"]["chosen"], "at edge": s["server_lr"]["at_edge"]}
-           for n, s in streams.items() if s.get("server_lr")]  # fmt: skip
-    lines += [markdown_table(sel, ["stream", "grid", "val accuracy", "chosen", "at edge"])]
-    lines += ["", "## Bytes per training round (pneumonia-sites, 4 hospitals, seed 0)", ""]
-    lines += [bytes_table(full, dyn), "", "The target is read at the reference adapter width "
-              "(1.0: the paper's, no bottleneck); `adapter_width` 0.5 and 0.25 are an option, "
-              "their lines are separate and their accuracy is not measured here."]  # fmt: skip
-    lines += ["", "## A SuperNode killed mid-run (deployment engine)", "",
-              f"status {kill['status']}; {'; '.join(kill['events'])}; rounds with a failed site: "
-              f"{len(kill['rounds_with_failures'])}; {kill['seconds']:.0f} s."]  # fmt: skip
-    lines += ["", "## Targets", "", markdown_table(targets, ["name", "value", "goal", "met"])]
-    total = sum(r["seconds"] for s in streams.values() for a in s["runs"].values() for r in a)
-    total += sum(sum(s["server_lr"]["seconds"]) for s in streams.values() if s["server_lr"])
-    dyn_seconds = sum(d["seconds"] for d in dyn.values())
-    lines += [
-        "",
-        f"Runs' own wall time {(total + dyn_seconds + kill['seconds']) / 60:.0f} min "
-        f"(this invocation: {payload['wall_seconds'] / 60:.1f} min; finished runs are read "
-        "back), on this machine, alone.",
-    ]
-    write_results("federated", payload, "\n".join(lines))
+    write_results("federated", payload, render(payload, streams, full, dyn, kill))
 
 
 if __name__ == "__main__":

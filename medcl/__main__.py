@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from medcl.cli import main
+from medcl.cli import entry_point
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry_point())

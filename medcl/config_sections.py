@@ -157,10 +157,17 @@ class EvalConfig(_Strict):
         "accuracy matrices",
     )
     batch_size: int = Field(
-        128,
+        64,
         ge=1,
         description="images per forward pass when scoring (evaluation, curves, herding "
-        "features), separate from train.batch_size",
+        "features), separate from train.batch_size; 64 scores fastest on a 2-core CPU "
+        "(benchmarks/results/end_to_end.md)",
+    )
+    fold_batchnorm: bool = Field(
+        True,
+        description="fold each backbone BatchNorm into the convolution before it while scoring "
+        "(eval mode: an affine map; outputs equal up to float rounding, fewer passes over the "
+        "activations); training, checkpoints and exports are unchanged",
     )
 
 

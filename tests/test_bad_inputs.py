@@ -291,6 +291,37 @@ def test_start_up_does_not_print_the_cuda_home_notice():
     assert "CUDA_HOME" not in done.stderr
 
 
+def test_the_executable_freezes_the_engine_imports_and_in_process_calls_do_not(tmp_path):
+    """`medcl` (entry_point) imports the engine with the collector paused, then freezes it and
+    collects again; main() called in-process (tests, notebooks) leaves the collector alone."""
+    cfg = tmp_path / "cfg.yaml"  # valid; --resume-from 3 is refused after the imports
+    cfg.write_text(yaml.safe_dump(_tiny(tmp_path)))
+    probe = (
+        "import gc, sys\n"
+        "import medcl.cli.common as common\n"
+        "from medcl.cli import {fn}\n"
+        "seen = []\n"
+        "real = common.engine_imports\n"
+        "def spy():\n"
+        "    cm = real()\n"
+        "    class Wrap:\n"
+        "        def __enter__(self):\n"
+        "            cm.__enter__(); seen.append(gc.isenabled())\n"
+        "        def __exit__(self, *exc):\n"
+        "            cm.__exit__(*exc); seen.append((gc.isenabled(), gc.get_freeze_count() > 0))\n"
+        "    return Wrap()\n"
+        "import medcl.cli.training as training\n"
+        "training.engine_imports = spy\n"
+        "sys.argv = ['medcl', 'run', {cfg!r}, '--resume-from', '3', '--quiet']\n"
+        "rc = {fn}({args})\n"
+        "print(rc, seen, gc.isenabled(), gc.get_freeze_count() > 0)\n"
+    )
+    exe = _python(probe.format(fn="entry_point", cfg=str(cfg), args=""))
+    assert exe.stdout.split("\n")[0] == "2 [False, (True, True)] True True", exe.stderr
+    lib = _python(probe.format(fn="main", cfg=str(cfg), args="sys.argv[1:]"))
+    assert lib.stdout.split("\n")[0] == "2 [True, (True, False)] True False", lib.stderr
+
+
 def test_latency_still_measured_after_the_lazy_import():
     import torch
 

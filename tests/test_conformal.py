@@ -13,6 +13,7 @@ from _tiny import tiny_raw
 
 from medcl.config import CalibrationConfig, RunConfig, validate_config
 from medcl.engine.components import build_components
+from medcl.engine.device import use_layout
 from medcl.engine.posthoc import fit_posthoc, read_posthoc
 from medcl.engine.run import run
 from medcl.errors import ConfigError, DataError
@@ -224,6 +225,7 @@ def test_fit_after_each_experience_uses_validation_only(tmp_path):
         )
         for e in scenario.experiences
     ]
+    use_layout(strategy, cfg.train.channels_last, 2)  # the run calibrates in its layout
     refit = fit_posthoc(strategy, noisy, cfg.calibration, seed=cfg.seed)
     assert refit["temperature"] == pytest.approx(records[1].temperature, rel=1e-6)
     assert refit["conformal"] == records[1].record["conformal"]

@@ -15,14 +15,15 @@ Nothing here reads ``sys.argv`` except :func:`main`. See docs/errors.md.
 
 from __future__ import annotations
 
-__all__ = ["Backend", "Device", "ExportFormat", "app", "main"]
+__all__ = ["Backend", "Device", "ExportFormat", "app", "entry_point", "main"]
 
+import gc
 import sys
 from typing import Annotated
 
 import typer
 
-from medcl.cli import catalog, deployment, evaluation, federation, training
+from medcl.cli import catalog, common, deployment, evaluation, federation, training
 from medcl.cli.deployment import Backend, Device, ExportFormat
 from medcl.errors import MedclError
 
@@ -143,3 +144,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     return rc if isinstance(rc, int) else 0  # click returns typer.Exit's code here
+
+
+def entry_point() -> int:
+    """The ``medcl`` executable (``[project.scripts]``, ``python -m medcl``): :func:`main` in a
+    process that ends with the command.
+
+    The engine's imports are frozen for the collector (:func:`medcl.cli.common.engine_imports`),
+    and so is everything else once the command returns: the interpreter's exit then skips a
+    last scan of every object (about 1.3 s of a run's wall on 2 cores). Every file the command
+    wrote is closed by then; the operating system frees the memory.
+    """
+    common.EXECUTABLE = True
+    try:
+        return main()
+    finally:
+        gc.freeze()

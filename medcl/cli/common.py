@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-__all__ = ["AllowPartial", "Experience", "Quiet", "Root", "console", "verbosity"]
+__all__ = [
+    "AllowPartial",
+    "Experience",
+    "Quiet",
+    "Root",
+    "console",
+    "engine_imports",
+    "verbosity",
+]
 
+import gc
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +40,31 @@ Root = Annotated[
     Path | None,
     typer.Option("--root", help="MedMNIST data root (else $MEDCL_DATA_ROOT, else ~/.medmnist)."),
 ]
+
+#: True in the ``medcl`` executable (:func:`medcl.cli.entry_point`), whose process ends with
+#: the command; in-process callers (tests, notebooks) keep their collector as it is.
+EXECUTABLE = False
+
+
+@contextmanager
+def engine_imports() -> Iterator[None]:
+    """Import the engine with CPython's cyclic collector paused, then freeze what is alive
+    (``gc.freeze``), in the ``medcl`` executable only.
+
+    torch, timm and MONAI leave about a million objects that live as long as the process; the
+    collector re-scans them on every full collection while they are imported and after: about
+    1 s of a run's start-up on 2 cores (``benchmarks/end_to_end.py``). Frozen objects are never
+    collected, which is what they would be anyway (modules).
+    """
+    paused = EXECUTABLE and gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.freeze()
+            gc.enable()
 
 
 def verbosity(quiet: bool) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from medcl.cli.common import AllowPartial, Experience, Quiet
+from medcl.cli.common import AllowPartial, Experience, Quiet, engine_imports
 
 ExportFormat = Literal["torchscript", "onnx", "safetensors", "bundle"]  # = export.FORMATS
 Backend = Literal["torchscript", "onnx"]  # = export.predict.BACKENDS
@@ -27,7 +27,8 @@ def export_cmd(
     allow_partial: AllowPartial = False,
 ) -> None:
     """Export the run's deployable model (outputs checked against PyTorch to 1e-4)."""
-    from medcl.export import export_run
+    with engine_imports():
+        from medcl.export import export_run
 
     path = export_run(run_dir, fmt, out, experience=experience, allow_partial=allow_partial)
     typer.echo(str(path))
@@ -90,7 +91,8 @@ def predict_cmd(
     """Class probabilities per input file (calibrated), the conformal prediction set and its size
     when the model has one, an `ood` flag and its reason per row; exit code 1 when any file
     failed (its row says why)."""
-    from medcl.export import load_predictor, predict_files
+    with engine_imports():
+        from medcl.export import load_predictor, predict_files
 
     predictor = load_predictor(
         model,

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from medcl.cli.common import AllowPartial, Experience, Quiet
+from medcl.cli.common import AllowPartial, Experience, Quiet, engine_imports
 
 
 def report_cmd(
@@ -59,7 +59,8 @@ def report_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Write the clinical evaluation report (report.html + report.json) of a run."""
-    from medcl.reports import write_report
+    with engine_imports():
+        from medcl.reports import write_report
 
     path = write_report(
         run_dir,
@@ -82,7 +83,8 @@ def report_cmd(
 
 def gate_run(run_dir: Path, criteria, against: Path | None) -> None:
     """Run the gate, print PASS/FAIL per criterion; exit 1 on FAIL."""
-    from medcl.gate import run_gate
+    with engine_imports():
+        from medcl.gate import run_gate
 
     def num(v) -> str:
         return "n/a" if v is None or v != v else f"{v:.3f}"
@@ -132,8 +134,9 @@ def card_cmd(
     ] = None,
 ) -> None:
     """Write the model card (Markdown) generated from the run's report.json."""
-    from medcl.export.run_export import run_bundle_metadata
-    from medcl.reports.card import write_card
+    with engine_imports():
+        from medcl.export.run_export import run_bundle_metadata
+        from medcl.reports.card import write_card
 
     meta = run_bundle_metadata(run_dir)  # the OOD guard and training facts, once exported
     typer.echo(str(write_card(run_dir, out, meta=meta)))

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from medcl.cli.common import Quiet, verbosity
+from medcl.cli.common import Quiet, engine_imports, verbosity
 
 
 def federate_cmd(
@@ -33,7 +33,8 @@ def federate_cmd(
 
     verbosity(quiet)
     cfg = load_config(config, overrides or [])  # a config mistake is refused before torch loads
-    from medcl.federated.launch import check_federation, federate
+    with engine_imports():
+        from medcl.federated.launch import check_federation, federate
 
     check_federation(cfg, resume=resume)
     # SIGTERM as an exit, so that the Flower processes started here are stopped with us

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from medcl.cli.common import Quiet, verbosity
+from medcl.cli.common import Quiet, engine_imports, verbosity
 from medcl.cli.evaluation import gate_run
 from medcl.engine.layout import RunLayout
 
@@ -47,8 +47,9 @@ def run_cmd(
 
     verbosity(quiet)
     cfg = load_config(config, overrides or [])  # a config mistake is refused before torch loads
-    from medcl.engine.distributed import is_main_process
-    from medcl.engine.run import check_run, run
+    with engine_imports():
+        from medcl.engine.distributed import is_main_process
+        from medcl.engine.run import check_run, run
 
     if nproc > 1:  # refuse what would fail in every process, then hand over to torchrun
         check_run(cfg, resume=resume, resume_from=resume_from, world_size=nproc)
@@ -114,7 +115,8 @@ def update_cmd(
         from medcl.gate import load_criteria
 
         criteria = load_criteria(gate)
-    from medcl.engine.update import update
+    with engine_imports():
+        from medcl.engine.update import update
 
     run_dir = update(run_dir, data, site=site, new_classes=new_classes, quiet=quiet)
     finish(run_dir, report=report, quiet=quiet)

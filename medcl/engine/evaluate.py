@@ -52,7 +52,7 @@ def predict_proba(
             each batch is moved to the model's device before it is scaled.
         rows: ``(n,)`` rows of ``images`` to score (default: all).
         batch_size: images per forward pass (default: the strategy cache's, which the run sets
-            to ``eval.batch_size``; 128 for a plain module).
+            to ``eval.batch_size``; 64 for a plain module).
         amp: bf16 autocast where the model's device supports it (``train.amp``); see
             :func:`medcl.engine.device.autocast`.
         desc: progress-bar label (None: no bar).

@@ -166,6 +166,7 @@ def _run(
     latest = RunLayout(run_dir).latest
     scenario, strategy, memory = build_components(cfg)
     strategy.feature_cache.batch_size = cfg.eval.batch_size
+    strategy.feature_cache.fold_batchnorm = cfg.eval.fold_batchnorm
     state = RunState()
     restoring = resume and (latest.exists() or resume_from is not None)
     if restoring:  # the checkpoint is read (a damaged one refused) before anything is written
@@ -267,13 +268,16 @@ def finish_experience(
     logger: ExperimentLogger | None = None,
 ) -> None:
     """Steps 2-7 of :func:`learn_experience` once ``exp`` is learned (a federated site's too)."""
-    # 2. evaluate the experiences learned and the next one (all with eval.future: all)
-    with timer("eval"), _scoring_layout(cfg, scenario, strategy):
-        evals = _evaluate(strategy, scenario, state, monitor, exp, stats, future=cfg.eval.future)
+    # 2. evaluate the experiences learned and the next one (all with eval.future: all), then
     # 3. recalibrate: temperature + conformal thresholds on the seen validation splits
-    with timer("calibration"):
-        seen = scenario.experiences[: exp.index + 1]
-        posthoc = fit_posthoc(strategy, seen, cfg.calibration, seed=cfg.seed, memory=memory)
+    with _scoring_layout(cfg, scenario, strategy):
+        with timer("eval"):
+            evals = _evaluate(
+                strategy, scenario, state, monitor, exp, stats, future=cfg.eval.future
+            )
+        with timer("calibration"):
+            seen = scenario.experiences[: exp.index + 1]
+            posthoc = fit_posthoc(strategy, seen, cfg.calibration, seed=cfg.seed, memory=memory)
     # 4. write its predictions (the scored experiences' rows)
     bar = progress_bar(total=3, desc=f"exp {exp.index} {exp.name}: writing results", unit="file")
     with timer("predictions"):
@@ -345,9 +349,9 @@ def _evaluate(
 
 @contextlib.contextmanager
 def _scoring_layout(cfg: RunConfig, scenario: Scenario, strategy: Strategy) -> Iterator[None]:
-    """Score test sets in the layout the run trains in (``train.channels_last``), then
-    contiguous: what calibration (exactly refitted from a checkpoint), checkpoints, latency and
-    exports use."""
+    """Score (test sets, calibration) in the layout the run trains in (``train.channels_last``),
+    then contiguous: what checkpoints, latency and exports use. A calibration refitted from a
+    checkpoint reproduces the record exactly in the run's layout."""
     dims = scenario.experiences[0].train.spatial_dims
     use_layout(strategy, cfg.train.channels_last, dims)
     try:

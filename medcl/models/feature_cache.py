@@ -39,11 +39,12 @@ import torch
 from torch import Tensor, nn
 
 from medcl.data.transforms import to_model_input
+from medcl.models.folding import folded_batchnorm
 from medcl.progress import progress_bar
 
 #: Images per forward pass when scoring, unless set (the run sets ``eval.batch_size``;
 #: benchmarks/end_to_end.py measures scoring throughput per batch size).
-DEFAULT_BATCH_SIZE = 128
+DEFAULT_BATCH_SIZE = 64
 
 
 def _tensors(module: nn.Module, *, recurse: bool) -> list[Tensor]:
@@ -92,6 +93,9 @@ class FeatureCache:
 
     Args:
         batch_size: images per forward pass (the run sets ``eval.batch_size``).
+        fold_batchnorm: fold the backbones' BatchNorms into their convolutions for the passes
+            (:func:`~medcl.models.folding.folded_batchnorm`; the run sets
+            ``eval.fold_batchnorm``).
 
     Attributes:
         computed: rows computed so far (forward passes, one per row).
@@ -102,8 +106,11 @@ class FeatureCache:
     #: False turns the cache off: every call computes (to check that results do not change).
     enabled: ClassVar[bool] = True
 
-    def __init__(self, *, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+    def __init__(
+        self, *, batch_size: int = DEFAULT_BATCH_SIZE, fold_batchnorm: bool = True
+    ) -> None:
         self.batch_size = batch_size
+        self.fold_batchnorm = fold_batchnorm
         self.computed = 0
         self.reused = 0
         self.seconds = 0.0
@@ -111,7 +118,7 @@ class FeatureCache:
 
     def __deepcopy__(self, memo: dict) -> FeatureCache:
         """A copy of a model gets an empty cache (entries belong to the original's tensors)."""
-        return FeatureCache(batch_size=self.batch_size)
+        return FeatureCache(batch_size=self.batch_size, fold_batchnorm=self.fold_batchnorm)
 
     def clear(self) -> None:
         """Drop every entry (see the module for when a caller must)."""
@@ -238,8 +245,9 @@ class FeatureCache:
         batch_size: int,
         desc: str | None,
     ) -> None:
-        """Run ``fn`` on the ``(entry, rows)`` of ``work`` in eval mode, in shared batches,
-        recording which modules ran."""
+        """Run ``fn`` on the ``(entry, rows)`` of ``work`` in eval mode, in shared batches
+        (BatchNorms folded unless :attr:`fold_batchnorm` is off), recording which modules ran
+        (the originals of the folded ones)."""
         start = time.perf_counter()
         device = next(model.parameters()).device
         modes = [(m, m.training) for m in model.modules()]
@@ -257,6 +265,7 @@ class FeatureCache:
         try:
             with (
                 torch.no_grad(),
+                folded_batchnorm(model, enabled=self.fold_batchnorm) as originals,
                 torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
             ):
                 for sel in torch.arange(len(flat)).split(batch_size):
@@ -278,7 +287,8 @@ class FeatureCache:
             bar.close()
             for m, training in modes:
                 m.training = training
-        tensors = [t for m in ran.values() for t in _tensors(m, recurse=False)]
+        ran_as = [o for i, m in ran.items() for o in originals.get(i, [m])]
+        tensors = [t for m in ran_as for t in _tensors(m, recurse=False)]
         for entry, rows in work:
             assert entry.done is not None
             entry.done[rows] = True

@@ -1,0 +1,96 @@
+"""The page of ``benchmarks/federated.py`` (issue 27): tables from its payload."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from _common import markdown_table
+from _federated_bytes import bytes_table
+
+ARMS = {
+    "central": "centralised: one place, one memory",
+    "federated": "FedAvg, averaged BatchNorm statistics",
+    "federated-local": "FedAvg, each site's own BatchNorm statistics (SiloBN)",
+    "fedavgm": "FedAvgM (server lr chosen), averaged statistics",
+    "fedavgm-local": "FedAvgM (server lr chosen), each site's own statistics",
+}
+
+
+def arm_name(lr: float, batchnorm: str) -> str:
+    """``federated`` (FedAvg) or ``fedavgm`` (server lr != 1), ``-local`` with SiloBN."""
+    return ("federated" if lr == 1 else "fedavgm") + ("" if batchnorm == "mean" else "-local")
+
+
+def render(
+    payload: dict[str, Any],
+    streams: dict[str, Any],
+    full: dict[str, Any],
+    dyn: dict[str, Any],
+    kill: dict[str, Any],
+) -> str:
+    """Accuracy per stream and arm, learned -> kept, the selections, bytes, the killed site,
+    targets and the runs' wall time."""
+    selection_seed = payload["selection_seed"]
+    lines = ["# Federated continual learning (issue 27)", ""]
+    lines.append("Accuracy of the final global model on each experience's test rows (pooled over "
+                 "the hospitals holding them; with SiloBN each hospital scores its rows with its "
+                 "own BatchNorm statistics), mean ± sd over seeds 0-2; difference = arm - "
+                 "centralised, paired by seed (95 % t CI). Budget per experience: central 2 epochs; "
+                 "federated 2 rounds x 1 local epoch; updates summed over hospitals. Wall s: the "
+                 "central run's total, the federated run's rounds (Ray simulation engine). Arms: "
+                 + "; ".join(f"`{a}`: {what}" for a, what in ARMS.items()) + ".")  # fmt: skip
+    rows = []
+    for name, s in streams.items():
+        chosen = {arm_name(c["chosen"], bn): c["chosen"] for bn, c in s["server_lr"].items()}
+        for arm, runs in s["runs"].items():
+            fm = s["final_mean"][arm]
+            label = f"{arm} (server lr {chosen[arm]:g})" if arm.startswith("fedavgm") else arm
+            label += " [selected]" if arm == s.get("selected_arm") else ""
+            rows.append({
+                "stream": name, "arm": label,
+                "mean accuracy": f"{fm['mean']:.3f} ± {fm['sd']:.3f}",
+                "per experience": ", ".join(f"{a:.3f}" for a in s["per_site"][arm]),
+                "updates": int(np.mean([r["updates"] for r in runs])),
+                "wall s": round(float(np.mean([r["seconds"] for r in runs])), 1),
+            })  # fmt: skip
+        for arm, d in s["differences"].items():
+            rows.append({"stream": name, "arm": f"{arm} - central",
+                         "mean accuracy": f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"})  # fmt: skip
+    lines += ["", markdown_table(rows, ["stream", "arm", "mean accuracy", "per experience", "updates", "wall s"])]  # fmt: skip
+    lines += ["", "Learned, then kept: accuracy on each experience right after learning it -> "
+              "after the last one (mean over seeds):", ""]  # fmt: skip
+    kept = [{"stream": n, "arm": a, "learned -> final": ", ".join(
+                f"{x:.3f} -> {y:.3f}" for x, y in zip(s["per_site_learned"][a], s["per_site"][a], strict=True))}
+            for n, s in streams.items() for a in s["runs"]]  # fmt: skip
+    lines += [markdown_table(kept, ["stream", "arm", "learned -> final"])]
+    lines += ["", "The server learning rate (Hsu et al. 2019; `federation.server_lr`; 1 = FedAvg) "
+              "and the BatchNorm statistics (`federation.batchnorm`: `mean` averaged, `local` "
+              "each site's own, Andreux et al. 2020), chosen per stream on the validation splits "
+              f"at seed {selection_seed} (mean validation accuracy of the final global model "
+              "over experiences): the learning rate per statistics, then the statistics with "
+              "the better chosen score; the targets read the selected arm:", ""]  # fmt: skip
+    sel = [{"stream": n, "batchnorm": bn, "grid": ", ".join(f"{v:g}" for v in c["grid"]),
+            "val accuracy": ", ".join(f"{v:g}: {a:.3f}" for v, a in c["val_accuracy"].items()),
+            "chosen": c["chosen"], "at edge": c["at_edge"]}
+           for n, s in streams.items() for bn, c in s["server_lr"].items()]  # fmt: skip
+    lines += [markdown_table(sel, ["stream", "batchnorm", "grid", "val accuracy", "chosen", "at edge"])]  # fmt: skip
+    lines += ["", "## Bytes per training round (pneumonia-sites, 4 hospitals, seed 0)", ""]
+    lines += [bytes_table(full, dyn), "", "The target is read at the reference adapter width "
+              "(1.0: the paper's, no bottleneck); `adapter_width` 0.5 and 0.25 are an option, "
+              "their lines are separate and their accuracy is not measured here."]  # fmt: skip
+    lines += ["", "## A SuperNode killed mid-run (deployment engine)", "",
+              f"status {kill['status']}; {'; '.join(kill['events'])}; rounds with a failed site: "
+              f"{len(kill['rounds_with_failures'])}; {kill['seconds']:.0f} s."]  # fmt: skip
+    lines += ["", "## Targets", ""]
+    lines += [markdown_table(payload["targets"], ["name", "value", "goal", "met"])]
+    total = sum(r["seconds"] for s in streams.values() for a in s["runs"].values() for r in a)
+    total += sum(sum(c["seconds"]) for s in streams.values() for c in s["server_lr"].values())
+    dyn_seconds = sum(d["seconds"] for d in dyn.values())
+    lines += [
+        "",
+        f"Runs' own wall time {(total + dyn_seconds + kill['seconds']) / 60:.0f} min "
+        f"(this invocation: {payload['wall_seconds'] / 60:.1f} min; finished runs are read "
+        "back), on this machine, alone.",
+    ]
+    return "\n".join(lines)
