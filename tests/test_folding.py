@@ -135,6 +135,12 @@ def test_only_pairs_the_graph_proves_foldable():
             assert len(originals) == 2
             folded = model(x)
     torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-6)
+    # a norm that starts a stage keeps its module (adapters hook the stage's input in a forward)
+    staged = Backbone(
+        net, name="b", num_features=2, stage_specs=[("bn_ok", 2)], spatial_dims=2, in_chans=2
+    )
+    with torch.no_grad(), folded_batchnorm(staged.eval()) as originals:
+        assert originals == {}
 
 
 class _Untraceable(nn.Module):

@@ -141,10 +141,13 @@ def _rest_of(norm: _BatchNorm) -> nn.Module:
     return nn.Sequential(norm.drop, norm.act) if isinstance(norm, BatchNormAct2d) else nn.Identity()
 
 
-def _traced_parts(model: nn.Module) -> list[nn.Module]:
-    """The networks of ``model``'s backbones, and its residual adapters."""
+def _traced_parts(model: nn.Module) -> list[tuple[nn.Module, set[str]]]:
+    """The networks of ``model``'s backbones with their stage paths, and its residual adapters.
+
+    A norm that starts a stage keeps its own module: adapters and LoRA hook the stage's input
+    during a forward, which for that norm is the convolution's output, not the folded one's."""
     return [
-        m.net if isinstance(m, Backbone) else m
+        (m.net, {s.name for s in m.stages()}) if isinstance(m, Backbone) else (m, set())
         for m in model.modules()
         if isinstance(m, Backbone | ConvAdapter)
     ]
@@ -171,10 +174,10 @@ def folded_batchnorm(
     originals: dict[int, list[nn.Module]] = {}
     try:
         if enabled and not torch.is_grad_enabled():
-            for net in _traced_parts(model):
+            for net, stages in _traced_parts(model):
                 for conv_path, norm_path in batchnorm_pairs(net):
                     conv, norm = net.get_submodule(conv_path), net.get_submodule(norm_path)
-                    if not _foldable(conv, norm):
+                    if norm_path in stages or not _foldable(conv, norm):
                         continue
                     folded, rest = _folded_conv(conv, norm), _rest_of(norm)
                     _swap(net, conv_path, folded)
