@@ -72,7 +72,7 @@ def markdown(parts: dict[str, Any], smoke: bool) -> str:
             markdown_table(seeds, ["run", "seed", "wall_s", "final_accuracy"]),
             "",
         ]
-        for other in mains[1:]:
+        for other in mains[1:] if mains[0] == "main" else []:
             d = accuracy_difference(parts, other)
             ci = d["ci95"]
             ci_text = f", 95 % CI [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""

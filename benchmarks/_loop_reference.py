@@ -119,6 +119,7 @@ def eval_sweep(fresh, exp, n: int) -> list[dict[str, Any]]:
     model = copy.deepcopy(fresh)
     model.grow(experience_info(exp, 2))
     images = exp.test.images[:n]
+    predict_proba(model, images[:8])  # untimed: the one-off torch.fx trace of the folding
     rows = []
     for layout in ("contiguous", "channels_last"):
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format

@@ -46,6 +46,7 @@ from _calibration_report import ALPHA, CONFIDENCE, SEEDS, markdown, mean_sd, pm
 from _common import REPO, data_root, write_results
 
 from medcl.config import load_config
+from medcl.engine.device import use_layout
 from medcl.engine.layout import RunLayout
 from medcl.engine.posthoc import PostHoc, fit_posthoc, read_posthoc
 from medcl.engine.resume import restore_run
@@ -98,6 +99,7 @@ def _conditional(run_dir: Path, after: int) -> PostHoc:
     cfg, scenario, strategy, _, _ = restore_run(run_dir, after, command="benchmarks/calibration.py")
     calibration = cfg.calibration.model_copy(update={"confidence": CONFIDENCE})
     seen = scenario.experiences[: after + 1]
+    use_layout(strategy, cfg.train.channels_last, seen[0].train.spatial_dims)  # as the run does
     record = fit_posthoc(strategy.eval(), seen, calibration, seed=cfg.seed)
     return PostHoc.from_record(record)
 

@@ -1,15 +1,18 @@
 """End-to-end speed (issue 25): the README main job, the raw-loop reference, a 10-site stream.
 
-Three parts, each saved as soon as it finishes (a rerun skips finished parts; ``--fresh``
-starts over; a part that was interrupted is run again from scratch):
+Parts, each saved as soon as it finishes (a rerun skips finished parts; ``--fresh`` starts
+over; a part that was interrupted is run again from scratch):
 
-- ``main`` / ``main_contiguous``: ``medcl run configs/medmnist-cross3-dynammo.yaml`` as a
-  subprocess (the user's command, report included) at seeds 0, 1, 2, as shipped (NHWC) and with
-  ``train.channels_last=false``: wall time, accuracy, and the phase split ``metrics.json`` records under
-  ``timing`` (train = stage 1; consolidation = merge + stage-2 head re-tuning; features = the
-  forward passes for herding and the stage-2 set, each once; memory = exemplar selection; eval,
-  curves, predictions, checkpoint, metrics; setup = data, model, untrained baseline; report).
-  "Training" in the targets is train + consolidation.
+- ``main`` / ``main_contiguous`` / ``main_unfolded``: ``medcl run
+  configs/medmnist-cross3-dynammo.yaml`` as a subprocess (the user's command, report included)
+  at seeds 0-5 (accuracy reported at the README's 0, 1, 2 and over all), as shipped (NHWC,
+  BatchNorm folded while scoring), with ``train.channels_last=false`` and with
+  ``eval.fold_batchnorm=false``, the variants alternating seed by seed: wall time, accuracy, and
+  the phase split ``metrics.json`` records under ``timing`` (train = stage 1; consolidation =
+  merge + stage-2 head re-tuning; features = the forward passes for herding and the stage-2
+  set, each once; memory = exemplar selection; eval, curves, calibration, predictions,
+  checkpoint, metrics; setup = data, model, untrained baseline; report). "Training" in the
+  targets is train + consolidation.
 - ``loop``: medcl's training loop vs a plain PyTorch loop on the same model and seeded
   batches, contiguous, NHWC and compiled; scoring throughput (``_loop_reference.py``).
 - ``stream``: ``configs/pneumonia-sites-dynammo.yaml`` with 10 simulated sites (small

@@ -165,9 +165,10 @@ class EvalConfig(_Strict):
     )
     fold_batchnorm: bool = Field(
         True,
-        description="fold each backbone BatchNorm into the convolution before it while scoring "
-        "(eval mode: an affine map; outputs equal up to float rounding, fewer passes over the "
-        "activations); training, checkpoints and exports are unchanged",
+        description="fold each backbone and adapter BatchNorm into the convolution before it "
+        "while scoring (eval mode: an affine map; outputs equal up to float rounding, one pass "
+        "over the activations fewer); the folded modules are never trained, checkpointed or "
+        "exported, what scoring computes (herding, stage-2 features) is computed folded",
     )
 
 

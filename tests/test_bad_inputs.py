@@ -292,8 +292,9 @@ def test_start_up_does_not_print_the_cuda_home_notice():
 
 
 def test_the_executable_freezes_the_engine_imports_and_in_process_calls_do_not(tmp_path):
-    """`medcl` (entry_point) imports the engine with the collector paused, then freezes it and
-    collects again; main() called in-process (tests, notebooks) leaves the collector alone."""
+    """`medcl` (entry_point) imports the engine with the collector paused, then freezes what is
+    alive and resumes it; main() called in-process (tests, notebooks) leaves the collector
+    alone."""
     cfg = tmp_path / "cfg.yaml"  # valid; --resume-from 3 is refused after the imports
     cfg.write_text(yaml.safe_dump(_tiny(tmp_path)))
     probe = (

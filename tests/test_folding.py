@@ -143,6 +143,43 @@ def test_only_pairs_the_graph_proves_foldable():
         assert originals == {}
 
 
+class _StdConv(nn.Conv2d):
+    """Rewrites its weight in forward (as timm's StdConv2d): a folded scale would be undone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight / self.weight.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        return self._conv_forward(x, w, self.bias)
+
+
+class _Staged(nn.Module):
+    """A stage whose first operation is a norm fed by a convolution outside it; a subclass of
+    a convolution; a convolution reachable under two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 2, 3, padding=1)
+        self.stage = nn.Sequential(nn.BatchNorm2d(2), nn.ReLU())
+        self.std, self.bn_std = _StdConv(2, 2, 1), nn.BatchNorm2d(2)
+        self.twice, self.bn_twice = nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)
+        self.alias = self.twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage(self.stem(x))
+        x = self.bn_std(self.std(x))
+        return self.bn_twice(self.alias(x)).mean((2, 3))
+
+
+def test_pairs_across_a_stage_subclasses_and_aliases_stay_unfolded():
+    net = _Staged()
+    assert batchnorm_pairs(net) == [("stem", "stage.0")]  # the graph alone cannot see stages
+    model = Backbone(
+        net, name="s", num_features=2, stage_specs=[("stage", 2)], spatial_dims=2, in_chans=2
+    )
+    _randomise_norms(model)
+    with torch.no_grad(), folded_batchnorm(model.eval()) as originals:
+        assert originals == {}
+
+
 class _Untraceable(nn.Module):
     def __init__(self) -> None:
         super().__init__()

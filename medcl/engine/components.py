@@ -54,7 +54,8 @@ def build_components(
 
 def initial_strategy(cfg: RunConfig, input_shape: Sequence[int], scenario_kind: str) -> Strategy:
     """The config's untrained strategy for inputs ``(C, *spatial)``, seeded as every run is
-    (a federated server builds the same initial model as its sites, without their data)."""
+    (a federated server builds the same initial model as its sites, without their data); its
+    feature cache scores as ``eval`` says (``batch_size``, ``fold_batchnorm``)."""
     seed_everything(cfg.seed)  # model initialisation
     backbone = create_backbone(
         cfg.model.backbone,
@@ -65,6 +66,9 @@ def initial_strategy(cfg: RunConfig, input_shape: Sequence[int], scenario_kind: 
         checkpoint_path=cfg.model.checkpoint_path,
         width=cfg.model.width,
     )
-    return create_strategy(
+    strategy = create_strategy(
         cfg.strategy.name, backbone, scenario_kind=scenario_kind, **cfg.strategy.options
     )
+    strategy.feature_cache.batch_size = cfg.eval.batch_size  # scoring passes
+    strategy.feature_cache.fold_batchnorm = cfg.eval.fold_batchnorm
+    return strategy

@@ -165,8 +165,6 @@ def _run(
     start = time.perf_counter()
     latest = RunLayout(run_dir).latest
     scenario, strategy, memory = build_components(cfg)
-    strategy.feature_cache.batch_size = cfg.eval.batch_size
-    strategy.feature_cache.fold_batchnorm = cfg.eval.fold_batchnorm
     state = RunState()
     restoring = resume and (latest.exists() or resume_from is not None)
     if restoring:  # the checkpoint is read (a damaged one refused) before anything is written

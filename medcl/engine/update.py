@@ -83,8 +83,6 @@ def update(
         cohort = {"data": data, "site": site, "new_classes": new_classes}
         state.extra_experiences.append(cohort | {"scenario": data_facts(scenario)})
         memory.attach(scenario.experiences)
-        strategy.feature_cache.batch_size = cfg.eval.batch_size
-        strategy.feature_cache.fold_batchnorm = cfg.eval.fold_batchnorm
         for row in state.accuracy:  # earlier rows had no entry for the new experience
             row.append(float("nan"))
         for row in state.task_accuracy:

@@ -114,7 +114,7 @@ class FeatureCache:
         self.computed = 0
         self.reused = 0
         self.seconds = 0.0
-        self._entries: dict[tuple[str, bool, int], _Entry] = {}
+        self._entries: dict[tuple[str, bool, bool, int], _Entry] = {}
 
     def __deepcopy__(self, memo: dict) -> FeatureCache:
         """A copy of a model gets an empty cache (entries belong to the original's tensors)."""
@@ -189,7 +189,7 @@ class FeatureCache:
         asked: list[tuple[tuple, Tensor]] = []
         for images, rows in parts:
             rows = torch.arange(len(images)) if rows is None else torch.as_tensor(rows).long()
-            key = (name, bf16, id(images))
+            key = (name, bf16, self.fold_batchnorm, id(images))
             if key not in entries:
                 entry = self._entries.get(key)
                 entries[key] = (
@@ -259,7 +259,7 @@ class FeatureCache:
         # (entry number, row) of every row to compute, in order, then cut into batches
         which = torch.cat([torch.full((len(r),), i) for i, (_, r) in enumerate(work)])
         flat = torch.cat([r for _, r in work])
-        hook = nn.modules.module.register_module_forward_pre_hook(seen)
+        hook = None
         bar = progress_bar(total=len(flat), desc=desc, unit="img", hide=desc is None)
         model.eval()
         try:
@@ -268,6 +268,8 @@ class FeatureCache:
                 folded_batchnorm(model, enabled=self.fold_batchnorm) as originals,
                 torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
             ):
+                # after the fold (its trace calls modules with proxies, not rows)
+                hook = nn.modules.module.register_module_forward_pre_hook(seen)
                 for sel in torch.arange(len(flat)).split(batch_size):
                     ids = which[sel].unique_consecutive()
                     pieces = [(work[i][0], flat[sel][which[sel] == i]) for i in ids.tolist()]
@@ -283,7 +285,8 @@ class FeatureCache:
                         entry.values[idx] = chunk
                     bar.update(len(sel))
         finally:
-            hook.remove()
+            if hook is not None:
+                hook.remove()
             bar.close()
             for m, training in modes:
                 m.training = training
