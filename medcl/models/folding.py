@@ -4,7 +4,7 @@ In eval mode a BatchNorm with running statistics is a per-channel affine map,
 ``bn(y) = s * y + t`` with ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s``. When
 ``y`` is a convolution's output, the map folds into the convolution (``W' = s W``,
 ``b' = s b + t``), which saves one pass over every activation: on this repository's 2-core CPU,
-the main job's EfficientNet-Lite0 at 64 px in NHWC scores 1.18x as many images per second
+the main job's EfficientNet-Lite0 at 64 px in NHWC scores 1.15x as many images per second
 folded at ``eval.batch_size`` 64, and the main job takes 1.8 s less
 (``benchmarks/results/end_to_end.md``). The same rewrite is what
 ``torch.ao.quantization.fuse_modules`` and ONNX runtimes do; here it is done for the duration
