@@ -13,13 +13,7 @@ from medcl.models.backbones import Backbone, create_backbone
 from medcl.models.feature_cache import FeatureCache
 from medcl.models.folding import batchnorm_pairs, folded_batchnorm
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise_norms(module: nn.Module) -> None:
