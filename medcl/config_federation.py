@@ -57,6 +57,12 @@ class FederationConfig(_Strict):
         description="BatchNorm statistics a site scores and exports with: 'mean' the global "
         "model's (averaged like any tensor); 'local' its own, re-estimated on its rows (SiloBN)",
     )
+    batchnorm_anchor: bool = Field(
+        True,
+        description="with batchnorm 'local': a site with no new images in an experience "
+        "corrects its memory's statistics by how they differed from its cohort's when it last "
+        "held one (false: the memory's as they are)",
+    )
     min_sites: int = Field(1, ge=1, description="replies a round needs to be aggregated")
     retries: int = Field(1, ge=0, description="times a round with too few replies is repeated")
     round_timeout: float = Field(600.0, gt=0, description="seconds a round waits for replies")
@@ -99,6 +105,12 @@ class FederationConfig(_Strict):
                 f"{', '.join(f'{k}={v}' for k, v in changed.items())}: FedAvgM's server step, "
                 f"used by aggregation 'fedavgm' only; got aggregation {self.aggregation!r}. Set "
                 f"aggregation: fedavgm, or remove {' and '.join(changed)}"
+            )
+        if not self.batchnorm_anchor and self.batchnorm != "local":
+            raise ValueError(
+                "batchnorm_anchor=False corrects local BatchNorm statistics, used with "
+                f"batchnorm 'local' only; got batchnorm {self.batchnorm!r}. Set batchnorm: local, "
+                "or remove batchnorm_anchor"
             )
         if self.engine == "simulation" and (self.superlink or self.tls):
             raise ValueError("engine 'simulation' runs in one process: remove superlink and tls")

@@ -1,7 +1,10 @@
 """``federation.batchnorm: local``: each site scores and exports the global model with BatchNorm
-statistics re-estimated on its own rows (SiloBN); they never leave the site."""
+statistics re-estimated on its own rows (SiloBN), anchored where it holds only its memory; they
+never leave the site."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ from medcl.engine.resume import restore_run
 from medcl.errors import ConfigError
 from medcl.federated.launch import check_federation
 from medcl.federated.server import serve
-from medcl.models.norm_stats import reestimate_batchnorm
+from medcl.models.norm_stats import anchor_statistics, norm_statistics, reestimate_batchnorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,14 +85,22 @@ def _checkpoint(run_dir, k: int) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "checkpoints" / f"exp-{k:03d}" / "strategy.safetensors"))
 
 
-@pytest.mark.parametrize("batchnorm", ["local", "mean"])
-def test_local_scores_each_site_with_statistics_of_its_own_rows(tmp_path, batchnorm):
+def _stats(state: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k in state if k.endswith(("running_mean", "running_var"))]
+
+
+@pytest.mark.parametrize(
+    "federation",
+    [{"batchnorm": "local"}, {"batchnorm": "local", "batchnorm_anchor": False}, {}],
+    ids=["local", "local-unanchored", "mean"],
+)
+def test_local_scores_each_site_with_statistics_of_its_own_rows(tmp_path, federation):
     """Experience 1: site-1 holds the new cohort, site-0 only its memory of experience 0."""
-    cfg = _cfg(tmp_path, batchnorm=batchnorm)
+    cfg = _cfg(tmp_path, **federation)
     link = LocalLink(cfg, tmp_path / "sites")
     run_dir = serve(cfg, tmp_path / "fed" / cfg.run_name, link)
     glob = _checkpoint(run_dir, 1)
-    stats = [k for k in glob if k.endswith(("running_mean", "running_var"))]
+    stats = _stats(glob)
     weights = [k for k in glob if k.endswith("conv1.weight")]
     assert stats and weights
     evaluated = [r for q, r, _ in link.sent if q.kind == "evaluate" and r is not None]
@@ -98,21 +109,86 @@ def test_local_scores_each_site_with_statistics_of_its_own_rows(tmp_path, batchn
         site = _checkpoint(tmp_path / "sites" / name, 1)
         assert all(torch.equal(site[k], glob[k]) for k in weights)  # the global weights
         same = [torch.equal(site[k], glob[k]) for k in stats]
-        if batchnorm == "mean":
+        if not federation:
             assert all(same)
             continue
         assert not any(same)
-        # exactly the global model's statistics re-estimated on the site's rows
+        # the global model's statistics re-estimated on the site's rows: its cohort and its
+        # exemplars of experience 0 (a site's memory of experience 0 is the same before and
+        # after experience 1 here: one of the two sites holds each experience)
         _, scenario, strategy, memory, _ = restore_run(tmp_path / "sites" / name)
         strategy.load_state_dict(glob)
-        # its cohort and its exemplars of experience 0 (a site's memory of experience 0 is the
-        # same before and after experience 1 here: one of the two sites holds each experience)
         rows = [scenario[1].train.images, memory.exemplars(exclude=1)]
         n = reestimate_batchnorm(strategy, rows, batch_size=cfg.eval.batch_size)
         assert n == len(scenario[1].train) + len(rows[1]) > 0
+        if name == "site-0" and federation.get("batchnorm_anchor", True):
+            assert len(rows[0]) == 0  # memory only: moved by the anchor of experience 0
+            cohort, mem = _anchor(tmp_path / "sites" / name, memory, cfg.eval.batch_size)
+            assert anchor_statistics(strategy, cohort, mem) > 0
         state = strategy.state_dict()
         for k in stats:
             torch.testing.assert_close(site[k], state[k])
+    for name in ("site-0", "site-1"):  # both held a cohort
+        held = (tmp_path / "sites" / name / "federated" / "norm_anchor.safetensors").is_file()
+        assert held == federation.get("batchnorm_anchor", bool(federation))
+
+
+def _anchor(site_dir, memory, batch_size: int) -> tuple[dict, dict]:
+    """The anchor site-0 recorded in experience 0, checked against that experience's own
+    checkpoint (the statistics it scored with) and its memory under that experience's weights."""
+    anchor = load_file(str(site_dir / "federated" / "norm_anchor.safetensors"))
+    then = _checkpoint(site_dir, 0)
+    cohort = {k: anchor[f"cohort/{k}"] for k in _stats(then)}
+    mem = {k: anchor[f"memory/{k}"] for k in _stats(then)}
+    assert len(anchor) == 2 * len(cohort)
+    for k in cohort:
+        assert torch.equal(cohort[k], then[k]), k
+    _, _, old, _, _ = restore_run(site_dir, 0)
+    reestimate_batchnorm(old, [memory.exemplars()], batch_size=batch_size)
+    for k, v in norm_statistics(old).items():
+        torch.testing.assert_close(mem[k], v)
+    return cohort, mem
+
+
+def test_anchoring_recovers_the_cohort_statistics_from_a_typical_memory():
+    """A memory of the cohort's most typical rows (as herding keeps) under-states its spread;
+    after the weights move a little, the anchored statistics are far closer to the whole
+    cohort's than the memory's own (the difference estimator's error is the weights' change
+    times the memory's bias, the memory's own is the new weights times it)."""
+    torch.manual_seed(0)
+    net = _Net()
+    level = torch.randint(0, 200, (400, 1, 1, 1))  # rows differ in brightness
+    cohort = (level + torch.randint(0, 56, (400, 1, 12, 12))).to(torch.uint8)
+    typical = (level.flatten() - level.float().median()).abs().argsort()[:40]
+    memory = cohort[typical]
+    reestimate_batchnorm(net, [cohort])
+    then = norm_statistics(net)
+    reestimate_batchnorm(net, [memory])
+    mem_then = norm_statistics(net)
+    with torch.no_grad():  # the weights move a little (later rounds)
+        net.conv.weight.mul_(1.1).add_(0.02 * torch.randn_like(net.conv.weight))
+    reestimate_batchnorm(net, [cohort])
+    truth = norm_statistics(net)
+    reestimate_batchnorm(net, [memory])
+    plain = norm_statistics(net)
+    assert anchor_statistics(net, then, mem_then) == 2  # the frozen norm and the trained one
+    anchored = norm_statistics(net)
+    for k in ("bn.running_mean", "bn.running_var"):
+        err_plain = (plain[k] - truth[k]).abs().max()
+        err_anchor = (anchored[k] - truth[k]).abs().max()
+        assert err_anchor < 0.25 * err_plain, (k, err_anchor, err_plain)
+    # a norm the anchor does not hold (another shape) keeps the memory's statistics
+    short = {k: v[:2] for k, v in then.items()}
+    reestimate_batchnorm(net, [memory])
+    assert anchor_statistics(net, short, mem_then) == 0
+    assert all(torch.equal(v, plain[k]) for k, v in norm_statistics(net).items())
+
+
+def test_anchor_option_is_checked(tmp_path):
+    match = ("batchnorm_anchor=False corrects local BatchNorm statistics, used with batchnorm "
+             "'local' only; got batchnorm 'mean'. Set batchnorm: local, or remove batchnorm_anchor")  # fmt: skip
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        _cfg(tmp_path, batchnorm_anchor=False)
 
 
 def test_training_starts_from_the_global_statistics_again(tmp_path):

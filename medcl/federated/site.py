@@ -17,7 +17,8 @@ the clinical report), so every medcl command works on it (``medcl report SITE_DI
    writes metrics in its run directory (:func:`~medcl.engine.run.finish_experience`) and sends back
    its test and validation accuracy per experience (and, after the last, writes its report).
    With ``federation.batchnorm: local`` the site's BatchNorm statistics, re-estimated on its own
-   rows before step 2's consolidation, serve steps 2 and 3 and stay at the site.
+   rows before step 2's consolidation (anchored where it has only its memory:
+   :mod:`medcl.federated.local_stats`), serve steps 2 and 3 and stay at the site.
 
 Between messages nothing stays in memory (Flower's deployment engine starts a ClientApp process
 per message): the state is the last checkpoint plus a working checkpoint, and a restore repeats
@@ -56,8 +57,8 @@ from medcl.engine.timing import PhaseTimer
 from medcl.engine.trainer import FitStats, begin_experience, end_experience, train_updates
 from medcl.errors import ConfigError
 from medcl.federated.arrays import changed_keys, load_arrays, to_numpy, trainable_keys
+from medcl.federated.local_stats import LocalStatistics
 from medcl.federated.work import Work, total
-from medcl.models.norm_stats import reestimate_batchnorm
 from medcl.strategies.base import ExperienceInfo
 
 #: strategies a site can train: name -> (rehearses its memory in an experience without new
@@ -127,6 +128,7 @@ class Site:
         self.scenario = scenario
         self.memory.attach(self.scenario.experiences)
         self.rehearses, self.consolidates_empty = SUPPORTED[cfg.strategy.name]
+        self.norms = LocalStatistics(cfg, self.strategy, self.memory, self.dir / "federated")
         self.state, self.work = RunState(), Work()
         self._restore()
 
@@ -282,7 +284,7 @@ class Site:
         self._enter(t, arrays, version)
         exp = self.scenario[t]
         if self.work.consolidated < t:
-            self._local_statistics(t)  # before the snapshot: they are not sent
+            self.norms.estimate(t, exp.train.images)  # before the snapshot: they are not sent
             before = {k: v.clone() for k, v in self.strategy.state_dict().items()}
             if len(exp.train) or self.consolidates_empty:
                 end_experience(
@@ -291,6 +293,7 @@ class Site:
                     memory=self.memory,
                     channels_last=self.cfg.train.channels_last,
                 )
+                self.norms.record(exp.train.images)
             else:  # nothing to consolidate on: the memory only (it has no rows of `t` to add)
                 self.strategy.eval()
             self.work.consolidated = t
@@ -314,8 +317,9 @@ class Site:
         if self.state.completed < t:
             self._enter(t, arrays, version)
             if self.work.consolidated < t:  # restarted after consolidating: memory only
-                self._local_statistics(t)
+                self.norms.estimate(t, self.scenario[t].train.images)
                 self.memory.update(self.scenario[t])
+                self.norms.record(self.scenario[t].train.images)
                 self.work.consolidated = t
             stats = total([FitStats(**r) for _, r in sorted(self.work.fit.items())])
             self.state.global_update += stats.updates
@@ -358,13 +362,6 @@ class Site:
             self.work = dataclasses.replace(self.work, begun=t, fit={})
         load_arrays(self.strategy, arrays)
         self.work.synced_version = version
-
-    def _local_statistics(self, t: int) -> None:
-        """``federation.batchnorm: local`` (SiloBN): BatchNorm statistics of the site's own rows,
-        experience ``t``'s and its memory's of earlier experiences, for herding and scoring."""
-        if self.cfg.federation.batchnorm == "local":
-            rows = [self.scenario[t].train.images, self.memory.exemplars(exclude=t)]
-            reestimate_batchnorm(self.strategy, rows, batch_size=self.cfg.eval.batch_size)
 
     def _proximal(self, keys: list[str], mu: float):
         """FedProx's ``mu/2 ||w - w_global||^2`` over the trained parameters (Li et al., 2020)."""

@@ -6,13 +6,20 @@ statistics are computed again, as ``torch.optim.swa_utils.update_bn`` does for a
 reset, then forward passes in training mode. Here the rows are shuffled together (each batch
 mixes every group given, as a replay batch mixes cohort and memory) and every batch counts by
 its rows. A federated site does this with ``federation.batchnorm: local`` (SiloBN).
+
+When the rows at hand are a replay memory (herded exemplars: typical images, class-balanced)
+rather than a sample of the cohort they stand for, their statistics are biased. Where the
+whole cohort was once measured under earlier weights and the memory under those same weights,
+:func:`anchor_statistics` corrects the memory's current statistics by that measured difference:
+the difference estimator of double sampling (Cochran, *Sampling Techniques*, 3rd ed., 1977,
+ch. 12), for each channel's mean, and its ratio form for the variance.
 """
 
 from __future__ import annotations
 
-__all__ = ["norm_buffer_keys", "reestimate_batchnorm"]
+__all__ = ["anchor_statistics", "norm_buffer_keys", "norm_statistics", "reestimate_batchnorm"]
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -80,3 +87,50 @@ def reestimate_batchnorm(
             m.momentum = momentum
             m.eval()
     return n
+
+
+def norm_statistics(model: nn.Module) -> dict[str, Tensor]:
+    """Copies of every BatchNorm's running mean and variance, by state key."""
+    return {
+        f"{name}.{b}" if name else b: getattr(m, b).detach().clone()
+        for name, m in model.named_modules()
+        if isinstance(m, _BN) and m.running_mean is not None
+        for b in ("running_mean", "running_var")
+    }
+
+
+@torch.no_grad()
+def anchor_statistics(
+    model: nn.Module, cohort: Mapping[str, Tensor], memory: Mapping[str, Tensor]
+) -> int:
+    """Correct statistics just estimated on a memory by how the memory differed from its cohort.
+
+    ``model``'s running statistics are the memory's under the current weights (``m_now``,
+    ``v_now``: :func:`reestimate_batchnorm` on the memory); ``cohort`` and ``memory`` hold the
+    whole cohort's and the memory's, both under the weights of the time the cohort was at hand.
+    Each channel becomes ``mean = cohort_mean + (m_now - memory_mean)`` and ``var =
+    cohort_var * v_now / memory_var``: the cohort's statistics, moved as far as the weights
+    have moved the memory's. A norm whose entries are missing from either mapping, or of
+    another shape, keeps the memory's statistics.
+
+    Args:
+        model: a strategy or network whose BatchNorm statistics were re-estimated on a memory.
+        cohort: :func:`norm_statistics` of the cohort (with the memory of earlier ones) then.
+        memory: :func:`norm_statistics` of the memory, under the same weights.
+
+    Returns:
+        The number of BatchNorms corrected.
+    """
+    done = 0
+    for name, m in model.named_modules():
+        if not isinstance(m, _BN) or m.running_mean is None:
+            continue
+        keys = [f"{name}.{b}" if name else b for b in ("running_mean", "running_var")]
+        then = [d.get(k) for d in (cohort, memory) for k in keys]  # mean/var of each
+        if any(t is None or t.shape != m.running_mean.shape for t in then):
+            continue
+        c_mean, c_var, k_mean, k_var = (t.to(m.running_mean) for t in then)
+        m.running_mean.add_(c_mean - k_mean)
+        m.running_var.mul_(c_var / k_var.clamp_min(m.eps))
+        done += 1
+    return done
