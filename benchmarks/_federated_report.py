@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 from _common import markdown_table
 from _federated_bytes import bytes_table
+from _federated_stats import statistics_table
 
 ARMS = {
     "central": "centralised: one place, one memory",
@@ -75,6 +76,15 @@ def render(
             "chosen": c["chosen"], "at edge": c["at_edge"]}
            for n, s in streams.items() for bn, c in s["server_lr"].items()]  # fmt: skip
     lines += [markdown_table(sel, ["stream", "batchnorm", "grid", "val accuracy", "chosen", "at edge"])]  # fmt: skip
+    lines += ["", "## The BatchNorm statistics of a hospital without the final cohort", "",
+              "`federated-local` runs, final global weights, each such hospital's test rows "
+              "(pooled), scored with its statistics as the run kept them (anchored to the cohort "
+              "it last held, `federation.batchnorm_anchor`), re-estimated on its memory alone "
+              "(the option off), and on every training row it held (a reference: a continual "
+              "site keeps only its memory); mean ± sd over hospitals x seeds, paired differences "
+              "with 95 % t CIs (`benchmarks/_federated_stats.py`). A stream whose hospitals all "
+              "hold rows of the final experience has no row.", ""]  # fmt: skip
+    lines += [statistics_table(payload["batchnorm_statistics"])]
     lines += ["", "## Bytes per training round (pneumonia-sites, 4 hospitals, seed 0)", ""]
     lines += [bytes_table(full, dyn), "", "The target is read at the reference adapter width "
               "(1.0: the paper's, no bottleneck); `adapter_width` 0.5 and 0.25 are an option, "

@@ -75,6 +75,7 @@ from _common import (
 )
 from _federated_bytes import bytes_targets, dynammo_bytes, ratios
 from _federated_report import arm_name, render
+from _federated_stats import statistics_ablation
 
 from medcl.config import resolved_yaml, validate_config
 from medcl.engine.run import run
@@ -163,6 +164,7 @@ def _federated(extra, seed, root, work, quiet, engine="simulation") -> dict[str,
         updates += sum(f["updates"] for f in json.loads(metrics.read_text())["fit"])
     train = [r for r in record["rounds"] if r["kind"] == "train"]
     return {
+        "run_dir": str(run_dir),
         "final": record["accuracy_matrix"][-1],
         "learned": _learned(record["accuracy_matrix"]),
         "final_val": (record.get("pooled_val") or [[]])[-1],
@@ -313,6 +315,10 @@ def main() -> None:
             "server_lr": chosen,  # batchnorm -> the selection record
             "selected_arm": None if best is None else arm_name(chosen[best]["chosen"], best),
         }
+    ablations = {  # the statistics a hospital without the final cohort scores with
+        name: statistics_ablation([r["run_dir"] for r in s["runs"]["federated-local"]])
+        for name, s in streams.items()
+    }
     pneumonia, shared = list(STREAMS)[:2]
     dyn = dynammo_bytes(_federated, root, work, args.quiet)  # adapter width -> run
     full = streams[pneumonia]["runs"]["federated"][0]
@@ -349,6 +355,7 @@ def main() -> None:
             "ratio_by_width": ratio,
         },
         "kill": kill,
+        "batchnorm_statistics": ablations,
         "seeds": list(SEEDS),
         "budget": "per experience: central 2 epochs; federated 2 rounds x 1 local epoch",
         "selection_seed": SELECTION_SEED,
