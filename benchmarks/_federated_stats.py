@@ -48,6 +48,9 @@ def statistics_ablation(run_dirs: list[Path]) -> dict[str, Any]:
             cfg, scenario, strategy, memory, state = restore_run(site)
             if len(scenario[len(scenario) - 1].train):  # scored with its cohort's statistics
                 continue
+            if not (site / "federated" / "norm_anchor.safetensors").is_file():
+                raise SystemExit(f"{site} has no statistics anchor (a run made before "
+                                 "federation.batchnorm_anchor?): delete the run and run again")  # fmt: skip
             held = [e for e in scenario if len(e.test)]
             acc = {"anchored": _pooled(strategy, held)}
             recorded = np.average([state.accuracy[-1][e.index] for e in held],
@@ -75,9 +78,10 @@ def statistics_table(ablations: dict[str, dict[str, Any]]) -> str:
         if not a["pairs"]:
             continue
         row = {"stream": stream, "hospitals x seeds": len(a["pairs"])}
-        row |= {w: f"{np.mean(a[w]):.3f} ± {np.std(a[w], ddof=1):.3f}" for w in WAYS}
+        sd = {w: np.std(a[w], ddof=1) if len(a[w]) > 1 else float("nan") for w in WAYS}
+        row |= {w: f"{np.mean(a[w]):.3f} ± {sd[w]:.3f}" for w in WAYS}
         for d in ("anchored - memory", "anchored - all rows"):
-            ci = a[d]["ci95"]
+            ci = a[d]["ci95"] or [float("nan")] * 2  # one pair: no interval
             row[d] = f"{a[d]['mean']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
         rows.append(row)
     cols = ["stream", "hospitals x seeds", *WAYS, "anchored - memory", "anchored - all rows"]

@@ -108,8 +108,8 @@ class FederationConfig(_Strict):
             )
         if not self.batchnorm_anchor and self.batchnorm != "local":
             raise ValueError(
-                "batchnorm_anchor=False corrects local BatchNorm statistics, used with "
-                f"batchnorm 'local' only; got batchnorm {self.batchnorm!r}. Set batchnorm: local, "
+                "batchnorm_anchor applies to batchnorm 'local' only (it corrects each site's own "
+                f"BatchNorm statistics); got batchnorm {self.batchnorm!r}. Set batchnorm: local, "
                 "or remove batchnorm_anchor"
             )
         if self.engine == "simulation" and (self.superlink or self.tls):

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from medcl.config import validate_config
 from medcl.data.partition import site_rows
+from medcl.engine.resume import restore_run
 from medcl.engine.run import run
 from medcl.errors import ConfigError
 from medcl.federated.arrays import METRIC_KEYS, LeakError, audit, model_keys
@@ -165,8 +166,10 @@ def test_audit_refuses_images_labels_and_indices(tmp_path):
         audit(strategy, {}, {"updates": [3, 4, 5]}, where="site-0", num_experiences=2)
 
 
-def test_a_dead_site_is_left_out_and_catches_up_when_it_returns(tmp_path):
+@pytest.mark.parametrize("selection", ["random", "herding"])
+def test_a_dead_site_is_left_out_and_catches_up_when_it_returns(tmp_path, selection):
     cfg = _cfg(tmp_path, {"name": "replay"}, retries=0)
+    cfg = cfg.model_copy(update={"memory": cfg.memory.model_copy(update={"selection": selection})})
 
     class Flaky(LocalLink):
         def exchange(self, requests, timeout):
@@ -184,6 +187,8 @@ def test_a_dead_site_is_left_out_and_catches_up_when_it_returns(tmp_path):
     assert train[1]["failed"] == ["site-1"] and train[1]["sites"] == ["site-0"]
     assert train[-1]["sites"] == ["site-0", "site-1"]  # rejoined
     assert len(record["site_accuracy"]["site-1"]) >= 1
+    _, _, _, memory, _ = restore_run(tmp_path / "sites" / "site-1")
+    assert (memory.exp_ == 0).sum() > 0  # its images of the missed experience were kept
     # not corrupted: the rejoined site received every tensor it missed and holds the aggregate
     g = _tensors(fed, 1)
     s1 = _tensors(tmp_path / "sites" / "site-1", 1)
@@ -231,8 +236,6 @@ def test_medcl_run_refuses_a_federated_config(tmp_path):
 
 def test_a_site_directory_restores_with_the_site_rows_only(tmp_path):
     """`medcl export sites/NAME` fits its OOD guard on that site's images, not everyone's."""
-    from medcl.engine.resume import restore_run
-
     cfg = _cfg(tmp_path, {"name": "replay"})
     _serve(cfg, tmp_path)
     for name in ("site-0", "site-1"):

@@ -5,6 +5,7 @@ never leave the site."""
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from medcl.data.transforms import to_model_input
 from medcl.engine.resume import restore_run
 from medcl.errors import ConfigError
 from medcl.federated.launch import check_federation
+from medcl.federated.local_stats import LocalStatistics
 from medcl.federated.server import serve
 from medcl.models.norm_stats import anchor_statistics, norm_statistics, reestimate_batchnorm
 
@@ -103,8 +105,8 @@ def test_local_scores_each_site_with_statistics_of_its_own_rows(tmp_path, federa
     stats = _stats(glob)
     weights = [k for k in glob if k.endswith("conv1.weight")]
     assert stats and weights
-    evaluated = [r for q, r, _ in link.sent if q.kind == "evaluate" and r is not None]
-    assert evaluated and all(r.arrays == {} for r in evaluated)  # statistics stay at the site
+    replies = [r for q, r, _ in link.sent if q.kind != "train" and r is not None]
+    assert replies and not any(_stats(r.arrays) for r in replies)  # statistics stay at the site
     for name in ("site-0", "site-1"):
         site = _checkpoint(tmp_path / "sites" / name, 1)
         assert all(torch.equal(site[k], glob[k]) for k in weights)  # the global weights
@@ -121,13 +123,19 @@ def test_local_scores_each_site_with_statistics_of_its_own_rows(tmp_path, federa
         rows = [scenario[1].train.images, memory.exemplars(exclude=1)]
         n = reestimate_batchnorm(strategy, rows, batch_size=cfg.eval.batch_size)
         assert n == len(scenario[1].train) + len(rows[1]) > 0
+        plain = strategy.state_dict()
+        expected = dict(plain)
         if name == "site-0" and federation.get("batchnorm_anchor", True):
             assert len(rows[0]) == 0  # memory only: moved by the anchor of experience 0
             cohort, mem = _anchor(tmp_path / "sites" / name, memory, cfg.eval.batch_size)
-            assert anchor_statistics(strategy, cohort, mem) > 0
-        state = strategy.state_dict()
+            for k in stats:  # the cohort's statistics, moved as the memory's moved since
+                if k.endswith("running_mean"):
+                    expected[k] = cohort[k] + plain[k] - mem[k]
+                else:
+                    expected[k] = plain[k] * cohort[k] / mem[k]
+            assert not any(torch.allclose(site[k], plain[k]) for k in stats)
         for k in stats:
-            torch.testing.assert_close(site[k], state[k])
+            torch.testing.assert_close(site[k], expected[k])
     for name in ("site-0", "site-1"):  # both held a cohort
         held = (tmp_path / "sites" / name / "federated" / "norm_anchor.safetensors").is_file()
         assert held == federation.get("batchnorm_anchor", bool(federation))
@@ -140,7 +148,10 @@ def _anchor(site_dir, memory, batch_size: int) -> tuple[dict, dict]:
     then = _checkpoint(site_dir, 0)
     cohort = {k: anchor[f"cohort/{k}"] for k in _stats(then)}
     mem = {k: anchor[f"memory/{k}"] for k in _stats(then)}
-    assert len(anchor) == 2 * len(cohort)
+    assert {k for k in anchor if k.startswith("rows/")} == {
+        f"rows/{k}" for k in memory.state_dict()
+    }
+    assert len(anchor) == 2 * len(cohort) + len(memory.state_dict())
     for k in cohort:
         assert torch.equal(cohort[k], then[k]), k
     _, _, old, _, _ = restore_run(site_dir, 0)
@@ -171,8 +182,11 @@ def test_anchoring_recovers_the_cohort_statistics_from_a_typical_memory():
     truth = norm_statistics(net)
     reestimate_batchnorm(net, [memory])
     plain = norm_statistics(net)
-    assert anchor_statistics(net, then, mem_then) == 2  # the frozen norm and the trained one
+    frozen = {k: v for k, v in plain.items() if k.startswith("frozen.")}
+    then = then | {k: v + 1 for k, v in then.items() if k.startswith("frozen.")}  # would move it
+    assert anchor_statistics(net, then, mem_then) == 1  # the trained norm; not the frozen one
     anchored = norm_statistics(net)
+    assert all(torch.equal(anchored[k], v) for k, v in frozen.items())
     for k in ("bn.running_mean", "bn.running_var"):
         err_plain = (plain[k] - truth[k]).abs().max()
         err_anchor = (anchored[k] - truth[k]).abs().max()
@@ -184,9 +198,67 @@ def test_anchoring_recovers_the_cohort_statistics_from_a_typical_memory():
     assert all(torch.equal(v, plain[k]) for k, v in norm_statistics(net).items())
 
 
+def test_a_channel_constant_over_the_memory_takes_the_difference_for_its_variance():
+    net = _Net()
+    net.bn.running_var.fill_(2.0)
+    cohort = {"bn.running_mean": torch.zeros(4), "bn.running_var": torch.tensor([5.0, 5, 5, 1])}
+    memory = {"bn.running_mean": torch.zeros(4), "bn.running_var": torch.tensor([0.0, 1, 1, 4])}
+    assert anchor_statistics(net, cohort, memory) == 1
+    torch.testing.assert_close(net.bn.running_var, torch.tensor([7.0, 10, 10, 0.5]))
+    net.bn.running_var.fill_(2.0)
+    anchor_statistics(net, cohort | {"bn.running_var": torch.tensor([5.0, 5, 5, 1])},
+                      memory | {"bn.running_var": torch.tensor([1e-6, 1, 1, 4])})  # fmt: skip
+    torch.testing.assert_close(net.bn.running_var[0], torch.tensor(2.0 + 5.0 - 1e-6))  # below eps
+
+
+class _Memory:
+    """What :class:`LocalStatistics` reads of a replay memory: its images and its rows."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images, self.rows = images, {"index": torch.arange(len(images))}
+
+    def exemplars(self, *, exclude: int | None = None) -> torch.Tensor:
+        return self.images
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.rows)
+
+
+def test_site_statistics_record_then_anchor_while_the_memory_holds_the_same_rows(tmp_path):
+    torch.manual_seed(0)
+    level = torch.randint(0, 200, (300, 1, 1, 1))
+    cohort = (level + torch.randint(0, 56, (300, 1, 12, 12))).to(torch.uint8)
+    memory = _Memory(cohort[(level.flatten() - 100).abs().argsort()[:30]])
+    cfg = SimpleNamespace(federation=SimpleNamespace(batchnorm="local", batchnorm_anchor=True),
+                          eval=SimpleNamespace(batch_size=64))  # fmt: skip
+    net = _Net()
+    site = LocalStatistics(cfg, net, memory, tmp_path)
+    site.estimate(0, cohort)  # experience 0: its cohort (the memory of earlier ones is the same)
+    scored = {k: v.clone() for k, v in net.state_dict().items()}
+    site.record(cohort[:0])  # no rows of its own: nothing recorded
+    assert not site.file.is_file()
+    site.record(cohort)
+    assert site.file.is_file()
+    assert all(torch.equal(v, scored[k]) for k, v in net.state_dict().items())  # left as it was
+    with torch.no_grad():
+        net.conv.weight.mul_(1.1)
+    reestimate_batchnorm(net, [memory.images])
+    plain = norm_statistics(net)
+    site.estimate(1, cohort[:0])
+    anchored = norm_statistics(net)
+    assert not torch.allclose(anchored["bn.running_var"], plain["bn.running_var"])
+    memory.rows["index"] = memory.rows["index"] + 1  # the memory changed since (caught up)
+    site.estimate(1, cohort[:0])
+    assert all(torch.equal(v, plain[k]) for k, v in norm_statistics(net).items())
+    cfg.federation.batchnorm_anchor = False  # the ablation: never records
+    LocalStatistics(cfg, net, memory, tmp_path / "off").record(cohort)
+    assert not (tmp_path / "off" / "norm_anchor.safetensors").exists()
+
+
 def test_anchor_option_is_checked(tmp_path):
-    match = ("batchnorm_anchor=False corrects local BatchNorm statistics, used with batchnorm "
-             "'local' only; got batchnorm 'mean'. Set batchnorm: local, or remove batchnorm_anchor")  # fmt: skip
+    match = ("batchnorm_anchor applies to batchnorm 'local' only (it corrects each site's own "
+             "BatchNorm statistics); got batchnorm 'mean'. Set batchnorm: local, or remove "
+             "batchnorm_anchor")  # fmt: skip
     with pytest.raises(ConfigError, match=re.escape(match)):
         _cfg(tmp_path, batchnorm_anchor=False)
 

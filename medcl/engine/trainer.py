@@ -16,6 +16,7 @@ __all__ = [
     "make_optimizer",
     "seed_everything",
     "train_updates",
+    "update_memory",
 ]
 
 import math
@@ -368,9 +369,21 @@ def end_experience(
     timer.add("features", cache.seconds - passes)
     timer.add("consolidation", passes - cache.seconds)
     strategy.eval()
+    update_memory(strategy, exp, memory, timer=timer)
+    dist.sync(strategy, memory)  # every rank continues from exactly rank 0's model and memory
+    cache.clear()
+    use_layout(strategy, False, exp.train.spatial_dims)
 
-    # herding's features from the cache: a consolidation that herded on the same features
-    # (DynaMMo's stage 2) already computed them
+
+def update_memory(
+    strategy: Strategy, exp: Experience, memory: ReplayMemory, *, timer: PhaseTimer | None = None
+) -> None:
+    """``exp``'s exemplars into ``memory`` (step 4 of :func:`end_experience`), herding's features
+    from the strategy's feature cache: a consolidation that herded on the same features
+    (DynaMMo's stage 2) already computed them."""
+    timer = timer if timer is not None else PhaseTimer()
+    cache = strategy.feature_cache
+
     def features(rows: Tensor | None = None) -> Tensor:
         desc = f"exp {exp.index} {exp.name}: memory features"
         return cache.outputs(
@@ -384,6 +397,3 @@ def end_experience(
         memory.update(exp, features=features)
     timer.add("features", cache.seconds - passes)
     timer.add("memory", passes - cache.seconds)
-    dist.sync(strategy, memory)  # every rank continues from exactly rank 0's model and memory
-    cache.clear()
-    use_layout(strategy, False, exp.train.spatial_dims)

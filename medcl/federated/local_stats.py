@@ -13,11 +13,13 @@ site 1): the same weights scored 0.67 with statistics of its 200 exemplars, 0.78
 
 So a site that held a cohort records, after that experience's memory update, two sets of
 statistics under the same weights: those it scores with (cohort and memory) and its memory's
-alone (``SITE_DIR/federated/norm_anchor.safetensors``, written atomically). In a later experience
-without new images it corrects its memory's statistics by their recorded difference
-(:func:`~medcl.models.norm_stats.anchor_statistics`, double sampling's difference estimator).
+alone, with the memory's rows they were computed on (``SITE_DIR/federated/norm_anchor.
+safetensors``, written atomically). In a later experience without new images, while its memory
+still holds those rows, it corrects its memory's statistics by their recorded difference
+(:func:`~medcl.models.norm_stats.anchor_statistics`, double sampling's difference estimator);
+a memory changed since (an experience caught up after the site was offline) is used as it is.
 ``federation.batchnorm_anchor: false`` leaves the memory's statistics as they are (the ablation).
-Neither set leaves the site.
+Nothing of it leaves the site.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from medcl.models.norm_stats import (
 )
 from medcl.strategies.base import Strategy
 
-_PARTS = ("cohort", "memory")
+_PARTS = ("cohort", "memory", "rows")  # statistics, and the memory rows they describe
 
 
 class LocalStatistics:
@@ -67,7 +69,7 @@ class LocalStatistics:
     def estimate(self, t: int, own: Tensor) -> None:
         """Statistics for experience ``t`` from its rows here, ``own`` ``(N, C, ...)`` (may be
         empty), and the memory's exemplars of earlier experiences; anchored when ``own`` is
-        empty and the site has held a cohort before."""
+        empty and the memory holds the rows of the site's last anchor."""
         if not self.local:
             return
         anchor = self._read() if self.anchored and len(own) == 0 else None
@@ -76,29 +78,39 @@ class LocalStatistics:
             anchor_statistics(self.strategy, anchor["cohort"], anchor["memory"])
 
     def record(self, own: Tensor) -> None:
-        """After an experience's memory update, when the site held ``own`` rows of it: keep the
-        statistics it scores with and its memory's, both under the current weights. The
-        strategy's statistics are left as they were."""
+        """After an experience's memory update, when the site held ``own`` rows ``(N, C, ...)``
+        of it: keep the statistics it scores with and its memory's, both under the current
+        weights (nothing when the memory has fewer than two rows). The strategy's statistics
+        are left as they were."""
         if not self.anchored or len(own) == 0:
             return
         state = self.strategy.state_dict()
         kept = {k: state[k].clone() for k in norm_buffer_keys(self.strategy)}
         cohort = norm_statistics(self.strategy)
-        reestimate_batchnorm(self.strategy, [self.memory.exemplars()], batch_size=self.batch_size)
+        bs = self.batch_size
+        if not reestimate_batchnorm(self.strategy, [self.memory.exemplars()], batch_size=bs):
+            return  # nothing was changed
         memory = norm_statistics(self.strategy)
         with torch.no_grad():
             for k, v in kept.items():
                 state[k].copy_(v)
-        parts = dict(zip(_PARTS, (cohort, memory), strict=True))
+        parts = dict(zip(_PARTS, (cohort, memory, self.memory.state_dict()), strict=True))
         tensors = {f"{p}/{k}": v.cpu() for p, d in parts.items() for k, v in d.items()}
         with atomic_file(self.file) as tmp:
             save_file(tensors, str(tmp))
 
     def _read(self) -> dict[str, dict[str, Tensor]] | None:
+        """The last anchor, ``{part: {key: tensor}}``; None without one, or when the memory no
+        longer holds the rows it was recorded on."""
         if not self.file.is_file():
             return None
         out: dict[str, dict[str, Tensor]] = {p: {} for p in _PARTS}
         for key, value in load_file(str(self.file)).items():
             part, _, name = key.partition("/")
             out[part][name] = value
+        rows = self.memory.state_dict()
+        if rows.keys() != out["rows"].keys() or not all(
+            torch.equal(v, out["rows"][k]) for k, v in rows.items()
+        ):
+            return None
         return out

@@ -54,7 +54,13 @@ from medcl.engine.resume import restore_checkpoint
 from medcl.engine.run import curve_monitor, finish_experience
 from medcl.engine.state import RunState
 from medcl.engine.timing import PhaseTimer
-from medcl.engine.trainer import FitStats, begin_experience, end_experience, train_updates
+from medcl.engine.trainer import (
+    FitStats,
+    begin_experience,
+    end_experience,
+    train_updates,
+    update_memory,
+)
 from medcl.errors import ConfigError
 from medcl.federated.arrays import changed_keys, load_arrays, to_numpy, trainable_keys
 from medcl.federated.local_stats import LocalStatistics
@@ -208,7 +214,7 @@ class Site:
             if k >= len(self.strategy.seen):
                 self._begin(k)
             if self.work.consolidated < k:
-                self.memory.update(self.scenario[k])
+                self._remember(k)
                 self.work.consolidated = k
             self.state.accuracy.append([float("nan")] * n)
             self.state.task_accuracy.append([float("nan")] * n)
@@ -318,7 +324,7 @@ class Site:
             self._enter(t, arrays, version)
             if self.work.consolidated < t:  # restarted after consolidating: memory only
                 self.norms.estimate(t, self.scenario[t].train.images)
-                self.memory.update(self.scenario[t])
+                self._remember(t)
                 self.norms.record(self.scenario[t].train.images)
                 self.work.consolidated = t
             stats = total([FitStats(**r) for _, r in sorted(self.work.fit.items())])
@@ -362,6 +368,11 @@ class Site:
             self.work = dataclasses.replace(self.work, begun=t, fit={})
         load_arrays(self.strategy, arrays)
         self.work.synced_version = version
+
+    def _remember(self, t: int) -> None:
+        """Experience ``t``'s own rows into the memory (herding on the current model)."""
+        if len(self.scenario[t].train):
+            update_memory(self.strategy, self.scenario[t], self.memory)
 
     def _proximal(self, keys: list[str], mu: float):
         """FedProx's ``mu/2 ||w - w_global||^2`` over the trained parameters (Li et al., 2020)."""

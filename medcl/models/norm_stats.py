@@ -17,7 +17,13 @@ ch. 12), for each channel's mean, and its ratio form for the variance.
 
 from __future__ import annotations
 
-__all__ = ["anchor_statistics", "norm_buffer_keys", "norm_statistics", "reestimate_batchnorm"]
+__all__ = [
+    "anchor_statistics",
+    "norm_buffer_keys",
+    "norm_statistics",
+    "reestimate_batchnorm",
+    "trained_norms",
+]
 
 from collections.abc import Mapping, Sequence
 
@@ -37,6 +43,15 @@ def norm_buffer_keys(model: nn.Module) -> list[str]:
         if isinstance(m, _BN)
         for b, _ in m.named_buffers(recurse=False)
     ]
+
+
+def trained_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the BatchNorms that ``model.train()`` puts in training mode (those
+    training updates; a frozen backbone's are not); ``model`` is left in eval mode."""
+    model.train()
+    norms = [(n, m) for n, m in model.named_modules() if isinstance(m, _BN) and m.training]
+    model.eval()  # everything else (dropout, frozen norms) as when scoring
+    return norms
 
 
 @torch.no_grad()
@@ -60,9 +75,7 @@ def reestimate_batchnorm(
     """
     images = [x for x in images if len(x)]
     n = sum(len(x) for x in images)
-    model.train()
-    norms = [m for m in model.modules() if isinstance(m, _BN) and m.training]
-    model.eval()  # everything else (dropout, frozen norms) as when scoring
+    norms = [m for _, m in trained_norms(model)]
     if n < 2 or not norms:
         return 0
     x = torch.cat(list(images))  # (N, C, ...)
@@ -90,7 +103,7 @@ def reestimate_batchnorm(
 
 
 def norm_statistics(model: nn.Module) -> dict[str, Tensor]:
-    """Copies of every BatchNorm's running mean and variance, by state key."""
+    """Copies of every BatchNorm's running mean and variance (each ``(C,)``), by state key."""
     return {
         f"{name}.{b}" if name else b: getattr(m, b).detach().clone()
         for name, m in model.named_modules()
@@ -108,22 +121,26 @@ def anchor_statistics(
     ``model``'s running statistics are the memory's under the current weights (``m_now``,
     ``v_now``: :func:`reestimate_batchnorm` on the memory); ``cohort`` and ``memory`` hold the
     whole cohort's and the memory's, both under the weights of the time the cohort was at hand.
-    Each channel becomes ``mean = cohort_mean + (m_now - memory_mean)`` and ``var =
-    cohort_var * v_now / memory_var``: the cohort's statistics, moved as far as the weights
-    have moved the memory's. A norm whose entries are missing from either mapping, or of
-    another shape, keeps the memory's statistics.
+    Each channel of each BatchNorm that :func:`reestimate_batchnorm` re-estimates (a frozen one
+    keeps its statistics) becomes ``mean = cohort_mean + (m_now - memory_mean)`` and ``var =
+    v_now * cohort_var / memory_var``: the cohort's statistics, moved as far as the weights have
+    moved the memory's. A channel whose memory variance is at most the norm's ``eps`` (nearly
+    constant over the memory) takes the difference for its variance too, floored at 0. A norm
+    whose entries are missing from either mapping, or of another shape, keeps the memory's
+    statistics.
 
     Args:
         model: a strategy or network whose BatchNorm statistics were re-estimated on a memory.
-        cohort: :func:`norm_statistics` of the cohort (with the memory of earlier ones) then.
-        memory: :func:`norm_statistics` of the memory, under the same weights.
+        cohort: ``{state key: (C,)}``, :func:`norm_statistics` of the cohort (with the memory of
+            earlier ones) then.
+        memory: the same of the memory, under the same weights.
 
     Returns:
         The number of BatchNorms corrected.
     """
     done = 0
-    for name, m in model.named_modules():
-        if not isinstance(m, _BN) or m.running_mean is None:
+    for name, m in trained_norms(model):
+        if m.running_mean is None:
             continue
         keys = [f"{name}.{b}" if name else b for b in ("running_mean", "running_var")]
         then = [d.get(k) for d in (cohort, memory) for k in keys]  # mean/var of each
@@ -131,6 +148,8 @@ def anchor_statistics(
             continue
         c_mean, c_var, k_mean, k_var = (t.to(m.running_mean) for t in then)
         m.running_mean.add_(c_mean - k_mean)
-        m.running_var.mul_(c_var / k_var.clamp_min(m.eps))
+        ratio = m.running_var * c_var / k_var.clamp_min(m.eps)
+        shift = (m.running_var + c_var - k_var).clamp_min(0)
+        m.running_var.copy_(torch.where(k_var > m.eps, ratio, shift))
         done += 1
     return done
