@@ -363,7 +363,7 @@ def main() -> None:
     md = markdown(rows, cov_rows, shift_rows, targets, checks, wall)
     path = write_results("calibration", payload, md)
     if not args.quiet:
-        print(json.dumps(targets, indent=1))
+        print(json.dumps(targets, indent=1, default=lambda o: o.item()))  # numpy scalars
         print(f"wrote {path}")
 
 
