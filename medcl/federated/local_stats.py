@@ -86,7 +86,7 @@ class LocalStatistics:
             return
         state = self.strategy.state_dict()
         kept = {k: state[k].clone() for k in norm_buffer_keys(self.strategy)}
-        cohort = norm_statistics(self.strategy)
+        cohort = {k: v for k, v in kept.items() if k.endswith(("running_mean", "running_var"))}
         bs = self.batch_size
         if not reestimate_batchnorm(self.strategy, [self.memory.exemplars()], batch_size=bs):
             return  # nothing was changed
