@@ -55,8 +55,8 @@ def paired_difference(a: list[float], b: list[float]) -> dict[str, Any]:
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         return {"mean": math.nan, "sd": None, "ci95": None}
     d = x - y
-    if len(d) < 2:
-        return {"mean": float(d.mean()), "sd": None, "ci95": None}
+    if len(d) < 2:  # no pair (NaN, without numpy's empty-mean warning) or one
+        return {"mean": float(d[0]) if len(d) else math.nan, "sd": None, "ci95": None}
     half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
     return {"mean": float(d.mean()), "sd": float(d.std(ddof=1)), "ci95": [float(d.mean() - half), float(d.mean() + half)]}  # fmt: skip
 

@@ -22,7 +22,7 @@ __all__ = [
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +39,7 @@ from medcl.engine.distributed import SINGLE, DistContext
 from medcl.engine.early_stopping import EarlyStopping
 from medcl.engine.evaluate import CurveMonitor
 from medcl.engine.loggers import ExperimentLogger
+from medcl.engine.optim import make_optimizer, make_scheduler
 from medcl.engine.timing import PhaseTimer
 from medcl.strategies.base import Batch, ExperienceInfo, Strategy
 
@@ -74,21 +75,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def make_optimizer(
-    cfg: TrainConfig, params: Iterable[nn.Parameter], strategy: Strategy | None = None
-) -> torch.optim.Optimizer:
-    """``train.optimizer`` over ``params``, in the strategy's :meth:`Strategy.optimizer_groups`."""
-    params = [p for p in params if p.requires_grad]
-    groups = strategy.optimizer_groups(params) if strategy is not None else [{"params": params}]
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 class LossStep(nn.Module):
@@ -229,8 +215,7 @@ def train_updates(
     opt, sched = own if own is not None else (None, None)
     if own is None and params:
         opt = make_optimizer(cfg, params, strategy)
-        if cfg.scheduler == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
+        sched = make_scheduler(cfg, opt, total)
 
     if monitor is not None and monitor.every:
         with timer("curves"):
