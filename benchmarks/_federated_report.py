@@ -15,12 +15,15 @@ ARMS = {
     "federated-local": "FedAvg, each site's own BatchNorm statistics (SiloBN)",
     "fedavgm": "FedAvgM (server lr chosen), averaged statistics",
     "fedavgm-local": "FedAvgM (server lr chosen), each site's own statistics",
+    "fednova-local": "FedNova (one cohort per hospital only), each site's own statistics",
 }
 
 
-def arm_name(lr: float, batchnorm: str) -> str:
-    """``federated`` (FedAvg) or ``fedavgm`` (server lr != 1), ``-local`` with SiloBN."""
-    return ("federated" if lr == 1 else "fedavgm") + ("" if batchnorm == "mean" else "-local")
+def arm_name(lr: float, batchnorm: str, nova: bool = False) -> str:
+    """``federated`` (FedAvg), ``fedavgm`` (server lr != 1) or ``fednova``, ``-local`` with
+    SiloBN."""
+    base = "fednova" if nova else "federated" if lr == 1 else "fedavgm"
+    return base + ("" if batchnorm == "mean" else "-local")
 
 
 def render(
@@ -32,7 +35,7 @@ def render(
 ) -> str:
     """Accuracy per stream and arm, learned -> kept, the selections, bytes, the killed site,
     targets and the runs' wall time."""
-    selection_seed = payload["selection_seed"]
+    selection_seeds = " and ".join(str(s) for s in payload["selection_seeds"])
     lines = ["# Federated continual learning (issue 27)", ""]
     lines.append("Accuracy of the final global model on each experience's test rows (pooled over "
                  "the hospitals holding them; with SiloBN each hospital scores its rows with its "
@@ -69,8 +72,9 @@ def render(
             for n, s in streams.items() for a in s["runs"]]  # fmt: skip
     lines += [markdown_table(kept, ["stream", "arm", "learned -> final"])]
     central = payload["central_scheduler"]
-    lines += ["", "Chosen on the validation splits at seed "
-              f"{selection_seed} (mean validation accuracy of the final model over experiences), "
+    lines += ["", "Chosen on the validation splits at seeds "
+              f"{selection_seeds} (mean validation accuracy of the final model over experiences, "
+              "averaged over the two), "
               "pneumonia-sites: the centralised run's `train.scheduler` (its val accuracy "
               + ", ".join(f"{k}: {v:.3f}" for k, v in central["val_accuracy"].items())
               + f"; chosen {central['scheduler']}); per stream, FedAvg's `train.scheduler` and "
@@ -89,6 +93,17 @@ def render(
             "chosen": c["chosen"], "at edge": c["at_edge"]}
            for n, s in streams.items() for bn, c in s["server_lr"].items()]  # fmt: skip
     lines += [markdown_table(sel, ["stream", "batchnorm", "grid", "val accuracy", "chosen", "at edge"])]  # fmt: skip
+    nova = [{"stream": n, "fednova (server lr 1)": f"{s['fednova']['val_accuracy']:.3f}",
+             "chosen FedAvg(M)": f"{s['fednova']['against']:.3f}",
+             "selected arm": s["selected_arm"]}
+            for n, s in streams.items() if s.get("fednova")]  # fmt: skip
+    if nova:
+        lines += ["", "Then FedNova (Wang et al. 2020; `aggregation: fednova`: each hospital's "
+                  "update divided by its local steps, which differ when one hospital holds the "
+                  "new cohort and the others rehearse their memories) at the same schedule and "
+                  "statistics, against the chosen FedAvg(M); validation accuracy:", "",
+                  markdown_table(nova, ["stream", "fednova (server lr 1)", "chosen FedAvg(M)",
+                                        "selected arm"])]  # fmt: skip
     lines += ["", "## The BatchNorm statistics of a hospital without the final cohort", "",
               "`federated-local` runs, final global weights, each such hospital's test rows "
               "(pooled), scored with its statistics as the run kept them (anchored to the cohort "
@@ -110,6 +125,7 @@ def render(
     total = sum(r["seconds"] for s in streams.values() for a in s["runs"].values() for r in a)
     total += sum(sum(c["seconds"]) for s in streams.values() for c in s["server_lr"].values())
     total += sum(sum(s["recipe"]["seconds"]) for s in streams.values() if s.get("recipe"))
+    total += sum(sum(s["fednova"]["seconds"]) for s in streams.values() if s.get("fednova"))
     total += sum(central["seconds"])
     dyn_seconds = sum(d["seconds"] for d in dyn.values())
     lines += [

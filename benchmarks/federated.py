@@ -26,9 +26,14 @@ Arms, seeds 0, 1, 2 (every arm uses the config's local lr 0.01, not tuned, the s
   al. 2019, arXiv:1909.06335; ``federation.server_lr``): the mean of K hospitals' updates moves
   the global model about as far as one hospital's share of the cohort would, so plain FedAvg
   under-trains at equal total updates.
+- **fednova-local** (one cohort per hospital: the first and third streams): FedNova (Wang et
+  al. 2020, arXiv:2007.07481; ``federation.aggregation: fednova``): the hospital holding the new
+  cohort takes an epoch of it, the others an epoch of their memory (about 19 steps against 4),
+  and FedNova divides each update by its steps so that the rehearsing hospitals count by their
+  images, not less.
 
 Selection, on the validation splits (mean validation accuracy of the final model over the
-experiences) at seed 100, which is never reported, pneumonia-sites only:
+experiences, averaged over seeds 100 and 101, never reported), pneumonia-sites only:
 
 - the **local learning-rate schedule** (``train.scheduler``): ``cosine`` (the config's: decayed
   to 0 over each fit, i.e. each central experience, each federated round) or ``none`` (constant;
@@ -37,8 +42,10 @@ experiences) at seed 100, which is never reported, pneumonia-sites only:
   centralised run's schedule is chosen on its own validation score;
 - per stream, FedAvg's schedule and BatchNorm statistics together (server lr 1, the 2 x 2 grid);
 - then the server learning rate at them, from 1 (= FedAvg), 2, 4, widened x3 where the best is
-  at an edge. The targets use that selected arm; FedAvg with either statistics stays beside it
-  (an arm whose chosen rate is 1 is the FedAvg arm itself).
+  at an edge (an arm whose chosen rate is 1 is the FedAvg arm itself);
+- one site per hospital: FedNova at that schedule and those statistics, against that FedAvg(M)
+  (medmnist-cross3 reports FedNova with local statistics, unselected).
+  The targets use the selected arm; FedAvg with either statistics stays beside it.
 
 medmnist-cross3 runs every arm at the config's cosine (no selection: its gap is the
 class-incremental collapse of the shared head, ``docs/federated.md``).
@@ -65,15 +72,12 @@ Run alone (2-core CPU).
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
@@ -86,15 +90,9 @@ from _common import (
 from _federated_bytes import bytes_targets, dynammo_bytes, ratios
 from _federated_kill import kill_check
 from _federated_report import arm_name, render
+from _federated_runs import arm_run, central_run, federated_run
 from _federated_stats import statistics_ablation
 
-from medcl.config import validate_config
-from medcl.engine.evaluate import evaluate
-from medcl.engine.resume import restore_run
-from medcl.engine.run import run
-from medcl.federated.launch import federate, site_nodes
-
-CONFIG = REPO / "configs/federated-pneumonia-sites-replay.yaml"
 STREAMS = {
     "pneumonia-sites (4 hospitals, one site each)": {},
     "pneumonia-sites (3 hospitals, every site shared)": {
@@ -107,119 +105,15 @@ STREAMS = {
     },
 }
 SEEDS = (0, 1, 2)
-SELECTION_SEED = 100  # chooses the schedules, statistics and server lr; never reported
+SELECTION_SEEDS = (100, 101)  # choose the schedules, statistics and server lr; never reported
 SERVER_LR_GRID = [1.0, 2.0, 4.0]  # widened x3 where the best sits at an edge
 BATCHNORM = ("mean", "local")  # federation.batchnorm: averaged, or each site's own (SiloBN)
 SCHEDULERS = ("cosine", "none")  # train.scheduler: the config's, or a constant local lr
 FEDAVGM = ("pneumonia-sites (4 hospitals, one site each)",
            "pneumonia-sites (3 hospitals, every site shared)")  # fmt: skip
+FEDNOVA = ("pneumonia-sites (4 hospitals, one site each)",  # sites' local steps differ
+           "medmnist-cross3 (3 hospitals, one dataset each)")  # fmt: skip
 GAP_GOAL = 2.0
-
-
-def _merge(raw: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = json.loads(json.dumps(raw))
-    for k, v in extra.items():
-        out[k] = out.get(k, {}) | v if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _raw(extra: dict[str, Any], seed: int, root: Path, out: Path) -> dict[str, Any]:
-    raw = _merge(yaml.safe_load(CONFIG.read_text()), extra)
-    return raw | {"seed": seed, "output_dir": str(out), "data": {"root": str(root)}}
-
-
-def _central(extra, seed, root, work, quiet, scheduler="cosine", val=False) -> dict[str, Any]:
-    """The centralised run (read back when finished); ``val``: also its final model's mean
-    validation accuracy over the experiences (the scheduler's selection)."""
-    work, extra = _scheduled(work, extra, scheduler)
-    raw = _raw(extra, seed, root, work / "central")
-    raw.pop("name", None)  # one central run per scenario and seed, whatever the partition
-    fed = raw.pop("federation")
-    raw["train"] = raw["train"] | {"epochs": fed["rounds"] * raw["train"]["epochs"]}
-    raw["train"]["num_threads"] = "auto"
-    cfg = validate_config(raw)
-    run_dir = Path(cfg.output_dir) / cfg.run_name
-    if not (run_dir / "metrics.json").is_file() or _unfinished(run_dir):
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run(cfg, quiet=quiet)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    score = None
-    if val:
-        _, scenario, strategy, _, _ = restore_run(run_dir, command="benchmarks/federated.py")
-        strategy.eval()
-        rows = evaluate(strategy, scenario.experiences, split="val", quiet=True)
-        score = float(np.mean([e.accuracy for e in rows]))
-    return {
-        "val": score,
-        "final": metrics["accuracy_matrix"][-1],
-        "learned": _learned(metrics["accuracy_matrix"]),
-        "updates": sum(f["updates"] for f in metrics["fit"]),
-        "seconds": metrics["timing"]["total"],  # the run's own record (also when read back)
-    }
-
-
-def _scheduled(work: Path, extra: dict[str, Any], scheduler: str) -> tuple[Path, dict[str, Any]]:
-    """``train.scheduler`` for a run: the config's (cosine) as it is, else in its own folder."""
-    if scheduler == "cosine":
-        return work, extra
-    train = extra.get("train", {}) | {"scheduler": scheduler}
-    return work / f"sched-{scheduler}", extra | {"train": train}
-
-
-def _learned(matrix: list[list[float | None]]) -> list[float | None]:
-    """Accuracy on each experience right after it was learned (the matrix's diagonal)."""
-    return [row[j] for j, row in enumerate(matrix)]
-
-
-def _unfinished(run_dir: Path) -> bool:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    return len(metrics["accuracy_matrix"]) < len(metrics["experiences"])
-
-
-def _federated(extra, seed, root, work, quiet, engine="simulation") -> dict[str, Any]:
-    raw = _raw(extra, seed, root, work / "federated")
-    if "name" in raw:
-        raw["name"] = f"{raw['name']}-s{seed}"
-    raw["federation"] = raw["federation"] | {"engine": engine}
-    cfg = validate_config(raw)
-    run_dir = Path(cfg.output_dir) / cfg.run_name
-    record_file = run_dir / "federation.json"
-    done = record_file.is_file() and len(
-        json.loads(record_file.read_text())["accuracy_matrix"]
-    ) == (len(json.loads(record_file.read_text())["experiences"]))
-    if not done:
-        federate(cfg, resume=run_dir.is_dir(), quiet=quiet)
-    record = json.loads(record_file.read_text())
-    updates = 0
-    for node in site_nodes(cfg):
-        metrics = Path(node.node_config["site-dir"]) / "metrics.json"
-        updates += sum(f["updates"] for f in json.loads(metrics.read_text())["fit"])
-    train = [r for r in record["rounds"] if r["kind"] == "train"]
-    return {
-        "run_dir": str(run_dir),
-        "final": record["accuracy_matrix"][-1],
-        "learned": _learned(record["accuracy_matrix"]),
-        "final_val": (record.get("pooled_val") or [[]])[-1],
-        "site_accuracy": record["site_accuracy"],
-        "updates": updates,
-        "seconds": sum(r["seconds"] for r in record["rounds"]),  # rounds, without start-up
-        "bytes_per_round": float(np.mean([r["bytes_down"] + r["bytes_up"] for r in train])),
-        "bytes_per_site_message": float(
-            np.mean([(r["bytes_down"] + r["bytes_up"]) / max(len(r["sites"]), 1) for r in train])
-        ),
-    }
-
-
-def _arm(extra, lr: float, batchnorm: str, seed, root, work, quiet, scheduler="cosine"):
-    """The federated run with server learning rate ``lr`` (1: plain FedAvg, else FedAvgM's
-    server step), ``federation.batchnorm`` and ``train.scheduler``, each in its own folder."""
-    work, extra = _scheduled(work, extra, scheduler)
-    fed = dict(extra.get("federation", {}))
-    if batchnorm != "mean":
-        fed, work = fed | {"batchnorm": batchnorm}, work / f"bn-{batchnorm}"
-    if lr != 1:
-        fed, work = fed | {"aggregation": "fedavgm", "server_lr": lr}, work / f"fedavgm-lr{lr:g}"
-    return _federated(extra | {"federation": fed}, seed, root, work, quiet)
 
 
 def _val_of(run: dict[str, Any], what: str) -> float:
@@ -232,15 +126,19 @@ def _val_of(run: dict[str, Any], what: str) -> float:
 
 def _select_recipe(extra, root, work, quiet) -> dict[str, Any]:
     """``train.scheduler`` and ``federation.batchnorm`` of FedAvg (server lr 1) with the best
-    mean validation accuracy of the final global model at the selection seed."""
+    mean validation accuracy of the final global model averaged over the selection seeds."""
     scores, seconds = {}, []
     for scheduler in SCHEDULERS:
         for bn in BATCHNORM:
             if not quiet:
                 print(f"  selection: scheduler {scheduler}, batchnorm {bn}", flush=True)
-            run = _arm(extra, 1.0, bn, SELECTION_SEED, root, work / "selection", quiet, scheduler)
-            scores[f"{scheduler}/{bn}"] = _val_of(run, f"scheduler {scheduler}, batchnorm {bn}")
-            seconds.append(run["seconds"])
+            runs = [
+                arm_run(extra, 1.0, bn, seed, root, work / "selection", quiet, scheduler)
+                for seed in SELECTION_SEEDS
+            ]
+            what = f"scheduler {scheduler}, batchnorm {bn}"
+            scores[f"{scheduler}/{bn}"] = float(np.mean([_val_of(r, what) for r in runs]))
+            seconds += [r["seconds"] for r in runs]
     best = max(scores, key=scores.__getitem__)
     scheduler, bn = best.split("/")
     return {"scheduler": scheduler, "batchnorm": bn, "val_accuracy": scores, "seconds": seconds}
@@ -248,33 +146,52 @@ def _select_recipe(extra, root, work, quiet) -> dict[str, Any]:
 
 def _select_server_lr(extra, batchnorm: str, scheduler: str, root, work, quiet):
     """FedAvgM's server learning rate with the best mean validation accuracy of the final
-    global model (pooled over hospitals), at the selection seed (1.0 is plain FedAvg), for
-    the chosen ``federation.batchnorm`` and ``train.scheduler``."""
+    global model (pooled over hospitals), averaged over the selection seeds (1.0 is plain
+    FedAvg), for the chosen ``federation.batchnorm`` and ``train.scheduler``."""
 
     seconds = []
 
     def score(lr: float) -> float:
         if not quiet:
             print(f"  selection: server_lr {lr:g}, {scheduler}, {batchnorm}", flush=True)
-        run = _arm(extra, lr, batchnorm, SELECTION_SEED, root, work / "selection", quiet, scheduler)
-        seconds.append(run["seconds"])
-        return _val_of(run, f"server_lr {lr:g}")
+        runs = [
+            arm_run(extra, lr, batchnorm, seed, root, work / "selection", quiet, scheduler)
+            for seed in SELECTION_SEEDS
+        ]
+        seconds.extend(r["seconds"] for r in runs)
+        return float(np.mean([_val_of(r, f"server_lr {lr:g}") for r in runs]))
 
     return choose_from_grid(score, SERVER_LR_GRID, key="val_accuracy") | {"seconds": seconds}
 
 
+def _select_fednova(extra, batchnorm: str, scheduler: str, against: float, root, work, quiet):
+    """FedNova's mean validation accuracy at the selection seeds, at the chosen
+    ``federation.batchnorm`` and ``train.scheduler``, beside ``against`` (the chosen FedAvg(M)'s)."""
+    if not quiet:
+        print(f"  selection: fednova, {scheduler}, {batchnorm}", flush=True)
+    runs = [
+        arm_run(extra, 1.0, batchnorm, seed, root, work / "selection", quiet, scheduler, True)
+        for seed in SELECTION_SEEDS
+    ]
+    score = float(np.mean([_val_of(r, "fednova") for r in runs]))
+    return {"val_accuracy": score, "against": against, "seconds": [r["seconds"] for r in runs]}
+
+
 def _select_central(extra, root, work, quiet) -> dict[str, Any]:
     """The centralised run's ``train.scheduler``: the best mean validation accuracy of its
-    final model at the selection seed."""
+    final model averaged over the selection seeds."""
     runs = {
-        s: _central(extra, SELECTION_SEED, root, work / "selection", quiet, s, val=True)
+        s: [
+            central_run(extra, seed, root, work / "selection", quiet, s, val=True)
+            for seed in SELECTION_SEEDS
+        ]
         for s in SCHEDULERS
     }
-    scores = {s: r["val"] for s, r in runs.items()}
+    scores = {s: float(np.mean([r["val"] for r in rs])) for s, rs in runs.items()}
     return {
         "scheduler": max(scores, key=scores.__getitem__),
         "val_accuracy": scores,
-        "seconds": [r["seconds"] for r in runs.values()],
+        "seconds": [r["seconds"] for rs in runs.values() for r in rs],
     }
 
 
@@ -302,18 +219,26 @@ def main() -> None:
             if recipe
             else {}
         )  # fmt: skip
-        configs = dict.fromkeys([(1.0, "mean"), (1.0, "local")])  # FedAvg, FedAvg + SiloBN
-        configs |= dict.fromkeys((c["chosen"], bn) for bn, c in chosen.items())
+        best = max(chosen, key=lambda bn: _val(chosen[bn]), default=None)
+        selected = None if best is None else (chosen[best]["chosen"], best, False)
+        nova = None
+        if name in FEDNOVA and recipe:
+            nova = _select_fednova(extra, best, sched, _val(chosen[best]), root, work, args.quiet)
+            if nova["val_accuracy"] > nova["against"]:
+                selected = (1.0, best, True)
+        # FedAvg, FedAvg + SiloBN, the chosen server lr, FedNova
+        configs = dict.fromkeys([(1.0, "mean", False), (1.0, "local", False)])
+        configs |= dict.fromkeys((c["chosen"], bn, False) for bn, c in chosen.items())
+        configs |= dict.fromkeys([(1.0, best or "local", True)] if name in FEDNOVA else [])
         arms: dict[str, list] = {"central": []} | {arm_name(*c): [] for c in configs}
         for seed in SEEDS:
             if not args.quiet:
                 print(f"{name}, seed {seed}: centralised, then {', '.join(arms)}", flush=True)
-            arms["central"].append(_central(extra, seed, root, work, args.quiet, c_sched))
-            for lr, bn in configs:
-                run_ = _arm(extra, lr, bn, seed, root, work, args.quiet, sched)
-                arms[arm_name(lr, bn)].append(run_)
+            arms["central"].append(central_run(extra, seed, root, work, args.quiet, c_sched))
+            for lr, bn, fednova in configs:
+                run_ = arm_run(extra, lr, bn, seed, root, work, args.quiet, sched, fednova)
+                arms[arm_name(lr, bn, fednova)].append(run_)
         mean = {a: [float(np.nanmean(r["final"])) for r in runs] for a, runs in arms.items()}
-        best = max(chosen, key=lambda bn: _val(chosen[bn]), default=None)
         streams[name] = {
             "scheduler": {"central": c_sched, "federated": sched},
             "recipe": recipe,
@@ -333,14 +258,15 @@ def main() -> None:
                 a: paired_difference(mean[a], mean["central"]) for a in arms if a != "central"
             },
             "server_lr": chosen,  # batchnorm -> the selection record
-            "selected_arm": None if best is None else arm_name(chosen[best]["chosen"], best),
+            "fednova": nova,
+            "selected_arm": None if selected is None else arm_name(*selected),
         }
     ablations = {  # the statistics a hospital without the final cohort scores with
         name: statistics_ablation([r["run_dir"] for r in s["runs"]["federated-local"]])
         for name, s in streams.items()
     }
     pneumonia, shared = list(STREAMS)[:2]
-    dyn = dynammo_bytes(_federated, root, work, args.quiet)  # adapter width -> run
+    dyn = dynammo_bytes(federated_run, root, work, args.quiet)  # adapter width -> run
     full = streams[pneumonia]["runs"]["federated"][0]
     ratio = ratios(full, dyn)  # adapter width -> full-model / adapter-only bytes
     kill = kill_check(work, args.quiet)
@@ -348,8 +274,8 @@ def main() -> None:
     gaps = {k: streams[k]["differences"][a]["mean"] * 100 for k, a in picked.items()}
     targets = [
         {
-            "name": f"federated ({picked[k]}: local lr schedule, BatchNorm statistics and "
-            f"server lr chosen on validation) - centralised final accuracy (its own schedule "
+            "name": f"federated ({picked[k]}: local lr schedule, BatchNorm statistics, "
+            f"server lr and aggregation chosen on validation) - centralised final accuracy (its own schedule "
             f"chosen on validation), {k} (points, mean over 3 seeds)",
             "value": round(g, 2),
             "goal": f"abs(value) <= {GAP_GOAL}",
@@ -380,7 +306,7 @@ def main() -> None:
         "seeds": list(SEEDS),
         "budget": "per experience: central 2 epochs; federated 2 rounds x 1 local epoch",
         "central_scheduler": central,
-        "selection_seed": SELECTION_SEED,
+        "selection_seeds": list(SELECTION_SEEDS),
         "wall_seconds": time.perf_counter() - begin,
         "targets": targets,
     }

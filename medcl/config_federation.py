@@ -40,10 +40,11 @@ class FederationConfig(_Strict):
     rounds: int = Field(
         2, ge=1, description="rounds per experience; train.epochs local epochs each"
     )
-    aggregation: Literal["fedavg", "fedprox", "fedavgm"] = Field(
+    aggregation: Literal["fedavg", "fedprox", "fedavgm", "fednova"] = Field(
         "fedavg",
         description="'fedavg': weighted mean; 'fedprox': + a proximal term at the sites; "
-        "'fedavgm': + a server step (server_lr, server_momentum) on the mean's update",
+        "'fedavgm': + a server step (server_lr, server_momentum) on the mean's update; "
+        "'fednova': each site's update divided by its number of local steps (SGD only)",
     )
     proximal_mu: float = Field(0.01, ge=0, description="FedProx's mu (aggregation: fedprox)")
     server_lr: float = Field(

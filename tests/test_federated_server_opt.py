@@ -1,4 +1,5 @@
-"""FedAvgM's server step (``federation.aggregation: fedavgm``) and the pooled validation accuracy.
+"""FedAvgM's server step and FedNova's normalised average (``federation.aggregation``), and
+the pooled validation accuracy.
 
 The server is driven through :class:`_federation.LocalLink`; :class:`Recording` keeps the global
 model as site-0 receives it (every tensor the server sent it, over the initial model) and every
@@ -23,7 +24,9 @@ from safetensors.torch import load_file
 from medcl.config import validate_config
 from medcl.errors import ConfigError
 from medcl.federated.arrays import LeakError, audit
+from medcl.federated.launch import check_federation
 from medcl.federated.server import Reply, Request, serve
+from medcl.federated.server_opt import normalizing_factor
 from medcl.federated.site import Site
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -221,3 +224,74 @@ def test_federation_json_pools_the_sites_validation_accuracy(tmp_path):
           num_experiences=2)  # fmt: skip
     with pytest.raises(LeakError, match="'val-accuracy' is a list of 3"):
         audit(strategy, {}, {"val-accuracy": [0.5, 0.5, 0.5]}, where="s", num_experiences=2)
+
+
+# -- FedNova (federation.aggregation: fednova) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_fednova_normalizing_factor_is_what_torch_sgd_travels(steps, momentum):
+    """``a_i``: the distance PyTorch's SGD (heavy-ball, from a fresh optimiser) moves a weight
+    whose gradient is 1 at every step, in units of the learning rate."""
+    w = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=1.0, momentum=momentum)
+    for _ in range(steps):
+        opt.zero_grad()
+        w.sum().backward()
+        opt.step()
+    assert normalizing_factor(steps, momentum) == pytest.approx(-w.item(), rel=1e-12)
+
+
+class Replies(Recording):
+    """A Recording that also keeps every training round's replies."""
+
+    def __init__(self, cfg, folders: Path) -> None:
+        super().__init__(cfg, folders)
+        self.replies: list[list[Reply]] = []
+
+    def aggregate(self, replies: Sequence[Reply], round_: int) -> dict[str, np.ndarray]:
+        self.replies.append(list(replies))
+        return super().aggregate(replies, round_)
+
+
+def test_fednova_divides_each_sites_update_by_its_local_steps(tmp_path):
+    """partition experience, replay: in experience 1 site-1 trains on its cohort and site-0 on
+    its 8-image memory (batch 8: 8 steps against 2). Each parameter lands at ``current -
+    tau_eff * sum_i p_i (current - x_i) / a_i``; BatchNorm statistics are the weighted mean."""
+    fed = {"sites": 2, "rounds": 2, "partition": "experience", "aggregation": "fednova"}
+    raw = tiny_raw(strategy={"name": "replay"}, federation=fed, output_dir=str(tmp_path / "fed"))
+    raw["logging"], raw["train"] = {"tensorboard": False}, raw["train"] | {"batch_size": 8}
+    cfg = validate_config(raw)
+    link = Replies(cfg, tmp_path / "sites")
+    _serve(cfg, tmp_path, link)
+    r = cfg.federation.rounds  # experience 1, round 0
+    replies, mean = link.replies[r], link.means[r]
+    cur, new = link.before[(1, "train", 0)], link.before[(1, "train", 1)]
+    steps = [x.metrics["updates"] for x in replies]
+    assert len(replies) == 2 and len(set(steps)) == 2, steps  # the case FedNova is for
+    p = np.array([x.metrics["num-examples"] for x in replies], dtype=F64)
+    p /= p.sum()
+    a = np.array([normalizing_factor(s, cfg.train.momentum) for s in steps])
+    known = _known(cur, new, mean)
+    params = [k for k in known if k in link.params]
+    assert any(k.startswith("backbone.") for k in params)
+    for k in params:
+        old = cur[k].astype(F64)
+        moved = [old - x.arrays[k].astype(F64).reshape(old.shape) for x in replies]
+        want = old - (p @ a) * sum(w * d for w, d in zip(p / a, moved, strict=True))
+        assert _same(new[k], want), k
+    assert any(not _same(new[k], mean[k]) for k in params), "FedNova left the mean unchanged"
+    for k in [k for k in known if k not in link.params]:
+        want = np.round(mean[k]) if not np.issubdtype(new[k].dtype, np.floating) else mean[k]
+        assert _same(new[k], want), k
+
+
+def test_fednova_is_refused_with_adam(tmp_path):
+    raw = tiny_raw(
+        federation={"sites": 2, "aggregation": "fednova"},
+        train={"optimizer": "adam"},
+        output_dir=str(tmp_path),
+    )
+    with pytest.raises(ConfigError, match=r"'fednova'.*got train.optimizer 'adam'"):
+        check_federation(validate_config(raw), resume=False)

@@ -38,6 +38,12 @@ def check_federation(cfg: RunConfig, *, resume: bool) -> Path:
             f"every trained BatchNorm; {cfg.strategy.name!r} keeps a frozen backbone and "
             "per-experience adapter statistics. Remove federation.batchnorm (or set it to 'mean')."
         )
+    if cfg.federation.aggregation == "fednova" and cfg.train.optimizer != "sgd":
+        raise ConfigError(
+            "federation.aggregation 'fednova' normalises each site's update by the coefficients "
+            f"of SGD's steps; got train.optimizer {cfg.train.optimizer!r}. Set train.optimizer: "
+            "sgd, or choose another aggregation (fedavg, fedprox, fedavgm)."
+        )
     if cfg.train.early_stopping_patience is not None:
         raise ConfigError(
             "train.early_stopping_patience is not supported by medcl federate (a site trains "

@@ -4,9 +4,10 @@
 ``Grid`` in :mod:`medcl.federated.apps`; a fake in unit tests). For each experience ``t``:
 ``federation.rounds`` training rounds aggregated by Flower's ``FedAvg`` or ``FedProx``
 (weighted by each site's training images; ``fedavgm`` adds a server step on the parameters,
-:class:`~medcl.federated.server_opt.ServerSGD`), one consolidation round (each deployable tensor
-averaged over the sites that changed it, weighted by their images and memory), one evaluation
-round. Each message carries only the tensors the server changed since that site's version, so
+:class:`~medcl.federated.server_opt.ServerSGD`; ``fednova`` normalises each site's update by its
+local steps, :func:`~medcl.federated.server_opt.fednova`), one consolidation round (each
+deployable tensor averaged over the sites that changed it, weighted by their images and
+memory), one evaluation round. Each message carries only the tensors the server changed since that site's version, so
 a site that rejoins receives what it missed and a DynaMMo round moves one adapter set and head.
 
 ``RUN_DIR`` is a medcl run directory of the global model (config, model facts, a checkpoint per
@@ -39,7 +40,7 @@ from medcl.engine.state import RunState
 from medcl.engine.trainer import seed_everything
 from medcl.errors import MedclError
 from medcl.federated.arrays import audit, load_arrays, nbytes, to_numpy
-from medcl.federated.server_opt import ServerSGD
+from medcl.federated.server_opt import ServerSGD, fednova
 from medcl.models.norm_stats import norm_buffer_keys
 from medcl.progress import progress_bar
 from medcl.strategies.base import ExperienceInfo, Strategy
@@ -283,15 +284,21 @@ class _Server:
 
     def _aggregate_train(self, replies: Sequence[Reply], r: int) -> dict[str, np.ndarray]:
         """Flower's weighted mean of training round ``r``; with ``fedavgm``, FedAvgM's server
-        step on the floating-point parameters among its tensors (buffers keep the mean)."""
+        step on the floating-point parameters among its tensors (buffers keep the mean); with
+        ``fednova``, FedNova's normalised average on them."""
         if not replies:
             return {}
         mean = self.link.aggregate(replies, r)
-        if not self.sgd.active:
+        nova = self.fed.aggregation == "fednova"
+        if not (self.sgd.active or nova):
             return mean
         named = self.strategy.named_parameters(remove_duplicate=False)
         params = {n for n, p in named if p.is_floating_point()} & set(mean)
-        return self.sgd.step(to_numpy(self.strategy, sorted(params)), mean, params)
+        current = to_numpy(self.strategy, sorted(params))
+        if nova:
+            sites = [(x.arrays, x.metrics["num-examples"], x.metrics["updates"]) for x in replies]
+            return fednova(current, mean, sites, params, self.cfg.train.momentum)
+        return self.sgd.step(current, mean, params)
 
     def _last(self) -> int:
         return len(self.describe["infos"]) - 1
