@@ -89,10 +89,8 @@ def federated_run(extra, seed, root, work, quiet, engine="simulation") -> dict[s
     cfg = validate_config(raw)
     run_dir = Path(cfg.output_dir) / cfg.run_name
     record_file = run_dir / "federation.json"
-    done = record_file.is_file() and len(
-        json.loads(record_file.read_text())["accuracy_matrix"]
-    ) == (len(json.loads(record_file.read_text())["experiences"]))
-    if not done:
+    record = json.loads(record_file.read_text()) if record_file.is_file() else None
+    if record is None or len(record["accuracy_matrix"]) < len(record["experiences"]):
         federate(cfg, resume=run_dir.is_dir(), quiet=quiet)
     record = json.loads(record_file.read_text())
     updates = 0

@@ -51,12 +51,13 @@ medmnist-cross3 runs every arm at the config's cosine (no selection: its gap is 
 class-incremental collapse of the shared head, ``docs/federated.md``).
 
 Reported: the final global model's accuracy on each experience's test rows (pooled over the
-hospitals that hold them) and its mean, paired federated - centralised differences over the seeds with a 95 % t interval, updates,
-wall time. **Bytes per round**: full-model FedAvg (replay above) against adapter-only DynaMMo
-(``configs/pneumonia-sites-dynammo.yaml`` as four hospitals, seed 0, two updates per round:
-the tensors that travel do not depend on the seed or on how long a site trains), both per
-training round and per site message, at the reference adapter width (1.0, the target's) and
-at ``adapter_width`` 0.5 and 0.25, each on its own line (``benchmarks/_federated_bytes.py``).
+hospitals that hold them) and its mean, paired federated - centralised differences over the
+seeds with a 95 % t interval, updates, wall time. **Bytes per round**: full-model FedAvg
+(replay above) against adapter-only DynaMMo (``configs/pneumonia-sites-dynammo.yaml`` as four
+hospitals, seed 0, two updates per round: the tensors that travel do not depend on the seed or
+on how long a site trains), both per training round and per site message, at the reference
+adapter width (1.0, the target's) and at ``adapter_width`` 0.5 and 0.25, each on its own line
+(``benchmarks/_federated_bytes.py``).
 **Killed site**: a deployment run (SuperLink + three SuperNodes as processes, tiny synthetic
 model) whose SuperNode ``site-1`` is killed (SIGKILL) in its first round and restarted at once
 (a new node id); the round completes without it, the run must complete and every site's
@@ -166,7 +167,8 @@ def _select_server_lr(extra, batchnorm: str, scheduler: str, root, work, quiet):
 
 def _select_fednova(extra, batchnorm: str, scheduler: str, against: float, root, work, quiet):
     """FedNova's mean validation accuracy at the selection seeds, at the chosen
-    ``federation.batchnorm`` and ``train.scheduler``, beside ``against`` (the chosen FedAvg(M)'s)."""
+    ``federation.batchnorm`` and ``train.scheduler``, beside ``against`` (the chosen
+    FedAvg(M)'s)."""
     if not quiet:
         print(f"  selection: fednova, {scheduler}, {batchnorm}", flush=True)
     runs = [
@@ -275,8 +277,8 @@ def main() -> None:
     targets = [
         {
             "name": f"federated ({picked[k]}: local lr schedule, BatchNorm statistics, "
-            f"server lr and aggregation chosen on validation) - centralised final accuracy (its own schedule "
-            f"chosen on validation), {k} (points, mean over 3 seeds)",
+            f"server lr and aggregation chosen on validation) - centralised final accuracy (its "
+            f"own schedule chosen on validation), {k} (points, mean over 3 seeds)",
             "value": round(g, 2),
             "goal": f"abs(value) <= {GAP_GOAL}",
             "met": abs(g) <= GAP_GOAL,

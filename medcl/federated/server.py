@@ -7,8 +7,9 @@
 :class:`~medcl.federated.server_opt.ServerSGD`; ``fednova`` normalises each site's update by its
 local steps, :func:`~medcl.federated.server_opt.fednova`), one consolidation round (each
 deployable tensor averaged over the sites that changed it, weighted by their images and
-memory), one evaluation round. Each message carries only the tensors the server changed since that site's version, so
-a site that rejoins receives what it missed and a DynaMMo round moves one adapter set and head.
+memory), one evaluation round. Each message carries only the tensors the server changed since
+that site's version, so a site that rejoins receives what it missed and a DynaMMo round moves one
+adapter set and head.
 
 ``RUN_DIR`` is a medcl run directory of the global model (config, model facts, a checkpoint per
 experience: ``medcl export RUN_DIR`` works) plus ``federation.json``: per round the sites that

@@ -24,8 +24,9 @@ The step applies to floating-point **parameters** only. Buffers (BatchNorm's ``r
 arXiv:2007.07481). Sites that take different numbers of local steps ``tau_i`` in a round (with
 ``partition: experience``, the hospital holding the new cohort takes an epoch of it, the others
 an epoch of their 200-image memory) make FedAvg's weighted mean minimise an objective weighted
-by ``p_i * tau_i`` instead of ``p_i`` (the paper's objective inconsistency). FedNova divides each site's update
-by the norm of its gradients' coefficients ``a_i`` and scales the result by their mean::
+by ``p_i * tau_i`` instead of ``p_i`` (the paper's objective inconsistency). FedNova divides
+each site's update by the norm of its gradients' coefficients ``a_i`` and scales the result by
+their mean::
 
     p_i = n_i / sum(n)                            (n_i: the site's training images)
     a_i = (tau_i - rho (1 - rho^tau_i) / (1 - rho)) / (1 - rho)   (SGD, momentum rho; tau_i if 0)
