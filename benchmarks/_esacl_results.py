@@ -6,7 +6,7 @@ import json
 import statistics
 from typing import Any
 
-from _common import REPORTED_SEEDS, SELECTION_SEED, markdown_table
+from _common import REPORTED_SEEDS, SELECTION_SEEDS, markdown_table
 
 SCENARIO = "medmnist-cross3"
 MEMORY, SEEDS, MAIN = 200, REPORTED_SEEDS, 0.9
@@ -26,18 +26,24 @@ METHODS: dict[str, tuple[str, dict[str, Any], bool, str]] = {
     "esacl-plain": ("esacl", {"sdp": False, "sam_rho": 0.0, "ids": False}, True, "esacl"),
     "esacl-sdp-only": ("esacl", {"sam_rho": 0.0, "ids": False}, True, "esacl"),
     "esacl-nosdp": ("esacl", {"sdp": False}, True, "esacl"),  # SAM + IDS, |w| scores
+    # the no-retraining control at EsaCL's lr: plain SGD, dense, every example (no SAM, no IDS)
+    "replay-esacl-lr": ("replay", {}, True, "esacl"),
 }
 FAMILIES = ("esacl", "sparcl", "magnitude", "replay")
 CONTROLS = ("esacl-support-only", "esacl-removal-only", "esacl-random", "esacl-nomem")
 LADDER = ("esacl-plain", "esacl-sdp-only", "esacl-noids", "esacl")  # one component added a rung
-ONE_SHOT = ("esacl-dense", "replay")  # dense models pruned once: SAM-trained vs plain SGD
+ONE_SHOT = ("esacl-dense", "replay", "replay-esacl-lr")  # pruned once: SAM-trained vs plain SGD
 #: the runs that remove examples (the chosen ``removal_fraction`` applies to these)
 REMOVES = ("esacl", "esacl-removal-only", "esacl-random", "esacl-nomem", "esacl-dense",
            "esacl-nosdp")  # fmt: skip
 
 
+def is_dense_replay(method: str) -> bool:
+    return METHODS[method][0] == "replay"
+
+
 def pick(rows, method: str, sparsity: float, key: str, seeds=SEEDS) -> list[float]:
-    sp = 0.0 if method == "replay" else sparsity
+    sp = 0.0 if is_dense_replay(method) else sparsity
     by = {r["seed"]: r[key] for r in rows if r["method"] == method and r["sparsity"] == sp}
     return [by[s] for s in seeds if s in by]
 
@@ -52,6 +58,24 @@ def pm(vals: list[float]) -> str:
 def drops(rows, method: str, sparsity: float, k: int = -1) -> list[float]:
     return [r["one_shot"][k][f"drop_{sparsity:g}"] for s in SEEDS for r in rows
             if r["method"] == method and r["seed"] == s and -len(r.get("one_shot", [])) <= k < len(r.get("one_shot", []))]  # fmt: skip
+
+
+def flat(rows, method: str) -> list[dict[str, float]]:
+    """The flatness records of ``method`` at 0.9, seed by seed (reported seeds)."""
+    by = {r["seed"]: r["flatness"] for r in rows if r["method"] == method and "flatness" in r}
+    return [by[s] for s in SEEDS if s in by]
+
+
+def flat_rows(rows) -> list[dict[str, Any]]:
+    """Flatness of each one-shot model at the end of the stream (mean ± sd over seeds)."""
+    out = []
+    for m in ONE_SHOT:
+        if got := flat(rows, m):
+            cell = {k: [g[k] for g in got] for k in ("loss", "sam_sharpness", "hessian_top")}
+            out.append({"model": m, "seeds": len(got), **{
+                k: f"{statistics.fmean(v):.4g}" + (f" ± {statistics.stdev(v):.2g}" if len(v) > 1 else "")
+                for k, v in cell.items()}})  # fmt: skip
+    return out
 
 
 def _t(name: str, value: float, goal: str, met: bool) -> dict[str, Any]:
@@ -98,7 +122,7 @@ def report(args, rows, lrs, removal, select, diffs, tg, total: float) -> str:
     for sp, methods in ((MAIN, METHODS), (0.75, FAMILIES[:3]), (0.95, FAMILIES[:3])):
         for m in methods:
             if vals := pick(rows, m, sp, "average_accuracy", (*SEEDS,)):
-                table.append({"method": m, "sparsity": 0.0 if m in ("replay", "esacl-dense") else sp,
+                table.append({"method": m, "sparsity": 0.0 if is_dense_replay(m) or m == "esacl-dense" else sp,
                               "seeds": len(vals), "lr": lrs[METHODS[m][3]]["chosen"],
                               **{c: pm(pick(rows, m, sp, c)) for c in cols}})  # fmt: skip
     shots = []
@@ -115,7 +139,8 @@ def report(args, rows, lrs, removal, select, diffs, tg, total: float) -> str:
         f"per experience for every run, batch 32, SGD, lr schedule `{args.scheduler}` (per experience), "
         f"memory {MEMORY} (random) where "
         f"used. Reported seeds {list(SEEDS)} (mean ± sd; 0.75 and 0.95: seed 0); lr per family "
-        f"chosen at 0.9 by seed {SELECTION_SEED} on the validation splits: {json.dumps(chosen)}; "
+        f"chosen at 0.9 on the validation splits, the mean of selection seeds "
+        f"{list(SELECTION_SEEDS)} (never reported): {json.dumps(chosen)}; "
         f"then EsaCL's removal share at that lr: {removal['chosen']:g} of "
         f"{removal.get('grid', [removal['chosen']])} (at an edge: {removal.get('at_edge')}); then its "
         f"support share (`select_fraction`, 1 = no support selection, the bound): "
@@ -139,6 +164,12 @@ def report(args, rows, lrs, removal, select, diffs, tg, total: float) -> str:
         markdown_table(dif, ["comparison", "mean", "sd", "ci95"]),
         "## No retraining: one-shot |w| pruning of a dense model, no training (ACC drop, points)",
         markdown_table(shots, ["model", "after experience", "sparsity", "drop (points)"]),
+        "## Flatness at the end of the stream (the seen experiences' validation rows)",
+        "Cross-entropy `loss`; `sam_sharpness`: L(w + ρ g/‖g‖) - L(w) at ρ = 0.05 (SAM's inner "
+        "maximum, first order); `hessian_top`: the top eigenvalue of the loss's Hessian (power "
+        "iteration, 20 steps); every parameter of the dense model, BatchNorm in eval mode "
+        "(`benchmarks/_esacl_flatness.py`).",
+        markdown_table(flat_rows(rows), ["model", "seeds", "loss", "sam_sharpness", "hessian_top"]),
         "## Targets",
         markdown_table(tg, ["name", "value", "goal", "met"]),
     ]

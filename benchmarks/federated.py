@@ -83,6 +83,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     REPO,
+    SELECTION_SEEDS,
     choose_from_grid,
     data_root,
     paired_difference,
@@ -106,7 +107,6 @@ STREAMS = {
     },
 }
 SEEDS = (0, 1, 2)
-SELECTION_SEEDS = (100, 101)  # choose the schedules, statistics and server lr; never reported
 SERVER_LR_GRID = [1.0, 2.0, 4.0]  # widened x3 where the best sits at an edge
 BATCHNORM = ("mean", "local")  # federation.batchnorm: averaged, or each site's own (SiloBN)
 SCHEDULERS = ("cosine", "none")  # train.scheduler: the config's, or a constant local lr
