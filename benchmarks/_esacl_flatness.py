@@ -70,7 +70,7 @@ def hessian_top(params: Sequence[Tensor], losses: Losses, iters: int = 20, seed:
 
 
 @torch.no_grad()
-def _loss(params: Sequence[Tensor], losses: Losses) -> float:
+def _loss(losses: Losses) -> float:
     total, n_all = 0.0, 0
     for loss, n in losses():
         total, n_all = total + float(loss) * n, n_all + n
@@ -80,13 +80,13 @@ def _loss(params: Sequence[Tensor], losses: Losses) -> float:
 def sam_sharpness(params: Sequence[Tensor], losses: Losses, rho: float) -> tuple[float, float]:
     """``(L(w), L(w + ρ g/‖g‖) - L(w))``; the weights are restored afterwards."""
     g = gradient(params, losses)
-    base = _loss(params, losses)
+    base = _loss(losses)
     scale = rho / (torch.sqrt(_dot(g, g)) + 1e-12)
     with torch.no_grad():
         for p, d in zip(params, g, strict=True):
             p.add_(d, alpha=float(scale))
         try:
-            up = _loss(params, losses)
+            up = _loss(losses)
         finally:
             for p, d in zip(params, g, strict=True):
                 p.sub_(d, alpha=float(scale))
