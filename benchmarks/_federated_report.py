@@ -71,37 +71,36 @@ def render(
                 f"{x:.3f} -> {y:.3f}" for x, y in zip(s["per_site_learned"][a], s["per_site"][a], strict=True))}
             for n, s in streams.items() for a in s["runs"]]  # fmt: skip
     lines += [markdown_table(kept, ["stream", "arm", "learned -> final"])]
-    central = payload["central_scheduler"]
-    lines += ["", "Chosen on the validation splits at seeds "
-              f"{selection_seeds} (mean validation accuracy of the final model over experiences, "
-              "averaged over the two), "
-              "pneumonia-sites: the centralised run's `train.scheduler` (its val accuracy "
-              + ", ".join(f"{k}: {v:.3f}" for k, v in central["val_accuracy"].items())
-              + f"; chosen {central['scheduler']}); per stream, FedAvg's `train.scheduler` and "
-              "BatchNorm statistics together (server lr 1):", ""]  # fmt: skip
-    recipe = [{"stream": n, "val accuracy (scheduler/batchnorm)": ", ".join(
-                   f"{k}: {v:.3f}" for k, v in s["recipe"]["val_accuracy"].items()),
+    central, by = payload["central_scheduler"], payload.get("select_by", "accuracy")
+    lines += ["", f"Chosen on the validation splits at seeds {selection_seeds} by **{by}"
+              f"{' accuracy' if by == 'balanced' else ''}** (`--select-by`: the mean over "
+              "experiences of the final model's accuracy, or of its recall averaged over the "
+              "classes present, which does not follow a split's class prior; averaged over the "
+              "seeds; the other score beside it in brackets), pneumonia-sites: the centralised "
+              "run's `train.scheduler` (" + _scores(central["val"], by) + f"; chosen "
+              f"{central['scheduler']}); per stream, FedAvg's `train.scheduler` and BatchNorm "
+              "statistics together (server lr 1):", ""]  # fmt: skip
+    recipe = [{"stream": n, "val (scheduler/batchnorm)": _scores(s["recipe"]["val"], by),
                "chosen": f"{s['recipe']['scheduler']}/{s['recipe']['batchnorm']}"}
               for n, s in streams.items() if s.get("recipe")]  # fmt: skip
-    lines += [markdown_table(recipe, ["stream", "val accuracy (scheduler/batchnorm)", "chosen"])]
+    lines += [markdown_table(recipe, ["stream", "val (scheduler/batchnorm)", "chosen"])]
     lines += ["", "`mean`: averaged BatchNorm statistics, `local`: each site's own (Andreux et al. "
               "2020). Then the server learning rate (Hsu et al. 2019; `federation.server_lr`; "
               "1 = FedAvg) at that schedule and those statistics, chosen the same way; the "
               "targets read the selected arm:", ""]  # fmt: skip
     sel = [{"stream": n, "batchnorm": bn, "grid": ", ".join(f"{v:g}" for v in c["grid"]),
-            "val accuracy": ", ".join(f"{v:g}: {a:.3f}" for v, a in c["val_accuracy"].items()),
-            "chosen": c["chosen"], "at edge": c["at_edge"]}
+            "val": _scores(c["val"], by), "chosen": c["chosen"], "at edge": c["at_edge"]}
            for n, s in streams.items() for bn, c in s["server_lr"].items()]  # fmt: skip
-    lines += [markdown_table(sel, ["stream", "batchnorm", "grid", "val accuracy", "chosen", "at edge"])]  # fmt: skip
-    nova = [{"stream": n, "fednova (server lr 1)": f"{s['fednova']['val_accuracy']:.3f}",
-             "chosen FedAvg(M)": f"{s['fednova']['against']:.3f}",
+    lines += [markdown_table(sel, ["stream", "batchnorm", "grid", "val", "chosen", "at edge"])]
+    nova = [{"stream": n, "fednova (server lr 1)": _pair(s["fednova"]["val"], by),
+             "chosen FedAvg(M)": _pair(s["fednova"]["against"], by),
              "selected arm": s["selected_arm"]}
             for n, s in streams.items() if s.get("fednova")]  # fmt: skip
     if nova:
         lines += ["", "Then FedNova (Wang et al. 2020; `aggregation: fednova`: each hospital's "
                   "update divided by its local steps, which differ when one hospital holds the "
                   "new cohort and the others rehearse their memories) at the same schedule and "
-                  "statistics, against the chosen FedAvg(M); validation accuracy:", "",
+                  "statistics, against the chosen FedAvg(M); validation score:", "",
                   markdown_table(nova, ["stream", "fednova (server lr 1)", "chosen FedAvg(M)",
                                         "selected arm"])]  # fmt: skip
     lines += ["", "## The BatchNorm statistics of a hospital without the final cohort", "",
@@ -135,3 +134,15 @@ def render(
         "back), on this machine, alone.",
     ]
     return "\n".join(lines)
+
+
+def _pair(score: dict[str, float], by: str) -> str:
+    """``by``'s score, the other criterion's in brackets: ``0.912 (accuracy 0.930)``."""
+    other = ", ".join(f"{b} {v:.3f}" for b, v in score.items() if b != by)
+    return f"{score[by]:.3f} ({other})"
+
+
+def _scores(val: dict[str, dict[Any, float]], by: str) -> str:
+    """Each candidate's :func:`_pair`: ``{criterion: {candidate: score}}`` -> one cell."""
+    name = lambda c: f"{c:g}" if isinstance(c, float) else str(c)  # noqa: E731 (a server lr)
+    return ", ".join(f"{name(c)}: " + _pair({b: v[c] for b, v in val.items()}, by) for c in val[by])

@@ -35,7 +35,7 @@ def raw_config(extra: dict[str, Any], seed: int, root: Path, out: Path) -> dict[
 
 def central_run(extra, seed, root, work, quiet, scheduler="cosine", val=False) -> dict[str, Any]:
     """The centralised run (read back when finished); ``val``: also its final model's mean
-    validation accuracy over the experiences (the scheduler's selection)."""
+    validation accuracy and balanced accuracy over the experiences (the scheduler's selection)."""
     work, extra = scheduled(work, extra, scheduler)
     raw = raw_config(extra, seed, root, work / "central")
     raw.pop("name", None)  # one central run per scenario and seed, whatever the partition
@@ -48,14 +48,16 @@ def central_run(extra, seed, root, work, quiet, scheduler="cosine", val=False) -
         shutil.rmtree(run_dir, ignore_errors=True)
         run(cfg, quiet=quiet)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    score = None
+    score = balanced = None
     if val:
         _, scenario, strategy, _, _ = restore_run(run_dir, command="benchmarks/federated.py")
         strategy.eval()
         rows = evaluate(strategy, scenario.experiences, split="val", quiet=True)
         score = float(np.mean([e.accuracy for e in rows]))
+        balanced = float(np.mean([e.balanced_accuracy for e in rows]))
     return {
         "val": score,
+        "val_balanced": balanced,
         "final": metrics["accuracy_matrix"][-1],
         "learned": _learned(metrics["accuracy_matrix"]),
         "updates": sum(f["updates"] for f in metrics["fit"]),
@@ -103,6 +105,7 @@ def federated_run(extra, seed, root, work, quiet, engine="simulation") -> dict[s
         "final": record["accuracy_matrix"][-1],
         "learned": _learned(record["accuracy_matrix"]),
         "final_val": (record.get("pooled_val") or [[]])[-1],
+        "final_val_balanced": (record.get("pooled_val_balanced") or [[]])[-1],
         "site_accuracy": record["site_accuracy"],
         "updates": updates,
         "seconds": sum(r["seconds"] for r in record["rounds"]),  # rounds, without start-up

@@ -117,18 +117,30 @@ FEDNOVA = ("pneumonia-sites (4 hospitals, one site each)",  # sites' local steps
 GAP_GOAL = 2.0
 
 
-def _val_of(run: dict[str, Any], what: str) -> float:
-    """A federated run's mean validation accuracy of the final global model (pooled)."""
-    val = np.array(run["final_val"], dtype=float)
+#: selection criterion -> the federated run's pooled validation row, the central run's score
+CRITERIA = {"accuracy": ("final_val", "val"), "balanced": ("final_val_balanced", "val_balanced")}
+
+
+def _val_of(run: dict[str, Any], what: str, by: str) -> float:
+    """A federated run's mean validation score (``by``: accuracy or balanced accuracy) of the
+    final global model (pooled over the hospitals)."""
+    val = np.array(run[CRITERIA[by][0]], dtype=float)
     if not np.isfinite(val).any():  # a choice among NaNs would be arbitrary
-        raise SystemExit(f"{what}: the run recorded no validation accuracy")
+        raise SystemExit(f"{what}: the run recorded no validation {by} accuracy")
     return float(np.nanmean(val))
 
 
-def _select_recipe(extra, root, work, quiet) -> dict[str, Any]:
+def _both(runs: list[dict[str, Any]], what: str) -> dict[str, float]:
+    """Both criteria, each averaged over the selection seeds' runs."""
+    return {by: float(np.mean([_val_of(r, what, by) for r in runs])) for by in CRITERIA}
+
+
+def _select_recipe(extra, root, work, quiet, by) -> dict[str, Any]:
     """``train.scheduler`` and ``federation.batchnorm`` of FedAvg (server lr 1) with the best
-    mean validation accuracy of the final global model averaged over the selection seeds."""
-    scores, seconds = {}, []
+    mean validation score (``by``) of the final global model averaged over the selection
+    seeds."""
+    scores: dict[str, dict[str, float]] = {b: {} for b in CRITERIA}
+    seconds = []
     for scheduler in SCHEDULERS:
         for bn in BATCHNORM:
             if not quiet:
@@ -137,20 +149,19 @@ def _select_recipe(extra, root, work, quiet) -> dict[str, Any]:
                 arm_run(extra, 1.0, bn, seed, root, work / "selection", quiet, scheduler)
                 for seed in SELECTION_SEEDS
             ]
-            what = f"scheduler {scheduler}, batchnorm {bn}"
-            scores[f"{scheduler}/{bn}"] = float(np.mean([_val_of(r, what) for r in runs]))
+            for b, v in _both(runs, f"scheduler {scheduler}, batchnorm {bn}").items():
+                scores[b][f"{scheduler}/{bn}"] = v
             seconds += [r["seconds"] for r in runs]
-    best = max(scores, key=scores.__getitem__)
+    best = max(scores[by], key=scores[by].__getitem__)
     scheduler, bn = best.split("/")
-    return {"scheduler": scheduler, "batchnorm": bn, "val_accuracy": scores, "seconds": seconds}
+    return {"scheduler": scheduler, "batchnorm": bn, "val": scores, "seconds": seconds}
 
 
-def _select_server_lr(extra, batchnorm: str, scheduler: str, root, work, quiet):
-    """FedAvgM's server learning rate with the best mean validation accuracy of the final
+def _select_server_lr(extra, batchnorm: str, scheduler: str, root, work, quiet, by):
+    """FedAvgM's server learning rate with the best mean validation score (``by``) of the final
     global model (pooled over hospitals), averaged over the selection seeds (1.0 is plain
     FedAvg), for the chosen ``federation.batchnorm`` and ``train.scheduler``."""
-
-    seconds = []
+    seconds, both = [], {}
 
     def score(lr: float) -> float:
         if not quiet:
@@ -160,27 +171,30 @@ def _select_server_lr(extra, batchnorm: str, scheduler: str, root, work, quiet):
             for seed in SELECTION_SEEDS
         ]
         seconds.extend(r["seconds"] for r in runs)
-        return float(np.mean([_val_of(r, f"server_lr {lr:g}") for r in runs]))
+        both[lr] = _both(runs, f"server_lr {lr:g}")
+        return both[lr][by]
 
-    return choose_from_grid(score, SERVER_LR_GRID, key="val_accuracy") | {"seconds": seconds}
+    got = choose_from_grid(score, SERVER_LR_GRID, key="score")
+    val = {b: {lr: both[lr][b] for lr in got["grid"]} for b in CRITERIA}
+    return {k: v for k, v in got.items() if k != "score"} | {"val": val, "seconds": seconds}
 
 
-def _select_fednova(extra, batchnorm: str, scheduler: str, against: float, root, work, quiet):
-    """FedNova's mean validation accuracy at the selection seeds, at the chosen
+def _select_fednova(extra, batchnorm: str, scheduler: str, against, root, work, quiet):
+    """FedNova's mean validation scores at the selection seeds, at the chosen
     ``federation.batchnorm`` and ``train.scheduler``, beside ``against`` (the chosen
-    FedAvg(M)'s)."""
+    FedAvg(M)'s, per criterion)."""
     if not quiet:
         print(f"  selection: fednova, {scheduler}, {batchnorm}", flush=True)
     runs = [
         arm_run(extra, 1.0, batchnorm, seed, root, work / "selection", quiet, scheduler, True)
         for seed in SELECTION_SEEDS
     ]
-    score = float(np.mean([_val_of(r, "fednova") for r in runs]))
-    return {"val_accuracy": score, "against": against, "seconds": [r["seconds"] for r in runs]}
+    return {"val": _both(runs, "fednova"), "against": against,
+            "seconds": [r["seconds"] for r in runs]}  # fmt: skip
 
 
-def _select_central(extra, root, work, quiet) -> dict[str, Any]:
-    """The centralised run's ``train.scheduler``: the best mean validation accuracy of its
+def _select_central(extra, root, work, quiet, by) -> dict[str, Any]:
+    """The centralised run's ``train.scheduler``: the best mean validation score (``by``) of its
     final model averaged over the selection seeds."""
     runs = {
         s: [
@@ -189,17 +203,18 @@ def _select_central(extra, root, work, quiet) -> dict[str, Any]:
         ]
         for s in SCHEDULERS
     }
-    scores = {s: float(np.mean([r["val"] for r in rs])) for s, rs in runs.items()}
+    val = {b: {s: float(np.mean([r[CRITERIA[b][1]] for r in rs])) for s, rs in runs.items()}
+           for b in CRITERIA}  # fmt: skip
     return {
-        "scheduler": max(scores, key=scores.__getitem__),
-        "val_accuracy": scores,
+        "scheduler": max(val[by], key=val[by].__getitem__),
+        "val": val,
         "seconds": [r["seconds"] for rs in runs.values() for r in rs],
     }
 
 
-def _val(selection: dict[str, Any]) -> float:
-    """The validation accuracy of a selection's chosen value."""
-    return selection["val_accuracy"][selection["chosen"]]
+def _val(selection: dict[str, Any]) -> dict[str, float]:
+    """The validation scores (per criterion) of a selection's chosen value."""
+    return {b: v[selection["chosen"]] for b, v in selection["val"].items()}
 
 
 def main() -> None:
@@ -207,26 +222,31 @@ def main() -> None:
     parser.add_argument("--root", default=None)
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "bench-federated"))
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--select-by", choices=tuple(CRITERIA), default="accuracy",
+                        help="validation score every choice is made on (mean over experiences "
+                        "of accuracy, or of recall averaged over classes)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, help="folder for federated.{json,md}")
     args = parser.parse_args()
+    by = args.select_by
     root, work = data_root(args.root), Path(args.work_dir)
     begin = time.perf_counter()
     streams: dict[str, Any] = {}
-    central = _select_central(STREAMS[FEDAVGM[0]], root, work, args.quiet)
+    central = _select_central(STREAMS[FEDAVGM[0]], root, work, args.quiet, by)
     for name, extra in STREAMS.items():
-        recipe = _select_recipe(extra, root, work, args.quiet) if name in FEDAVGM else None
+        recipe = _select_recipe(extra, root, work, args.quiet, by) if name in FEDAVGM else None
         sched, c_sched = (recipe["scheduler"], central["scheduler"]) if recipe else ("cosine",) * 2
         chosen = (
             {recipe["batchnorm"]: _select_server_lr(
-                extra, recipe["batchnorm"], sched, root, work, args.quiet)}
+                extra, recipe["batchnorm"], sched, root, work, args.quiet, by)}
             if recipe
             else {}
         )  # fmt: skip
-        best = max(chosen, key=lambda bn: _val(chosen[bn]), default=None)
+        best = max(chosen, key=lambda bn: _val(chosen[bn])[by], default=None)
         selected = None if best is None else (chosen[best]["chosen"], best, False)
         nova = None
         if name in FEDNOVA and recipe:
             nova = _select_fednova(extra, best, sched, _val(chosen[best]), root, work, args.quiet)
-            if nova["val_accuracy"] > nova["against"]:
+            if nova["val"][by] > nova["against"][by]:
                 selected = (1.0, best, True)
         # FedAvg, FedAvg + SiloBN, the chosen server lr, FedNova
         configs = dict.fromkeys([(1.0, "mean", False), (1.0, "local", False)])
@@ -309,10 +329,12 @@ def main() -> None:
         "budget": "per experience: central 2 epochs; federated 2 rounds x 1 local epoch",
         "central_scheduler": central,
         "selection_seeds": list(SELECTION_SEEDS),
+        "select_by": by,
         "wall_seconds": time.perf_counter() - begin,
         "targets": targets,
     }
-    write_results("federated", payload, render(payload, streams, full, dyn, kill))
+    page = render(payload, streams, full, dyn, kill)
+    write_results("federated", payload, page, out=args.out)
 
 
 if __name__ == "__main__":

@@ -268,11 +268,11 @@ def test_experiences_not_scored_are_null_in_the_pooled_matrices(tmp_path):
     site = Site(cfg, "site-0", tmp_path / "sites" / "site-0")  # restored from its checkpoint
     assert site.state.completed == 0
     again = site.evaluate(0, {}, site.work.synced_version)  # a repeated evaluate message
-    assert again["accuracy"][2] == -1.0 and again["val-accuracy"][2] == -1.0
-    assert min(again["accuracy"][:2]) >= 0 and min(again["val-accuracy"][:2]) >= 0
+    for key in ("accuracy", "val-accuracy", "val-balanced-accuracy"):
+        assert again[key][2] == -1.0 and min(again[key][:2]) >= 0, key
     fed, _ = _serve(cfg, tmp_path)  # resumed to the end
     record = json.loads((fed / "federation.json").read_text())
-    for key in ("accuracy_matrix", "pooled_val"):
+    for key in ("accuracy_matrix", "pooled_val", "pooled_val_balanced"):
         assert [row[2] is None for row in record[key]] == [True, False, False], key
         assert all(v is not None for row in record[key] for v in row[:2]), key
     assert record["site_accuracy"]["site-0"]["0"][2] is None

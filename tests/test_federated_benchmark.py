@@ -30,30 +30,60 @@ def test_a_schedule_other_than_the_configs_runs_in_its_own_folder():
     assert raw["train"]["batch_size"] == 64  # the config's, kept
 
 
-def test_recipe_and_server_lr_are_chosen_by_validation_at_the_selection_seed(monkeypatch):
+@pytest.mark.parametrize("by", ["accuracy", "balanced"])
+def test_recipe_and_server_lr_are_chosen_by_validation_at_the_selection_seed(monkeypatch, by):
+    """Each choice follows ``--select-by``'s score; the other criterion's scores are kept
+    beside it. The stub's balanced scores disagree with its accuracies on the recipe."""
     fb = _bench()
     val = {("cosine", "mean"): 0.80, ("cosine", "local"): 0.84, ("none", "mean"): 0.83,
            ("none", "local"): 0.90}  # fmt: skip
+    balanced = {("cosine", "mean"): 0.70, ("cosine", "local"): 0.78, ("none", "mean"): 0.72,
+                ("none", "local"): 0.75}  # fmt: skip
     by_lr = {1.0: 0.0, 2.0: 0.02, 4.0: -0.01}  # an interior optimum at 2
     calls = []
 
     def arm(extra, lr, bn, seed, root, work, quiet, scheduler="cosine", nova=False):
         calls.append((lr, bn, seed, scheduler, nova))
-        score = val[scheduler, bn] + (0.01 * (seed - 100) if nova else by_lr[lr])
-        return {"final_val": [score, float("nan")], "seconds": 1.0}
+        shift = 0.01 * (seed - 100) if nova else by_lr[lr]
+        return {"final_val": [val[scheduler, bn] + shift, float("nan")],
+                "final_val_balanced": [balanced[scheduler, bn] + shift, float("nan")],
+                "seconds": 1.0}  # fmt: skip
 
     monkeypatch.setattr(fb, "arm_run", arm)
-    recipe = fb._select_recipe({}, None, Path("w"), True)
-    assert (recipe["scheduler"], recipe["batchnorm"]) == ("none", "local")
-    assert recipe["val_accuracy"]["cosine/local"] == 0.84  # NaN experiences ignored
-    lr = fb._select_server_lr({}, "local", "none", None, Path("w"), True)
+    recipe = fb._select_recipe({}, None, Path("w"), True, by)
+    want = {"accuracy": ("none", "local"), "balanced": ("cosine", "local")}[by]
+    assert (recipe["scheduler"], recipe["batchnorm"]) == want
+    assert recipe["val"]["accuracy"]["cosine/local"] == 0.84  # NaN experiences ignored
+    assert recipe["val"]["balanced"]["none/local"] == 0.75
+    sched = want[0]
+    lr = fb._select_server_lr({}, "local", sched, None, Path("w"), True, by)
     assert lr["chosen"] == 2.0 and not lr["at_edge"]
+    assert lr["val"]["accuracy"][2.0] == pytest.approx(val[sched, "local"] + 0.02)
+    assert lr["val"]["balanced"][2.0] == pytest.approx(balanced[sched, "local"] + 0.02)
+    assert fb._val(lr) == {b: lr["val"][b][2.0] for b in ("accuracy", "balanced")}
     seeds = set(fb.SELECTION_SEEDS)
     assert {c[2] for c in calls} == seeds and len(seeds) == 2 and not seeds & set(fb.SEEDS)
-    assert all(c[3] == "none" for c in calls[8:])  # the server lr at the chosen schedule
+    assert all(c[3] == sched for c in calls[8:])  # the server lr at the chosen schedule
     assert not any(c[4] for c in calls)
     del calls[:]
-    nova = fb._select_fednova({}, "local", "none", 0.92, None, Path("w"), True)
-    assert nova["val_accuracy"] == pytest.approx(0.905)  # the mean over both selection seeds
-    assert nova["against"] == 0.92 and len(nova["seconds"]) == 2
+    against = {"accuracy": 0.92, "balanced": 0.80}
+    nova = fb._select_fednova({}, "local", "none", against, None, Path("w"), True)
+    assert nova["val"]["accuracy"] == pytest.approx(0.905)  # the mean over both selection seeds
+    assert nova["val"]["balanced"] == pytest.approx(0.755)
+    assert nova["against"] == against and len(nova["seconds"]) == 2
     assert [c[1:] for c in calls] == [("local", s, "none", True) for s in fb.SELECTION_SEEDS]
+
+
+def test_central_schedule_is_chosen_by_the_criterion(monkeypatch):
+    fb = _bench()
+    scores = {"cosine": (0.93, 0.80), "none": (0.91, 0.84)}  # (accuracy, balanced)
+
+    def central(extra, seed, root, work, quiet, scheduler="cosine", val=False):
+        assert val and seed in fb.SELECTION_SEEDS
+        acc, bal = scores[scheduler]
+        return {"val": acc, "val_balanced": bal, "seconds": 1.0}
+
+    monkeypatch.setattr(fb, "central_run", central)
+    assert fb._select_central({}, None, Path("w"), True, "accuracy")["scheduler"] == "cosine"
+    got = fb._select_central({}, None, Path("w"), True, "balanced")
+    assert got["scheduler"] == "none" and got["val"]["accuracy"]["none"] == 0.91

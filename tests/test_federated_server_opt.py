@@ -202,28 +202,33 @@ def test_server_step_options_are_checked(tmp_path, federation, match):
         _cfg(tmp_path, **federation)
 
 
-def test_federation_json_pools_the_sites_validation_accuracy(tmp_path):
-    """``pooled_val``: per experience learned, the sites' validation accuracy on every
-    experience weighted by their validation rows."""
+@pytest.mark.parametrize(
+    ("key", "metric"),
+    [("pooled_val", "val-accuracy"), ("pooled_val_balanced", "val-balanced-accuracy")],
+)
+def test_federation_json_pools_the_sites_validation_accuracy(tmp_path, key, metric):
+    """``pooled_val`` (``pooled_val_balanced``): per experience learned, the sites' validation
+    accuracy (recall averaged over classes) on every experience weighted by their validation
+    rows."""
     cfg = _cfg(tmp_path)
     fed, link = _serve(cfg, tmp_path)
     record = json.loads((fed / "federation.json").read_text())
-    pooled = record["pooled_val"]
+    pooled = record[key]
     assert len(pooled) == 2 and all(len(row) == 2 for row in pooled)
     assert all(0.0 <= a <= 1.0 for row in pooled for a in row)
     for t, row in enumerate(pooled):
         replies = [
             r for q, r, _ in link.sent if q.kind == "evaluate" and q.config["experience"] == t
         ]
-        acc = np.array([r.metrics["val-accuracy"] for r in replies])
+        acc = np.array([r.metrics[metric] for r in replies])
         n = np.array([r.metrics["val-examples"] for r in replies], dtype=float)
         assert (n > 0).all() and (acc >= 0).all()
         assert np.allclose(row, (acc * n).sum(0) / n.sum(0), rtol=0, atol=1e-12)
     strategy = Site(cfg, "site-0", tmp_path / "sites" / "site-0").strategy
-    audit(strategy, {}, {"val-accuracy": [0.5, -1.0], "val-examples": [8, 0]}, where="s",
+    audit(strategy, {}, {metric: [0.5, -1.0], "val-examples": [8, 0]}, where="s",
           num_experiences=2)  # fmt: skip
-    with pytest.raises(LeakError, match="'val-accuracy' is a list of 3"):
-        audit(strategy, {}, {"val-accuracy": [0.5, 0.5, 0.5]}, where="s", num_experiences=2)
+    with pytest.raises(LeakError, match=f"'{metric}' is a list of 3"):
+        audit(strategy, {}, {metric: [0.5, 0.5, 0.5]}, where="s", num_experiences=2)
 
 
 # -- FedNova (federation.aggregation: fednova) ---------------------------------------------------

@@ -120,12 +120,24 @@ class ExperienceEval:
         accuracy: task-agnostic accuracy (argmax over all seen classes).
         task_accuracy: task-aware accuracy (argmax within the experience's classes); NaN when
             some of those classes are not yet known to the model.
+        balanced_accuracy: (property) task-agnostic recall averaged over the present classes.
     """
 
     probs: Tensor
     labels: Tensor
     accuracy: float
     task_accuracy: float
+
+    @property
+    def balanced_accuracy(self) -> float:
+        """Task-agnostic recall averaged over the classes present in ``labels`` (scikit-learn's
+        ``balanced_accuracy_score``): unlike :attr:`accuracy`, it does not move with the split's
+        class prior. NaN when there are no rows."""
+        if len(self.labels) == 0:
+            return float("nan")
+        pred = self.probs.argmax(1) if self.probs.shape[1] else torch.full_like(self.labels, -1)
+        recalls = [(pred[self.labels == c] == c).float().mean() for c in self.labels.unique()]
+        return float(torch.stack(recalls).mean())
 
 
 def _accuracies(probs: Tensor, labels: Tensor, classes: Sequence[int]) -> tuple[float, float]:

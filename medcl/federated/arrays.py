@@ -48,6 +48,7 @@ METRIC_KEYS = frozenset(
         "accuracy",
         "test-examples",
         "val-accuracy",
+        "val-balanced-accuracy",
         "val-examples",
         "synced-version",
         "completed",
@@ -55,7 +56,9 @@ METRIC_KEYS = frozenset(
 )
 
 #: the metrics that are one number per experience (lists of ``num_experiences``)
-PER_EXPERIENCE = frozenset({"accuracy", "test-examples", "val-accuracy", "val-examples"})
+PER_EXPERIENCE = frozenset(
+    {"accuracy", "test-examples", "val-accuracy", "val-balanced-accuracy", "val-examples"}
+)
 
 
 class LeakError(DataError):

@@ -14,9 +14,10 @@ adapter set and head.
 ``RUN_DIR`` is a medcl run directory of the global model (config, model facts, a checkpoint per
 experience: ``medcl export RUN_DIR`` works) plus ``federation.json``: per round the sites that
 replied or failed, bytes each way and seconds; per site and pooled, the accuracy matrices (and,
-pooled, the validation accuracy matrix ``pooled_val``). The server's state (with FedAvgM's
-momentum) is saved after every round (``federated/server``), so ``--resume`` continues
-after the last completed one. Every message is audited (:func:`~medcl.federated.arrays.audit`).
+pooled, the validation matrices: ``pooled_val``, accuracy, and ``pooled_val_balanced``, each
+site's recall averaged over the classes present, both weighted by the sites' validation rows).
+The server's state (with FedAvgM's momentum) is saved after every round (``federated/server``),
+so ``--resume`` continues after the last completed one. Every message is audited (:func:`~medcl.federated.arrays.audit`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ from medcl.federated.server_opt import ServerSGD, fednova
 from medcl.models.norm_stats import norm_buffer_keys
 from medcl.progress import progress_bar
 from medcl.strategies.base import ExperienceInfo, Strategy
+
+#: federation.json's pooled matrices: key -> (the sites' per-experience metric, its row counts)
+POOLED = {
+    "pooled": ("accuracy", "test-examples"),
+    "pooled_val": ("val-accuracy", "val-examples"),
+    "pooled_val_balanced": ("val-balanced-accuracy", "val-examples"),
+}
 
 
 class FederationError(MedclError):
@@ -98,7 +106,7 @@ class _Server:
         self.site_version: dict[str, int] = {}
         self.key_version: dict[str, int] = {}
         self.version = 0
-        self.record: dict[str, Any] = {"rounds": [], "sites": {}, "pooled": [], "pooled_val": []}
+        self.record: dict[str, Any] = {"rounds": [], "sites": {}} | {k: [] for k in POOLED}
         # fedavgm's step (the config refuses server_lr / server_momentum with other aggregations)
         self.sgd = ServerSGD(lr=self.fed.server_lr, momentum=self.fed.server_momentum)
         self.describe: dict[str, Any] | None = None
@@ -194,7 +202,7 @@ class _Server:
         self.step = tuple(state["step"])
         self.version, self.key_version = state["version"], state["key_version"]
         self.site_version.update(state["site_version"])
-        self.record = {"pooled_val": []} | state["record"]  # a state saved before pooled_val
+        self.record = {k: [] for k in POOLED} | state["record"]  # saved before a pooled key
         self.sgd.load_state_dict(momentum)
 
     # -- rounds ------------------------------------------------------------------------------------
@@ -321,10 +329,7 @@ class _Server:
             rows = self.record["sites"].setdefault(self.sites[r.node], {})
             rows[str(t)] = [None if a < 0 else float(a) for a in acc]
         n_exp = len(self.describe["infos"])
-        for key, accuracy, examples in (
-            ("pooled", "accuracy", "test-examples"),
-            ("pooled_val", "val-accuracy", "val-examples"),
-        ):
+        for key, (accuracy, examples) in POOLED.items():
             row = _pool([r.metrics for r in replies], accuracy, examples, n_exp)
             done = self.record[key][:t]  # a state saved before pooled_val existed: None rows
             self.record[key] = [*done, *[[None] * n_exp] * (t - len(done)), row]
@@ -337,6 +342,7 @@ class _Server:
             "experiences": [i["name"] for i in self.describe["infos"]],
             "accuracy_matrix": self.record["pooled"],  # test-size-weighted over the sites
             "pooled_val": self.record["pooled_val"],  # the same on the validation splits
+            "pooled_val_balanced": self.record["pooled_val_balanced"],  # recall, class-averaged
             "site_accuracy": self.record["sites"],
             "bytes_per_train_round": (
                 float(np.mean([r["bytes_down"] + r["bytes_up"] for r in rounds])) if rounds else 0.0

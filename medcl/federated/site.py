@@ -315,9 +315,10 @@ class Site:
 
         Returns:
             The metrics: ``accuracy`` / ``test-examples`` and ``val-accuracy`` /
-            ``val-examples``, one number per experience of the scenario (the accuracy of the
-            consolidated global model on the site's test / validation rows; ``-1`` where the
-            site has none or did not score it: ``eval.future``), ``completed`` and
+            ``val-balanced-accuracy`` / ``val-examples``, one number per experience of the
+            scenario (the accuracy of the consolidated global model on the site's test /
+            validation rows, and its recall averaged over the classes present there; ``-1``
+            where the site has none or did not score it: ``eval.future``), ``completed`` and
             ``synced-version``.
         """
         if self.state.completed < t:
@@ -344,11 +345,13 @@ class Site:
         # this process under these weights; else one pass
         n = num_scored(self.state.completed, len(self.scenario), self.cfg.eval.future)
         val = evaluate_split(self.strategy, self.scenario.experiences[:n], split="val", quiet=True)
-        val_acc = [e.accuracy for e in val] + [float("nan")] * (len(self.scenario) - n)
+        pad = [float("nan")] * (len(self.scenario) - n)
+        val_acc, val_bal = [e.accuracy for e in val] + pad, [e.balanced_accuracy for e in val] + pad
         return {
             "accuracy": [(-1.0 if np.isnan(a) else float(a)) for a in row],
             "test-examples": [len(e.test) for e in self.scenario],
             "val-accuracy": [(-1.0 if np.isnan(a) else float(a)) for a in val_acc],
+            "val-balanced-accuracy": [(-1.0 if np.isnan(a) else float(a)) for a in val_bal],
             "val-examples": [len(e.val) for e in self.scenario],
             "completed": self.state.completed,
             "synced-version": version,
