@@ -32,8 +32,13 @@ Arms, seeds 0, 1, 2 (every arm uses the config's local lr 0.01, not tuned, the s
   and FedNova divides each update by its steps so that the rehearsing hospitals count by their
   images, not less.
 
-Selection, on the validation splits (mean validation accuracy of the final model over the
-experiences, averaged over seeds 100 and 101, never reported), pneumonia-sites only:
+Selection, on the validation splits (the final model's mean over the experiences of
+``--select-by``'s score, averaged over seeds 100 and 101, never reported), pneumonia-sites only.
+``accuracy`` (the default) or ``balanced`` (recall averaged over the classes present, scikit-learn's
+balanced accuracy; ``pooled_val_balanced``): PneumoniaMNIST's validation split has the training
+split's class balance (74.2 % pneumonia), its test split another (62.5 %), so validation accuracy
+rewards leaning to the majority class and balanced accuracy does not. Both scores are kept in
+every selection record; the page names the one chosen on.
 
 - the **local learning-rate schedule** (``train.scheduler``): ``cosine`` (the config's: decayed
   to 0 over each fit, i.e. each central experience, each federated round) or ``none`` (constant;
@@ -64,6 +69,7 @@ model) whose SuperNode ``site-1`` is killed (SIGKILL) in its first round and res
 accuracy row of the final experience be present.
 
     MEDCL_DATA_ROOT=../shared/data/medmnist python benchmarks/federated.py [--quiet]
+        [--select-by accuracy|balanced] [--out DIR]
 
 Writes benchmarks/results/federated.{json,md}. Runs live in ``--work-dir`` (default
 ``runs/bench-federated``); finished runs are read back, so an interrupted benchmark continues.
