@@ -34,7 +34,8 @@ def render(
     kill: dict[str, Any],
 ) -> str:
     """Accuracy per stream and arm, learned -> kept, the selections, bytes, the killed site,
-    targets and the runs' wall time."""
+    targets and the runs' wall time, from the payload as ``main`` builds it (before JSON: the
+    server-lr grids' keys are floats)."""
     selection_seeds = " and ".join(str(s) for s in payload["selection_seeds"])
     lines = ["# Federated continual learning (issue 27)", ""]
     lines.append("Accuracy of the final global model on each experience's test rows (pooled over "
@@ -71,7 +72,7 @@ def render(
                 f"{x:.3f} -> {y:.3f}" for x, y in zip(s["per_site_learned"][a], s["per_site"][a], strict=True))}
             for n, s in streams.items() for a in s["runs"]]  # fmt: skip
     lines += [markdown_table(kept, ["stream", "arm", "learned -> final"])]
-    central, by = payload["central_scheduler"], payload.get("select_by", "accuracy")
+    central, by = payload["central_scheduler"], payload["select_by"]
     lines += ["", f"Chosen on the validation splits at seeds {selection_seeds} by **{by}"
               f"{' accuracy' if by == 'balanced' else ''}** (`--select-by`: the mean over "
               "experiences of the final model's accuracy, or of its recall averaged over the "
@@ -138,7 +139,7 @@ def render(
 
 def _pair(score: dict[str, float], by: str) -> str:
     """``by``'s score, the other criterion's in brackets: ``0.912 (accuracy 0.930)``."""
-    other = ", ".join(f"{b} {v:.3f}" for b, v in score.items() if b != by)
+    other = ", ".join(f"{b} {v:.3f}" if v == v else f"{b} n/a" for b, v in score.items() if b != by)
     return f"{score[by]:.3f} ({other})"
 
 

@@ -127,18 +127,22 @@ GAP_GOAL = 2.0
 CRITERIA = {"accuracy": ("final_val", "val"), "balanced": ("final_val_balanced", "val_balanced")}
 
 
-def _val_of(run: dict[str, Any], what: str, by: str) -> float:
+def _val_of(run: dict[str, Any], what: str, by: str, strict: bool = True) -> float:
     """A federated run's mean validation score (``by``: accuracy or balanced accuracy) of the
-    final global model (pooled over the hospitals)."""
-    val = np.array(run[CRITERIA[by][0]], dtype=float)
+    final global model (pooled over the hospitals); NaN, unless ``strict``, when the run did not
+    record it (a run from before ``pooled_val_balanced``)."""
+    val = np.array(run.get(CRITERIA[by][0]) or [], dtype=float)
     if not np.isfinite(val).any():  # a choice among NaNs would be arbitrary
-        raise SystemExit(f"{what}: the run recorded no validation {by} accuracy")
+        if not strict:
+            return float("nan")
+        score = "balanced accuracy" if by == "balanced" else "accuracy"
+        raise SystemExit(f"{what}: the run recorded no validation {score}; run it again")
     return float(np.nanmean(val))
 
 
-def _both(runs: list[dict[str, Any]], what: str) -> dict[str, float]:
-    """Both criteria, each averaged over the selection seeds' runs."""
-    return {by: float(np.mean([_val_of(r, what, by) for r in runs])) for by in CRITERIA}
+def _both(runs: list[dict[str, Any]], what: str, by: str) -> dict[str, float]:
+    """Both criteria, each averaged over the selection seeds' runs (only ``by`` must exist)."""
+    return {b: float(np.mean([_val_of(r, what, b, b == by) for r in runs])) for b in CRITERIA}
 
 
 def _select_recipe(extra, root, work, quiet, by) -> dict[str, Any]:
@@ -155,7 +159,7 @@ def _select_recipe(extra, root, work, quiet, by) -> dict[str, Any]:
                 arm_run(extra, 1.0, bn, seed, root, work / "selection", quiet, scheduler)
                 for seed in SELECTION_SEEDS
             ]
-            for b, v in _both(runs, f"scheduler {scheduler}, batchnorm {bn}").items():
+            for b, v in _both(runs, f"scheduler {scheduler}, batchnorm {bn}", by).items():
                 scores[b][f"{scheduler}/{bn}"] = v
             seconds += [r["seconds"] for r in runs]
     best = max(scores[by], key=scores[by].__getitem__)
@@ -177,7 +181,7 @@ def _select_server_lr(extra, batchnorm: str, scheduler: str, root, work, quiet, 
             for seed in SELECTION_SEEDS
         ]
         seconds.extend(r["seconds"] for r in runs)
-        both[lr] = _both(runs, f"server_lr {lr:g}")
+        both[lr] = _both(runs, f"server_lr {lr:g}", by)
         return both[lr][by]
 
     got = choose_from_grid(score, SERVER_LR_GRID, key="score")
@@ -185,7 +189,7 @@ def _select_server_lr(extra, batchnorm: str, scheduler: str, root, work, quiet, 
     return {k: v for k, v in got.items() if k != "score"} | {"val": val, "seconds": seconds}
 
 
-def _select_fednova(extra, batchnorm: str, scheduler: str, against, root, work, quiet):
+def _select_fednova(extra, batchnorm: str, scheduler: str, against, root, work, quiet, by):
     """FedNova's mean validation scores at the selection seeds, at the chosen
     ``federation.batchnorm`` and ``train.scheduler``, beside ``against`` (the chosen
     FedAvg(M)'s, per criterion)."""
@@ -195,7 +199,7 @@ def _select_fednova(extra, batchnorm: str, scheduler: str, against, root, work, 
         arm_run(extra, 1.0, batchnorm, seed, root, work / "selection", quiet, scheduler, True)
         for seed in SELECTION_SEEDS
     ]
-    return {"val": _both(runs, "fednova"), "against": against,
+    return {"val": _both(runs, "fednova", by), "against": against,
             "seconds": [r["seconds"] for r in runs]}  # fmt: skip
 
 
@@ -251,7 +255,8 @@ def main() -> None:
         selected = None if best is None else (chosen[best]["chosen"], best, False)
         nova = None
         if name in FEDNOVA and recipe:
-            nova = _select_fednova(extra, best, sched, _val(chosen[best]), root, work, args.quiet)
+            against = _val(chosen[best])
+            nova = _select_fednova(extra, best, sched, against, root, work, args.quiet, by)
             if nova["val"][by] > nova["against"][by]:
                 selected = (1.0, best, True)
         # FedAvg, FedAvg + SiloBN, the chosen server lr, FedNova

@@ -43,3 +43,9 @@ def test_balanced_accuracy_ignores_the_class_prior_that_accuracy_follows():
 def test_balanced_accuracy_of_no_rows_is_nan():
     ev = _eval(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
     assert math.isnan(ev.balanced_accuracy)
+
+
+def test_balanced_accuracy_without_known_classes_is_zero_like_accuracy():
+    """A model with no class scores yet ((N, 0) probabilities) gets nothing right."""
+    ev = ExperienceEval(torch.zeros(5, 0), torch.tensor([0, 1, 1, 0, 1]), 0.0, math.nan)
+    assert ev.balanced_accuracy == 0.0

@@ -67,7 +67,7 @@ def test_recipe_and_server_lr_are_chosen_by_validation_at_the_selection_seed(mon
     assert not any(c[4] for c in calls)
     del calls[:]
     against = {"accuracy": 0.92, "balanced": 0.80}
-    nova = fb._select_fednova({}, "local", "none", against, None, Path("w"), True)
+    nova = fb._select_fednova({}, "local", "none", against, None, Path("w"), True, by)
     assert nova["val"]["accuracy"] == pytest.approx(0.905)  # the mean over both selection seeds
     assert nova["val"]["balanced"] == pytest.approx(0.755)
     assert nova["against"] == against and len(nova["seconds"]) == 2
@@ -87,3 +87,14 @@ def test_central_schedule_is_chosen_by_the_criterion(monkeypatch):
     assert fb._select_central({}, None, Path("w"), True, "accuracy")["scheduler"] == "cosine"
     got = fb._select_central({}, None, Path("w"), True, "balanced")
     assert got["scheduler"] == "none" and got["val"]["accuracy"]["none"] == 0.91
+
+
+def test_a_run_without_the_other_criterion_is_read_back():
+    """A run from before ``pooled_val_balanced``: its accuracy still selects (balanced is NaN
+    beside it); selecting by balanced accuracy asks for the run again."""
+    fb = _bench()
+    old = {"final_val": [0.9, 0.8], "final_val_balanced": [], "seconds": 1.0}
+    got = fb._both([old], "old run", "accuracy")
+    assert got["accuracy"] == pytest.approx(0.85) and got["balanced"] != got["balanced"]
+    with pytest.raises(SystemExit, match="old run: the run recorded no validation balanced "):
+        fb._both([old], "old run", "balanced")

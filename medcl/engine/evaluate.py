@@ -131,8 +131,9 @@ class ExperienceEval:
     @property
     def balanced_accuracy(self) -> float:
         """Task-agnostic recall averaged over the classes present in ``labels`` (scikit-learn's
-        ``balanced_accuracy_score``): unlike :attr:`accuracy`, it does not move with the split's
-        class prior. NaN when there are no rows."""
+        ``balanced_accuracy_score``; the report's ``overall/balanced_accuracy``,
+        :mod:`medcl.metrics.clinical.discrimination`): unlike :attr:`accuracy`, it does not move
+        with the split's class prior. NaN when there are no rows."""
         if len(self.labels) == 0:
             return float("nan")
         pred = self.probs.argmax(1) if self.probs.shape[1] else torch.full_like(self.labels, -1)

@@ -17,7 +17,8 @@ replied or failed, bytes each way and seconds; per site and pooled, the accuracy
 pooled, the validation matrices: ``pooled_val``, accuracy, and ``pooled_val_balanced``, each
 site's recall averaged over the classes present, both weighted by the sites' validation rows).
 The server's state (with FedAvgM's momentum) is saved after every round (``federated/server``),
-so ``--resume`` continues after the last completed one. Every message is audited (:func:`~medcl.federated.arrays.audit`).
+so ``--resume`` continues after the last completed one. Every message is audited
+(:func:`~medcl.federated.arrays.audit`).
 """
 
 from __future__ import annotations
