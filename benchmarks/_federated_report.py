@@ -66,6 +66,9 @@ def render(
             rows.append({"stream": name, "arm": f"{arm} - central",
                          "mean accuracy": f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"})  # fmt: skip
     lines += ["", markdown_table(rows, ["stream", "arm", "mean accuracy", "per experience", "updates", "wall s"])]  # fmt: skip
+    lines += ["", "CPU kernel path of the reported runs (torch's `cpu_capability` in each run's and "
+              "site's `environment.json`; another path gives other trained numbers): "
+              + "; ".join(f"{n}: {', '.join(s['cpu'])}" for n, s in streams.items()) + "."]  # fmt: skip
     lines += ["", "Learned, then kept: accuracy on each experience right after learning it -> "
               "after the last one (mean over seeds):", ""]  # fmt: skip
     kept = [{"stream": n, "arm": a, "learned -> final": ", ".join(

@@ -62,6 +62,7 @@ def central_run(extra, seed, root, work, quiet, scheduler="cosine", val=False) -
         "learned": _learned(metrics["accuracy_matrix"]),
         "updates": sum(f["updates"] for f in metrics["fit"]),
         "seconds": metrics["timing"]["total"],  # the run's own record (also when read back)
+        "cpu": kernel_paths(run_dir),
     }
 
 
@@ -76,6 +77,16 @@ def scheduled(work: Path, extra: dict[str, Any], scheduler: str) -> tuple[Path, 
 def _learned(matrix: list[list[float | None]]) -> list[float | None]:
     """Accuracy on each experience right after it was learned (the matrix's diagonal)."""
     return [row[j] for j, row in enumerate(matrix)]
+
+
+def kernel_paths(run_dir: Path) -> list[str]:
+    """torch's CPU kernel path (``cpu_capability``: AVX2, AVX512, ...) of every process that
+    wrote to ``run_dir`` (its own ``environment.json`` and its sites'), as recorded: the same
+    run on another path gives other trained numbers."""
+    found = set()
+    for env in Path(run_dir).rglob("environment.json"):
+        found |= {str(e.get("cpu_capability")) for e in json.loads(env.read_text())}
+    return sorted(found)
 
 
 def _unfinished(run_dir: Path) -> bool:
@@ -108,6 +119,7 @@ def federated_run(extra, seed, root, work, quiet, engine="simulation") -> dict[s
         "final_val_balanced": (record.get("pooled_val_balanced") or [[]])[-1],
         "site_accuracy": record["site_accuracy"],
         "updates": updates,
+        "cpu": kernel_paths(run_dir),
         "seconds": sum(r["seconds"] for r in record["rounds"]),  # rounds, without start-up
         "bytes_per_round": float(np.mean([r["bytes_down"] + r["bytes_up"] for r in train])),
         "bytes_per_site_message": float(

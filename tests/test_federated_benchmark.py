@@ -98,3 +98,15 @@ def test_a_run_without_the_other_criterion_is_read_back():
     assert got["accuracy"] == pytest.approx(0.85) and got["balanced"] != got["balanced"]
     with pytest.raises(SystemExit, match="old run: the run recorded no validation balanced "):
         fb._both([old], "old run", "balanced")
+
+
+def test_kernel_paths_gather_every_process_of_a_run(tmp_path):
+    """The page states each stream's CPU kernel path from the run's and its sites' records."""
+    runs = _bench("_federated_runs")
+    (tmp_path / "sites" / "a").mkdir(parents=True)
+    (tmp_path / "environment.json").write_text('[{"cpu_capability": "AVX2"}]')
+    (tmp_path / "sites" / "a" / "environment.json").write_text(
+        '[{"cpu_capability": "AVX512"}, {"cpu_capability": "AVX2"}]'  # resumed on another machine
+    )
+    assert runs.kernel_paths(tmp_path) == ["AVX2", "AVX512"]
+    assert runs.kernel_paths(tmp_path / "sites" / "none") == []
