@@ -16,6 +16,7 @@ from medcl.config import validate_config
 from medcl.engine.evaluate import evaluate
 from medcl.engine.resume import restore_run
 from medcl.engine.run import run
+from medcl.engine.rundir import read_environments
 from medcl.federated.launch import federate, site_nodes
 
 CONFIG = REPO / "configs/federated-pneumonia-sites-replay.yaml"
@@ -83,10 +84,8 @@ def kernel_paths(run_dir: Path) -> list[str]:
     """torch's CPU kernel path (``cpu_capability``: AVX2, AVX512, ...) of every process that
     wrote to ``run_dir`` (its own ``environment.json`` and its sites'), as recorded: the same
     run on another path gives other trained numbers."""
-    found = set()
-    for env in Path(run_dir).rglob("environment.json"):
-        found |= {str(e.get("cpu_capability")) for e in json.loads(env.read_text())}
-    return sorted(found)
+    envs = Path(run_dir).rglob("environment.json")
+    return sorted({str(e.get("cpu_capability")) for f in envs for e in read_environments(f.parent)})
 
 
 def _unfinished(run_dir: Path) -> bool:
